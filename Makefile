@@ -1,0 +1,36 @@
+# Two entry points for a newcomer: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+EXTRAS := vision,speech,tracking,parquet,dev
+
+.PHONY: setup demo test test-all lint zoo bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.0
+	$(PIP) install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: setup  ## build the offline text world (first time only) and align it with DPO
+	$(BIN)/mmalign train text/dpo.yaml --output-dir runs/demo-dpo
+	@echo "report: runs/demo-dpo/report.md   summary: runs/demo-dpo/summary.json"
+
+test: setup  ## fast tests plus the few slow end-to-end ones (what CI runs)
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+zoo: setup
+	$(BIN)/mmalign zoo build text
+
+bench: setup
+	$(BIN)/python benchmarks/dpo_vs_trl.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,137 @@
+"""`mmalign train | eval | sample | zoo`: every run is a recipe plus dotted overrides."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mmalign.config import RecipeError, dump_recipe, load_recipe
+
+
+def _recipe_and_run(target: str, overrides: list[str]) -> tuple[dict, Path | None]:
+    """A recipe file, or a run directory (its resolved recipe.yaml, weights from its newest checkpoint)."""
+    path = Path(target)
+    if path.is_dir():
+        return load_recipe(path / "recipe.yaml", overrides), path
+    return load_recipe(path, overrides), None
+
+
+def _load_trained(policy, run_dir: Path) -> None:
+    from mmalign.core.params import load_trainable
+    from mmalign.train.checkpoint import latest_checkpoint, load_state
+
+    last = latest_checkpoint(run_dir)
+    if last is None:
+        raise SystemExit(f"{run_dir} has no complete checkpoint")
+    load_trainable(policy.module, load_state(last, "policy"))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from mmalign.build import build_run
+    from mmalign.train.trainer import Trainer
+
+    recipe = load_recipe(args.recipe, args.set)
+    state = PartialState()
+    with state.main_process_first():  # the main process builds any zoo world first; the others then load it
+        policy, algorithm, train_cfg, evaluator, report = build_run(recipe)
+    out = Path(args.output_dir)
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_recipe(recipe, out / "recipe.yaml")
+    summary = Trainer(policy, algorithm, train_cfg, out, evaluator=evaluator, report=report).train()
+    if state.is_main_process:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from mmalign.build import build_run
+
+    recipe, run_dir = _recipe_and_run(args.target, args.set)
+    policy, _, _, evaluator, _ = build_run(recipe)
+    if run_dir is not None and not args.base:
+        _load_trained(policy, run_dir)
+    policy.module.eval()
+    with torch.no_grad():
+        print(json.dumps(evaluator.evaluate(policy), indent=2))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from mmalign.build import ModelConfig, build_policy
+    from mmalign.config import to_dataclass
+
+    recipe, run_dir = _recipe_and_run(args.target, args.set)
+    torch.manual_seed(args.seed)
+    policy = build_policy(to_dataclass(ModelConfig, recipe.get("model"), "model"))
+    if run_dir is not None and not args.base:
+        _load_trained(policy, run_dir)
+    policy.module.eval()
+    for out in policy.generate(args.prompt, num_samples=args.num_samples, greedy=args.greedy):
+        print(json.dumps({"prompt_ids": len(out["prompt_ids"]), "response": out["text"]}))
+    return 0
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from mmalign.zoo import registry
+
+    if args.action == "list":
+        for name, (_, _, about) in sorted(registry.WORLDS.items()):
+            built = "built" if (registry.world_dir(name) / "world.json").exists() else "not built"
+            print(f"{name:12s} {built:10s} {about}")
+        return 0
+    for name in args.names:
+        print(registry.build(name, force=args.force))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mmalign", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train from a recipe; writes the run directory")
+    p.add_argument("recipe")
+    p.add_argument("--output-dir", "-o", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="held-out metrics of a recipe's model or of a trained run directory")
+    p.add_argument("target", help="a recipe file or a run directory")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--base", action="store_true", help="evaluate the starting model of a run directory")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sample", help="generate from a recipe's model or a trained run directory")
+    p.add_argument("target")
+    p.add_argument("--prompt", action="append", required=True)
+    p.add_argument("--num-samples", "-n", type=int, default=1)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("zoo", help="build or list the offline worlds")
+    p.add_argument("action", choices=["build", "list"])
+    p.add_argument("names", nargs="*", default=["text"])
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_zoo)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except RecipeError as err:
+        print(f"mmalign: recipe error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

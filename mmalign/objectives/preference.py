@@ -1,0 +1,447 @@
+"""Offline preference-optimisation losses (DPO family) on sequence-level log-probabilities.
+
+Conventions shared by every function of this module:
+
+* ``*_logratios`` are log π_θ(y|x) − log π_ref(y|x) per sequence, shape [B]; h = chosen − rejected.
+* ``*_logps`` are log π_θ(y|x) per sequence (summed over tokens), ``*_mean_logps`` the same divided by |y|.
+* Every loss returns per-sample losses of shape [B] without reduction; the trainer averages.
+"""
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+_F_DIVERGENCES = ("reverse_kl", "forward_kl", "js", "alpha")
+_ODPO_TRANSFORMS = ("identity", "log1p")
+_LOG_HALF = -math.log(2.0)
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def _check_non_negative(name: str, value: float) -> None:
+    if not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def _check_label_smoothing(label_smoothing: float) -> None:
+    if not 0.0 <= label_smoothing <= 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
+
+
+def _sigmoid_loss(logits: Tensor, label_smoothing: float) -> Tensor:
+    return -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+
+def dpo_loss(
+    chosen_logratios: Tensor,
+    rejected_logratios: Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+    offset: Tensor | float | None = None,
+) -> Tensor:
+    """Learn from pairwise preferences without a reward model or RL, via the policy's implicit reward.
+
+    DPO (Rafailov et al., 2023; seed 004 §5.1 Eq. (40), seed 001 §3.3.3 Eq. (10)), with h the difference of
+    log-ratios and Δ the optional offset:
+
+        ℓ = −(1 − ε) log σ(βh − Δ) − ε log σ(−(βh − Δ))
+
+    ε > 0 is conservative DPO (cDPO, Mitchell, 2023; seed 001 Eq. (12)): labels flipped with probability ε.
+    Δ is ODPO's offset Δ_r (Amini et al., 2024; seed 004 §5.1.5 Eq. (52), see ``odpo_offset``) or the
+    R-DPO/LR-DPO length term α(|y_w| − |y_l|) (Park et al., 2024; seed 004 §5.1.7 Eq. (56), see
+    ``length_offset``).
+    """
+    _check_positive("beta", beta)
+    _check_label_smoothing(label_smoothing)
+    logits = beta * (chosen_logratios - rejected_logratios)
+    if offset is not None:
+        logits = logits - offset
+    return _sigmoid_loss(logits, label_smoothing)
+
+
+def ipo_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float) -> Tensor:
+    """Regress the log-ratio margin onto a finite target so deterministic preferences cannot push it to ∞.
+
+    IPO (Azar et al., 2024; seed 001 §3.3.6 Eq. (17)):
+
+        ℓ = (h − 1/(2β))²
+
+    Seed 004 §5.1.1 Eq. (44) writes the same objective as (βh − 1/2)² = β²(h − 1/(2β))²: both have the same
+    minimiser; this form keeps the gradient scale of the original paper and of the seed-001 equation.
+    """
+    _check_positive("beta", beta)
+    return (chosen_logratios - rejected_logratios - 1.0 / (2.0 * beta)) ** 2
+
+
+def hinge_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float) -> Tensor:
+    """Stop pushing pairs whose scaled margin already exceeds 1, the SLiC-style calibration loss.
+
+    SLiC-HF (Zhao et al., 2023) in the normalised form of RSO (Liu et al., 2023); seed 004 §5.1.2 Table 11
+    (f(x) = max(0, 1 − x)) and §5.3 Eq. (67):
+
+        ℓ = max(0, 1 − βh)
+    """
+    _check_positive("beta", beta)
+    return F.relu(1.0 - beta * (chosen_logratios - rejected_logratios))
+
+
+def length_offset(chosen_lengths: Tensor, rejected_lengths: Tensor, alpha: float) -> Tensor:
+    """Penalise the implicit reward by response length so DPO cannot win by verbosity; pass as ``offset``.
+
+    R-DPO / LR-DPO (Park et al., 2024; seed 004 §5.1.7 Eq. (56), seed 001 §3.8.1 Eq. (46)):
+
+        Δ = α(|y_w| − |y_l|)
+    """
+    return alpha * (chosen_lengths - rejected_lengths)
+
+
+def odpo_offset(
+    score_chosen: Tensor, score_rejected: Tensor, alpha: float, transform: str = "log1p"
+) -> Tensor:
+    """Require a larger margin for pairs whose responses differ more in quality; pass as ``offset``.
+
+    ODPO (Amini et al., 2024; seed 004 §5.1.5 Eq. (51)), with f monotonically increasing:
+
+        Δ_r = α · f(score(x, y_w) − score(x, y_l))
+        f = identity:  f(d) = d
+        f = log1p:     f(d) = log(1 + max(d, 0))
+    """
+    _check_choice("transform", transform, _ODPO_TRANSFORMS)
+    diff = score_chosen - score_rejected
+    if transform == "log1p":
+        diff = torch.log1p(diff.clamp(min=0))
+    return alpha * diff
+
+
+def _f_prime(logratios: Tensor, divergence: str, alpha: float) -> Tensor:
+    if divergence == "reverse_kl":  # f(u) = u log u
+        return logratios + 1.0
+    if divergence == "forward_kl":  # f(u) = −log u
+        return -torch.exp(-logratios)
+    if divergence == "js":  # f(u) = u log u − (u + 1) log((u + 1)/2);  log(2u/(1+u)) = log 2 + log σ(log u)
+        return math.log(2.0) + F.logsigmoid(logratios)
+    # alpha: f(u) = (u^{1−α} − (1 − α)u − α)/(α(α − 1));  (1 − u^{−α})/α = −expm1(−α log u)/α
+    return -torch.expm1(-alpha * logratios) / alpha
+
+
+def fdpo_loss(
+    chosen_logratios: Tensor,
+    rejected_logratios: Tensor,
+    beta: float,
+    divergence: str = "reverse_kl",
+    alpha: float = 0.5,
+) -> Tensor:
+    """Regularise towards π_ref with an f-divergence other than reverse KL to trade reward for diversity.
+
+    f-DPO (Wang et al., 2024; seed 004 §5.1.3 Eq. (49), seed 001 §3.12 Eqs. (63)-(67)), u = π_θ/π_ref:
+
+        ℓ = −log σ(β f'(u_w) − β f'(u_l))
+
+        reverse_kl  f'(u) = log u + 1          (recovers DPO)
+        forward_kl  f'(u) = −1/u
+        js          f'(u) = log(2u / (1 + u))
+        alpha       f'(u) = (1 − u^{−α}) / α    (α = 1 equals forward_kl; α → 0 tends to reverse_kl)
+
+    Every f'(u) is evaluated from log u without forming u.
+    """
+    _check_positive("beta", beta)
+    _check_choice("divergence", divergence, _F_DIVERGENCES)
+    if divergence == "alpha":
+        _check_positive("alpha", alpha)
+    chosen = _f_prime(chosen_logratios, divergence, alpha)
+    rejected = _f_prime(rejected_logratios, divergence, alpha)
+    return -F.logsigmoid(beta * (chosen - rejected))
+
+
+def dpop_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, lam: float) -> Tensor:
+    """Stop DPO from lowering the chosen likelihood below the reference, which it does on small-edit pairs.
+
+    DPO-Positive (Pal et al., 2024):
+
+        ℓ = −log σ(β(h − λ · max(0, log π_ref(y_w|x) − log π_θ(y_w|x))))
+
+    Seed 001 §3.3.4 Eq. (13) prints the penalty outside the sigmoid; this follows the original paper, where it
+    sits inside and is scaled by β.
+    """
+    _check_positive("beta", beta)
+    _check_non_negative("lam", lam)
+    penalty = torch.clamp(-chosen_logratios, min=0)
+    return -F.logsigmoid(beta * (chosen_logratios - rejected_logratios - lam * penalty))
+
+
+def kto_loss(
+    logratios: Tensor,
+    desirable: Tensor,
+    kl_estimate: Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> Tensor:
+    """Learn from unpaired good/bad labels with a prospect-theory value around a KL reference point.
+
+    KTO (Ethayarajh et al., 2024; seed 004 §5.1.4 Eq. (50), seed 001 §3.6.1 Eqs. (32)-(34)), r = log-ratio:
+
+        ℓ = λ_D (1 − σ(β(r − z)))   if y is desirable
+        ℓ = λ_U (1 − σ(β(z − r)))   if y is undesirable
+
+    z is the reference point of the seed's z_ref = β·KL divided by β, i.e. the estimate returned by
+    ``kto_kl_estimate``; it carries no gradient.
+    """
+    _check_positive("beta", beta)
+    _check_non_negative("desirable_weight", desirable_weight)
+    _check_non_negative("undesirable_weight", undesirable_weight)
+    z = kl_estimate.detach()
+    desirable_losses = desirable_weight * (1.0 - torch.sigmoid(beta * (logratios - z)))
+    undesirable_losses = undesirable_weight * (1.0 - torch.sigmoid(beta * (z - logratios)))
+    return torch.where(desirable.to(torch.bool), desirable_losses, undesirable_losses)
+
+
+def kto_kl_estimate(mismatched_logratios: Tensor) -> Tensor:
+    """Estimate KTO's reference point z from log-ratios of responses paired with unrelated prompts.
+
+    Seed 001 §3.6.1 Eq. (33) (without its β, which ``kto_loss`` applies):
+
+        z = max(0, mean_{i≠j} log π_θ(y_j|x_i) − log π_ref(y_j|x_i)),   detached
+
+    For an estimate shared by all processes, gather the log-ratios across processes before calling this.
+    """
+    return mismatched_logratios.mean().clamp(min=0).detach()
+
+
+def log_odds(logps: Tensor) -> Tensor:
+    """Map a log-probability to log-odds without cancellation near p = 1, for ORPO's odds ratio.
+
+        log odds(p) = log p − log(1 − p)
+
+    log(1 − p) uses log(−expm1(log p)) for p > 1/2 and log1p(−exp(log p)) otherwise (Mächler, 2012); log p is
+    clamped just below 0 so p = 1 stays finite.
+    """
+    logps = logps.clamp(max=-torch.finfo(logps.dtype).tiny)
+    log_one_minus_p = torch.where(
+        logps > _LOG_HALF,
+        torch.log(-torch.expm1(logps.clamp(min=_LOG_HALF))),
+        torch.log1p(-torch.exp(logps.clamp(max=_LOG_HALF))),
+    )
+    return logps - log_one_minus_p
+
+
+def orpo_loss(chosen_mean_logps: Tensor, rejected_mean_logps: Tensor, lam: float) -> Tensor:
+    """Merge SFT and preference alignment in one reference-free stage by contrasting odds, not likelihoods.
+
+    ORPO (Hong et al., 2024; seed 004 §5.1.9 Eq. (58), seed 001 §3.7.1 Eqs. (40)-(42)), with
+    p_θ(y|x) = exp(mean token log-prob):
+
+        ℓ = −log p_θ(y_w|x) − λ log σ(log odds(p_θ(y_w|x)) − log odds(p_θ(y_l|x)))
+    """
+    _check_non_negative("lam", lam)
+    log_odds_ratio = log_odds(chosen_mean_logps) - log_odds(rejected_mean_logps)
+    return -chosen_mean_logps - lam * F.logsigmoid(log_odds_ratio)
+
+
+def simpo_loss(chosen_mean_logps: Tensor, rejected_mean_logps: Tensor, beta: float, gamma: float) -> Tensor:
+    """Drop the reference model and use the length-normalised likelihood as reward, with a target margin γ.
+
+    SimPO (Meng et al., 2024; seed 004 §5.1.10 Eq. (59), seed 001 §3.8.2 Eq. (47)):
+
+        ℓ = −log σ(β/|y_w| · log π_θ(y_w|x) − β/|y_l| · log π_θ(y_l|x) − γ)
+    """
+    _check_positive("beta", beta)
+    return -F.logsigmoid(beta * (chosen_mean_logps - rejected_mean_logps) - gamma)
+
+
+def cpo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    beta: float,
+    lam: float = 1.0,
+    chosen_nll: Tensor | None = None,
+) -> Tensor:
+    """Reference-free DPO (uniform π_ref) plus an NLL term that keeps the policy on the preferred data.
+
+    CPO (Xu et al., 2024; seed 004 §5.1.8 Eq. (57), seed 001 §3.10.3 Eq. (54)):
+
+        ℓ = −log σ(β log π_θ(y_w|x) − β log π_θ(y_l|x)) + λ · NLL(y_w),  NLL(y_w) = −log π_θ(y_w|x) by default
+
+    Pass ``chosen_nll`` to use another NLL normalisation (e.g. the token mean).
+    """
+    _check_positive("beta", beta)
+    _check_non_negative("lam", lam)
+    if chosen_nll is None:
+        chosen_nll = -chosen_logps
+    return -F.logsigmoid(beta * (chosen_logps - rejected_logps)) + lam * chosen_nll
+
+
+def mallows_dispersion(ref_token_entropies: Tensor, mask: Tensor, vocab_size: int) -> Tensor:
+    """Estimate the per-prompt preference dispersion φ(x) of Mallows-DPO from the reference model's entropy.
+
+    Mallows-DPO (Chen et al., 2024; seed 004 §5.1.6 Eq. (54)), with n the vocabulary size:
+
+        φ(x) = −log( H̄ / log n ),   H̄ = mean over the counted positions of H_π_ref(Y_{i+1} | x, y_{≤i})
+
+    Expected input: row b holds the reference model's next-token predictive entropies (in nats, of the full
+    softmax at each response position) of BOTH responses of pair b, concatenated along the last dimension as
+    [H(y_w) ; H(y_l)], with ``mask`` selecting the response positions. The masked mean is the per-token form
+    of the seed's ½ Σ_i [H(·|y_i^w) + H(·|y_i^l)]: for |y_w| = |y_l| it is that sum divided by the length.
+    Per-token normalisation is what makes H̄/log n ∈ [0, 1], hence φ ≥ 0 and "φ close to 0 when dispersion is
+    high" as the seed states; the sum over N − 1 positions would exceed log n and flip the sign of the loss.
+    """
+    if vocab_size < 2:
+        raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
+    weights = mask.to(ref_token_entropies.dtype)
+    mean_entropy = (ref_token_entropies * weights).sum(dim=-1) / weights.sum(dim=-1).clamp(min=1.0)
+    tiny = torch.finfo(mean_entropy.dtype).tiny
+    normalized = (mean_entropy / math.log(vocab_size)).clamp(min=tiny, max=1.0)
+    return -torch.log(normalized)
+
+
+def mallows_dpo_loss(
+    chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, dispersion: Tensor
+) -> Tensor:
+    """Weight each prompt's DPO margin by its preference dispersion: low dispersion, stronger alignment.
+
+    Mallows-DPO (Chen et al., 2024; seed 004 §5.1.6 Eq. (53)), φ(x) from ``mallows_dispersion``:
+
+        ℓ = −log σ(φ(x) · βh)
+    """
+    _check_positive("beta", beta)
+    return -F.logsigmoid(dispersion * beta * (chosen_logratios - rejected_logratios))
+
+
+class BetaDPOController:
+    """Adapt DPO's β per batch to the quality of its pairs: larger β for pairs with larger reward gaps.
+
+    β-DPO (Wu et al., 2024; seed 001 §3.3.5 Eq. (14)), with M_i the reward margins of the batch:
+
+        β_batch = max(β_min, β0 · (1 + α(mean_i M_i − M0)))
+        M0 ← m · M0 + (1 − m) · mean_i M_i
+
+    β_batch uses M0 from before the update. M0 starts at ``m0`` = 0, the margin of π_θ = π_ref. The update is
+    deterministic given the margins: pass margins gathered from all processes so every rank gets the same β.
+    """
+
+    def __init__(
+        self, beta0: float, alpha: float, momentum: float = 0.9, min_beta: float = 1e-3, m0: float = 0.0
+    ) -> None:
+        _check_positive("beta0", beta0)
+        _check_non_negative("alpha", alpha)
+        _check_positive("min_beta", min_beta)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.beta0 = beta0
+        self.alpha = alpha
+        self.momentum = momentum
+        self.min_beta = min_beta
+        self.m0 = float(m0)
+
+    def beta(self, margins: Tensor) -> float:
+        batch_margin = margins.detach().double().mean().item()
+        beta = max(self.min_beta, self.beta0 * (1.0 + self.alpha * (batch_margin - self.m0)))
+        self.m0 = self.momentum * self.m0 + (1.0 - self.momentum) * batch_margin
+        return beta
+
+    def state_dict(self) -> dict[str, float]:
+        return {"m0": self.m0}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.m0 = float(state["m0"])
+
+
+def _shaped_loss(logits: Tensor, beta: float, loss_type: str, label_smoothing: float) -> Tensor:
+    if loss_type == "sigmoid":
+        return _sigmoid_loss(logits, label_smoothing)
+    if loss_type == "ipo":
+        return ((logits - 0.5) / beta) ** 2
+    return F.relu(1.0 - logits)
+
+
+def composed_preference_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    length_normalize: bool = False,
+    ref_mix_alpha: float = 1.0,
+    gamma: float = 0.0,
+    dispersion: Tensor | None = None,
+    offset: Tensor | float | None = None,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Combine the orthogonal DPO improvements (length normalisation, reference mixing, scaling) in one loss.
+
+    RainbowPO (Zhao et al., 2024; seed 004 §5.1.11 Eqs. (60)-(62)):
+
+        ℓ = f(φ(x) · (β/|y_w|^η · log π_θ(y_w|x)/π_α(y_w|x) − β/|y_l|^η · log π_θ(y_l|x)/π_α(y_l|x) − Δ))
+
+    with η = 1 if ``length_normalize``, φ = ``dispersion`` (1 if None), Δ = ``offset`` (0 if None). The mixed
+    reference π_α ∝ π_ref^α · π_γ^{1−α} (Eq. (61)) enters only through its length-normalised log-ratio, and
+    π_γ is defined (Eq. (62)) by log π_γ(y_w)/|y_w| − log π_γ(y_l)/|y_l| = γ. The normaliser of π_α depends
+    on x only and is dropped (it cancels exactly when η = 0 or |y_w| = |y_l|), so with ℓ(y) = log π(y|x)/|y|^η
+    the margin is
+
+        β · [ℓ_θ(y_w) − ℓ_θ(y_l) − α(ℓ_ref(y_w) − ℓ_ref(y_l)) − (1 − α)γ].
+
+    Because Eq. (62) fixes π_γ only after length normalisation, ``ref_mix_alpha`` < 1 requires
+    ``length_normalize``. γ is in log-probability units: SimPO's margin is β·γ (``simpo_loss(gamma=β·γ)``).
+    Loss shapes f (seed 004 Table 11), z the scaled margin above:
+        sigmoid  −(1 − ε) log σ(z) − ε log σ(−z)     (DPO / cDPO; Mallows-DPO with φ; SimPO with α = 0, η = 1)
+        ipo      ((z − 1/2)/β)²                     (equals ``ipo_loss``: Eq. (44) divided by β²; Table 11's
+                                                     (z − 1)² is the same loss at β/2, times 4)
+        hinge    max(0, 1 − z)                      (equals ``hinge_loss``)
+    """
+    _check_positive("beta", beta)
+    _check_choice("loss_type", loss_type, _LOSS_TYPES)
+    _check_label_smoothing(label_smoothing)
+    if label_smoothing > 0 and loss_type != "sigmoid":
+        raise ValueError(f"label_smoothing > 0 requires loss_type='sigmoid', got loss_type={loss_type!r}")
+    if not 0.0 <= ref_mix_alpha <= 1.0:
+        raise ValueError(f"ref_mix_alpha must be in [0, 1], got {ref_mix_alpha}")
+    if ref_mix_alpha < 1.0 and not length_normalize:
+        raise ValueError("ref_mix_alpha < 1 requires length_normalize=True (π_γ is defined per token)")
+
+    chosen_norm = chosen_lengths.to(chosen_logps.dtype) if length_normalize else 1.0
+    rejected_norm = rejected_lengths.to(rejected_logps.dtype) if length_normalize else 1.0
+    policy_margin = chosen_logps / chosen_norm - rejected_logps / rejected_norm
+    ref_margin = ref_chosen_logps / chosen_norm - ref_rejected_logps / rejected_norm
+    margin = policy_margin - ref_mix_alpha * ref_margin - (1.0 - ref_mix_alpha) * gamma
+
+    logits = beta * margin
+    if offset is not None:
+        logits = logits - offset
+    if dispersion is not None:
+        logits = dispersion * logits
+    return _shaped_loss(logits, beta, loss_type, label_smoothing)
+
+
+def preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict[str, Tensor]:
+    """Summarise implicit rewards (e.g. β · log-ratio) of a batch for logging; all values are detached means.
+
+    Keys and values, with r_w, r_l the chosen and rejected rewards:
+
+        rewards/accuracy = mean[r_w > r_l]      rewards/margin = mean[r_w − r_l]
+        rewards/chosen = mean[r_w]              rewards/rejected = mean[r_l]
+    """
+    chosen = chosen_rewards.detach()
+    rejected = rejected_rewards.detach()
+    return {
+        "rewards/accuracy": (chosen > rejected).to(chosen.dtype).mean(),
+        "rewards/margin": (chosen - rejected).mean(),
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+    }

@@ -1,0 +1,107 @@
+"""Tokenisation shared by every text-out model (policies, reward models): prompts, responses, padding."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from mmalign.core.data import Row
+
+Prompt = str | list[dict[str, str]]
+
+
+class TextCodec:
+    """Turns rows into token ids and ids into padded batches with response masks.
+
+    Plain-string prompts are tokenised as-is; conversational prompts (lists of role/content messages) go through
+    the tokenizer's chat template. Responses end with eos. Nothing is ever truncated: an example longer than
+    `max_length` is an error naming its row.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int = 512):
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos token; responses need one to end")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt; conversations get the chat template with the generation prompt."""
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        return self._chat_ids(prompt, add_generation_prompt=True)
+
+    def encode_response(self, prompt: Prompt, prompt_ids: list[int], response: Prompt) -> list[int]:
+        """Token ids of a response, ending with eos (or the chat template's own end of turn)."""
+        if isinstance(response, str):
+            return self.tokenizer(response, add_special_tokens=False)["input_ids"] + [
+                self.tokenizer.eos_token_id
+            ]
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        full = self._chat_ids(list(prompt) + list(response), add_generation_prompt=False)
+        if full[: len(prompt_ids)] != prompt_ids:
+            raise ValueError("the chat template renders the prompt differently once a response follows it")
+        return full[len(prompt_ids) :]
+
+    def _chat_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+        if self.tokenizer.chat_template is None:
+            raise ValueError("conversational data needs a tokenizer with a chat template")
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=True
+        )
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def encode_pair(self, row: Row) -> dict[str, Any]:
+        """Tokenise one preference row; too-long examples are an error naming the row, never a silent cut."""
+        prompt_ids = self.encode_prompt(row.data["prompt"])
+        encoded: dict[str, Any] = {"prompt_ids": prompt_ids}
+        for field in ("chosen", "rejected"):
+            ids = self.encode_response(row.data["prompt"], prompt_ids, row.data[field])
+            self._check_length(row, field, len(prompt_ids), len(ids))
+            encoded[f"{field}_ids"] = ids
+        return encoded
+
+    def encode_completion(self, row: Row, field: str = "completion") -> dict[str, Any]:
+        """Tokenise prompt + one completion (SFT, KTO, reward-model scoring)."""
+        prompt_ids = self.encode_prompt(row.data["prompt"])
+        ids = self.encode_response(row.data["prompt"], prompt_ids, row.data[field])
+        self._check_length(row, field, len(prompt_ids), len(ids))
+        return {"prompt_ids": prompt_ids, "response_ids": ids}
+
+    def _check_length(self, row: Row, field: str, n_prompt: int, n_response: int) -> None:
+        if n_prompt + n_response > self.max_length:
+            what = "prompt" if n_prompt >= self.max_length else f"prompt + {field}"
+            raise row.error(
+                "prompt" if what == "prompt" else field,
+                f"{what} is {n_prompt + n_response if what != 'prompt' else n_prompt} tokens, over max_length="
+                f"{self.max_length} (raise max_length or shorten the example; nothing is truncated)",
+            )
+
+    # ---------------------------------------------------------------------------------------- batching
+    def collate(self, sequences: Sequence[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        """Right-pad (prompt, response) id pairs into input_ids, attention_mask and response_mask."""
+        width = max(len(p) + len(r) for p, r in sequences)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(sequences), width), dtype=torch.long)
+        response = torch.zeros((len(sequences), width), dtype=torch.long)
+        for i, (p, r) in enumerate(sequences):
+            n = len(p) + len(r)
+            input_ids[i, :n] = torch.tensor(p + r)
+            attention[i, :n] = 1
+            response[i, len(p) : n] = 1
+        return {"input_ids": input_ids, "attention_mask": attention, "response_mask": response}
+
+    def collate_pairs(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Chosen and rejected of every pair in one batch (chosen first) for a single forward pass."""
+        seqs = [(e["prompt_ids"], e["chosen_ids"]) for e in examples]
+        seqs += [(e["prompt_ids"], e["rejected_ids"]) for e in examples]
+        return self.collate(seqs)
+
+    def collate_completions(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Prompt + response sequences in one batch."""
+        return self.collate([(e["prompt_ids"], e["response_ids"]) for e in examples])

@@ -1,0 +1,212 @@
+"""Any transformers causal LM as a sequence policy, with its reference kept without a second LoRA copy."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from mmalign.core.data import Row
+from mmalign.core.params import load_trainable, trainable_state
+from mmalign.core.types import SequenceLogProbs
+from mmalign.text.codec import Prompt, TextCodec
+
+
+@dataclass
+class LoraSpec:
+    """LoRA settings passed to peft; `target_modules="all-linear"` adapts every linear layer but the head."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+
+
+class CausalLMPolicy:
+    """A causal LM and its tokenizer as a `SequencePolicy`.
+
+    The reference is the same network with the LoRA adapter disabled when training LoRA (no second copy in
+    memory), or a frozen deep copy for full fine-tuning. Plain-string prompts are tokenised as-is; conversational
+    prompts (lists of role/content messages) go through the tokenizer's chat template.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        lora: LoraSpec | None = None,
+        max_length: int = 512,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+    ):
+        self.codec = TextCodec(tokenizer, max_length)
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.lora = lora
+        if lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            config = LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=lora.target_modules,
+                task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(model, config)
+            self._reference_model = None
+        else:
+            self._reference_model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.module = model  # the unwrapped network; `self.model` may become a DDP wrapper around it
+        self.model: torch.nn.Module = model
+        self._use_reference = False
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        lora: LoraSpec | None = None,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        **kwargs: Any,
+    ) -> CausalLMPolicy:
+        """Load a hub id or a local directory (safetensors weights; remote code off unless asked for)."""
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+        )
+        return cls(model, tokenizer, lora=lora, **kwargs)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.module.get_output_embeddings().weight.shape[0]
+
+    # ----------------------------------------------------------------------------------- Policy protocol
+    def trainable_parameters(self) -> Iterator[torch.nn.Parameter]:
+        return (p for p in self.module.parameters() if p.requires_grad)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return trainable_state(self.module)
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_trainable(self.module, state)
+
+    @contextmanager
+    def reference(self) -> Iterator[None]:
+        """Forward passes inside this context use the frozen reference model."""
+        if self.lora is not None:
+            with self.module.disable_adapter():
+                yield
+        else:
+            if self._reference_model is None:
+                raise RuntimeError("the reference model was released (reference log-probs were precomputed)")
+            self._use_reference = True
+            try:
+                yield
+            finally:
+                self._use_reference = False
+
+    def release_reference(self) -> None:
+        """Free the frozen copy once reference log-probs are precomputed."""
+        self._reference_model = None
+
+    def save_pretrained(self, path: str) -> None:
+        """Save weights (the LoRA adapter alone when training LoRA) and tokenizer as safetensors."""
+        self.module.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+    # ---------------------------------------------------------------------------- tokenisation (codec)
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        return self.codec.encode_prompt(prompt)
+
+    def encode_pair(self, row: Row) -> dict[str, Any]:
+        return self.codec.encode_pair(row)
+
+    def encode_completion(self, row: Row, field: str = "completion") -> dict[str, Any]:
+        return self.codec.encode_completion(row, field)
+
+    def collate_pairs(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return self.codec.collate_pairs(examples)
+
+    def collate_completions(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return self.codec.collate_completions(examples)
+
+    # ------------------------------------------------------------------------------------------ scoring
+    def sequence_logprobs(
+        self, batch: dict[str, torch.Tensor], *, entropies: bool = False
+    ) -> SequenceLogProbs:
+        """Per-token log-probs of the response tokens (prompt and padding masked to zero)."""
+        device = next(self.module.parameters()).device
+        input_ids = batch["input_ids"].to(device)
+        model = self._reference_model if self._use_reference else self.model
+        logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]
+        logits = logits.float()
+        targets = input_ids[:, 1:]
+        log_norm = torch.logsumexp(logits, dim=-1)
+        token_logps = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+        mask = batch["response_mask"][:, 1:].to(device).to(token_logps.dtype)
+        ent = None
+        if entropies:
+            probs = torch.softmax(logits, dim=-1)
+            ent = (log_norm - (probs * logits).sum(-1)) * mask
+        return SequenceLogProbs(token_logps * mask, mask, ent)
+
+    # --------------------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        num_samples: int = 1,
+        greedy: bool = False,
+        max_new_tokens: int | None = None,
+        generator_seed: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Decode responses with transformers generation; returns prompt/response ids and text per sample.
+
+        Samples of one prompt are contiguous. Sampling draws from torch's global RNG, which the trainer seeds
+        and checkpoints, so runs are reproducible.
+        """
+        was_training = self.module.training
+        self.module.eval()
+        encoded = [self.codec.encode_prompt(p) for p in prompts for _ in range(num_samples)]
+        width = max(map(len, encoded))
+        pad = self.tokenizer.pad_token_id
+        device = next(self.module.parameters()).device
+        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        for i, e in enumerate(encoded):  # left padding so every prompt ends where generation starts
+            ids[i, width - len(e) :] = torch.tensor(e)
+            attention[i, width - len(e) :] = 1
+        if generator_seed is not None:
+            torch.manual_seed(generator_seed)
+        out = self.module.generate(
+            input_ids=ids.to(device),
+            attention_mask=attention.to(device),
+            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            do_sample=not greedy,
+            temperature=None if greedy else self.temperature,
+            top_k=None if greedy else 0,
+            top_p=None if greedy else 1.0,
+            pad_token_id=pad,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        self.module.train(was_training)
+        results = []
+        for i, e in enumerate(encoded):
+            new = out[i, width:].tolist()
+            if self.tokenizer.eos_token_id in new:
+                new = new[: new.index(self.tokenizer.eos_token_id) + 1]
+            else:
+                new = [t for t in new if t != pad]
+            text = self.tokenizer.decode(new, skip_special_tokens=True)
+            results.append({"prompt_ids": e, "response_ids": new, "text": text})
+        return results

@@ -1,0 +1,83 @@
+"""The human-readable part of a run directory: training curves and a before/after table of samples."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from mmalign.train.logging import read_metrics
+
+
+def plot_curves(run_dir: Path, out: Path) -> list[str]:
+    """One small panel per logged metric; returns the metric names plotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    names = sorted({k for r in rows for k in r if k != "step" and isinstance(r[k], (int, float))})
+    names = [n for n in names if not n.endswith(("n_pairs", "n_prompts"))]
+    if not names:
+        return []
+    cols = min(4, len(names))
+    nrows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.4 * nrows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        pts = [(r["step"], r[name]) for r in rows if name in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return names
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+class TextReport:
+    """Markdown report with the summary table, curves and a before/after table of greedy samples."""
+
+    def write(self, run_dir: Path, summary: dict[str, Any], samples: dict[str, list[dict[str, Any]]]) -> None:
+        lines = [
+            f"# Run report: {run_dir.name}",
+            "",
+            f"{summary['steps']} steps in {summary['wall_time_s']} s.",
+            "",
+        ]
+        lines += ["| metric | before | after |", "|---|---|---|"]
+        for key in summary["before"]:
+            lines.append(
+                f"| {key} | {_cell(summary['before'][key])} | {_cell(summary['after'].get(key, ''))} |"
+            )
+        if plot_curves(run_dir, run_dir / "curves.png"):
+            lines += ["", "## Training curves", "", "![curves](curves.png)"]
+        lines += self.sample_lines(samples)
+        (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+    def sample_lines(self, samples: dict[str, list[dict[str, Any]]]) -> list[str]:
+        before, after = samples.get("before", []), samples.get("after", [])
+        if not before and not after:
+            return []
+        extra = [k for k in (after or before)[0] if k not in ("prompt", "response")]
+        out = [
+            "",
+            "## Samples (greedy, held-out prompts)",
+            "",
+            "| prompt | before | after | " + " | ".join(extra) + " |",
+            "|---|---|---|" + "---|" * len(extra),
+        ]
+        for b, a in zip(before, after, strict=False):
+            cells = [b["prompt"], b["response"], a["response"]] + [
+                f"{b.get(k, '')} → {a.get(k, '')}" for k in extra
+            ]
+            out.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+        return out

@@ -1,0 +1,356 @@
+"""The training loop every method shares: offline (dataset → objective) and online (prompts → sample → reward →
+objective), on accelerate, with exact resume.
+
+Data order is a pure function of (seed, step): each epoch is a seeded permutation, each optimizer step takes the
+next global batch, splits it into `grad_accum` micro-batches and each micro-batch across processes. Losses are
+per-sample means over the global batch, so k micro-batches equal one batch k times larger, and P processes equal
+one process (up to float reduction order).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from mmalign.train import checkpoint as ckpt
+from mmalign.train.algorithm import Algorithm, Evaluator
+from mmalign.train.logging import MetricsLogger
+
+
+class TrainingError(RuntimeError):
+    """Training stopped because continuing would train on garbage (NaN/inf loss, bad configuration)."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping settings of a run (the `train:` section of a recipe)."""
+
+    seed: int = 0
+    max_steps: int = 100
+    batch_size: int = 32  # global: summed over processes and accumulation steps
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    scheduler: str = "constant_with_warmup"  # any transformers scheduler name
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
+    eval_every: int = 0  # 0: only before and after
+    save_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    log_with: list[str] = field(default_factory=list)  # accelerate trackers: "tensorboard", "wandb"
+    resume: bool = True
+    ppo_epochs: int = 1  # online: optimizer steps per rollout (PPO-style reuse of samples)
+    rollout_prompts: int = 0  # online: prompts per rollout (global); 0 → batch_size / samples_per_prompt
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "ppo_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum ({self.grad_accum})"
+            )
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(
+                f"train.mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}"
+            )
+        self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
+
+
+class Trainer:
+    """Runs an algorithm on a policy and writes the run directory (see README: run directory contract)."""
+
+    def __init__(
+        self,
+        policy: Any,
+        algorithm: Algorithm,
+        config: TrainConfig,
+        output_dir: str | Path,
+        *,
+        evaluator: Evaluator | None = None,
+        accelerator: Accelerator | None = None,
+        report: Any = None,
+    ):
+        self.policy, self.algorithm, self.config = policy, algorithm, config
+        self.evaluator = evaluator
+        self.report = report
+        self.run_dir = Path(output_dir)
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=config.mixed_precision,
+            log_with=config.log_with or None,
+            project_dir=str(self.run_dir),
+        )
+        world = self.accelerator.num_processes
+        if config.batch_size % (config.grad_accum * world):
+            raise ValueError(
+                f"train.batch_size ({config.batch_size}) must be divisible by grad_accum × processes "
+                f"({config.grad_accum} × {world})"
+            )
+        self.micro_batch = config.batch_size // config.grad_accum
+        self.local_batch = self.micro_batch // world
+
+    # ------------------------------------------------------------------------------------------- data
+    def _epoch_order(self, n: int, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        return torch.randperm(n, generator=g).tolist()
+
+    def _global_indices(self, n: int, draw: int, size: int) -> list[int]:
+        """Indices of the `draw`-th batch of `size` items from a dataset of n, epoch by epoch (drop last)."""
+        per_epoch = n // size
+        if per_epoch == 0:
+            raise ValueError(f"the dataset has {n} items, fewer than one batch of {size}")
+        epoch, pos = divmod(draw, per_epoch)
+        return self._epoch_order(n, epoch)[pos * size : (pos + 1) * size]
+
+    def _local(self, items: Sequence[Any]) -> list[Any]:
+        """This process's contiguous share of a global micro-batch."""
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        share = len(items) // world
+        return list(items[rank * share : (rank + 1) * share])
+
+    # ------------------------------------------------------------------------------------------- loop
+    def train(self) -> dict[str, Any]:
+        """Train to `max_steps` (resuming from the newest checkpoint if any) and return the summary."""
+        cfg, acc = self.config, self.accelerator
+        start_time = time.time()
+        set_seed(cfg.seed)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        params = list(self.policy.trainable_parameters())
+        if not params:
+            raise TrainingError("the policy has no trainable parameters")
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.adam_betas)
+        scheduler = get_scheduler(
+            cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
+        )
+        self.policy.model, optimizer = acc.prepare(self.policy.module, optimizer)
+        logger = MetricsLogger(self.run_dir, acc, cfg.log_with)
+
+        step, elapsed_before = 0, 0.0
+        last = ckpt.latest_checkpoint(self.run_dir) if cfg.resume else None
+        if last is not None:
+            step, elapsed_before = self._restore(last, optimizer, scheduler)
+            acc.print(f"resumed from {last} at step {step}")
+        before = self._before_metrics()
+        if (last is None and hasattr(self.algorithm, "setup")) or (
+            last is not None and hasattr(self.algorithm, "setup")
+        ):
+            self.algorithm.setup()
+        if last is not None:
+            ckpt.set_rng_state(ckpt.load_state(last, f"rng-rank{acc.process_index}"))
+
+        online = self.algorithm.online
+        rollout: list[Any] = []
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=step,
+            disable=not (cfg.progress and acc.is_main_process),
+            desc="train",
+            dynamic_ncols=True,
+        )
+        self.policy.module.train()
+        while step < cfg.max_steps:
+            metrics: dict[str, float] = {}
+            if online:
+                if step % cfg.ppo_epochs == 0 or not rollout:
+                    rollout, rollout_metrics = self._rollout(step // cfg.ppo_epochs)
+                    metrics.update(rollout_metrics)
+                micro_batches = self._split_local(rollout)
+            else:
+                examples = self.algorithm.train_examples
+                idx = self._global_indices(len(examples), step, cfg.batch_size)
+                micro_batches = [
+                    self._local([examples[i] for i in idx[m * self.micro_batch : (m + 1) * self.micro_batch]])
+                    for m in range(cfg.grad_accum)
+                ]
+            metrics.update(self._optimizer_step(micro_batches, optimizer, scheduler, step))
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                logger.log(step, metrics)
+                bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps and self.evaluator:
+                logger.log(step, {f"eval/{k}": v for k, v in self._evaluate().items()})
+            boundary = not online or step % cfg.ppo_epochs == 0
+            if boundary and ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps):
+                self._save(step, optimizer, scheduler, elapsed_before + time.time() - start_time)
+        bar.close()
+
+        after = self._evaluate() if self.evaluator else {}
+        summary = {
+            "steps": step,
+            "wall_time_s": round(elapsed_before + time.time() - start_time, 2),
+            "before": before,
+            "after": after,
+        }
+        if acc.is_main_process:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            self.policy.save_pretrained(str(self.run_dir / "final"))
+            if self.report is not None:
+                self.report.write(self.run_dir, summary, self._after_samples())
+        logger.close()
+        acc.wait_for_everyone()
+        return summary
+
+    def _split_local(self, rollout: list[Any]) -> list[list[Any]]:
+        """Split this process's rollout examples into grad_accum micro-batches."""
+        k = self.config.grad_accum
+        if len(rollout) % k:
+            raise TrainingError(
+                f"{len(rollout)} rollout examples per process do not split into grad_accum={k}"
+            )
+        size = len(rollout) // k
+        return [rollout[m * size : (m + 1) * size] for m in range(k)]
+
+    def _rollout(self, index: int) -> tuple[list[Any], dict[str, float]]:
+        """Sample this process's share of the rollout's prompts and let the algorithm score them."""
+        alg, cfg = self.algorithm, self.config
+        n_prompts = cfg.rollout_prompts or cfg.batch_size // alg.samples_per_prompt
+        if n_prompts % self.accelerator.num_processes:
+            raise ValueError(f"rollout prompts ({n_prompts}) must divide by the number of processes")
+        rows = [alg.prompts[i] for i in self._global_indices(len(alg.prompts), index, n_prompts)]
+        self.policy.module.eval()
+        examples, metrics = alg.rollout(self._local(rows))
+        self.policy.module.train()
+        return examples, self._mean_across(metrics)
+
+    def _optimizer_step(self, micro_batches, optimizer, scheduler, step: int) -> dict[str, float]:
+        acc, cfg = self.accelerator, self.config
+        k = len(micro_batches)
+        totals: dict[str, torch.Tensor] = {}
+        for m, batch in enumerate(micro_batches):
+            sync = m == k - 1
+            with nullcontext() if sync else acc.no_sync(self.policy.model), acc.autocast():
+                losses, metrics = self.algorithm.loss(batch)
+                bad = (~torch.isfinite(losses.detach())).sum()
+                if acc.reduce(bad.float(), "sum").item() > 0:
+                    rows = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
+                    raise TrainingError(
+                        f"non-finite loss at step {step + 1}, micro-batch {m} (local samples {rows[:10]}); "
+                        "nothing was applied and no checkpoint was written for this step"
+                    )
+                loss = losses.mean() / k
+            acc.backward(loss)
+            totals["train/loss"] = totals.get("train/loss", 0) + loss.detach()
+            for name, value in metrics.items():
+                totals[f"train/{name}"] = totals.get(f"train/{name}", 0) + value.detach().float() / k
+        if cfg.max_grad_norm is not None:
+            norm = acc.clip_grad_norm_(list(self.policy.trainable_parameters()), cfg.max_grad_norm)
+            if not torch.isfinite(torch.as_tensor(norm)):
+                raise TrainingError(
+                    f"non-finite gradient norm at step {step + 1}; the update was not applied"
+                )
+            totals["train/grad_norm"] = torch.as_tensor(norm).detach().float()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        out = self._mean_across({k_: v for k_, v in totals.items()})
+        out["train/lr"] = scheduler.get_last_lr()[0]
+        return out
+
+    def _mean_across(self, metrics: dict[str, Any]) -> dict[str, float]:
+        """Average scalar metrics over processes (each process saw an equal share of the batch)."""
+        if not metrics:
+            return {}
+        names = sorted(metrics)
+        device = self.accelerator.device
+        values = torch.stack([torch.as_tensor(metrics[n], dtype=torch.float32, device=device) for n in names])
+        values = self.accelerator.reduce(values, "mean")
+        return {n: float(v) for n, v in zip(names, values.tolist(), strict=True)}
+
+    # -------------------------------------------------------------------------------------- evaluation
+    def _evaluate(self) -> dict[str, float]:
+        """Held-out metrics; every process evaluates the full set so all agree without communication."""
+        if self.evaluator is None:
+            return {}
+        was = self.policy.module.training
+        self.policy.module.eval()
+        with torch.no_grad():
+            result = self.evaluator.evaluate(self.policy)
+        self.policy.module.train(was)
+        return result
+
+    def _before_metrics(self) -> dict[str, float]:
+        """Metrics of the starting model, computed once per run and kept across resumes."""
+        path = self.run_dir / "before.json"
+        if path.exists():
+            return json.loads(path.read_text())["metrics"]
+        before = self._evaluate()
+        samples = self._samples()
+        if self.accelerator.is_main_process:
+            path.write_text(json.dumps({"metrics": before, "samples": samples}, indent=2))
+        self.accelerator.wait_for_everyone()
+        return before
+
+    def _samples(self) -> list[dict[str, Any]]:
+        if self.evaluator is None or not hasattr(self.evaluator, "samples"):
+            return []
+        self.policy.module.eval()
+        with torch.no_grad():
+            out = self.evaluator.samples(self.policy)
+        self.policy.module.train()
+        return out
+
+    def _after_samples(self) -> dict[str, list[dict[str, Any]]]:
+        before_file = self.run_dir / "before.json"
+        before = json.loads(before_file.read_text()).get("samples", []) if before_file.exists() else []
+        return {"before": before, "after": self._samples()}
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def _save(self, step: int, optimizer, scheduler, elapsed: float) -> None:
+        acc = self.accelerator
+        parts = {
+            "policy": self.policy.trainable_state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
+            "algorithm": self.algorithm.state_dict(),
+            "trainer": {
+                "step": step,
+                "elapsed": elapsed,
+                "world_size": acc.num_processes,
+                "config": asdict(self.config),
+            },
+        }
+        ckpt.write_checkpoint(
+            ckpt.checkpoint_dir(self.run_dir, step),
+            parts,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            barrier=acc.wait_for_everyone,
+        )
+        if acc.is_main_process:
+            ckpt.prune_checkpoints(self.run_dir, self.config.keep_checkpoints)
+        acc.wait_for_everyone()
+
+    def _restore(self, path: Path, optimizer, scheduler) -> tuple[int, float]:
+        trainer = ckpt.load_state(path, "trainer")
+        if trainer["world_size"] != self.accelerator.num_processes:
+            raise TrainingError(
+                f"{path} was written by {trainer['world_size']} processes; resume with the same number "
+                f"(got {self.accelerator.num_processes}) so the random streams continue exactly"
+            )
+        self.policy.load_trainable_state_dict(ckpt.load_state(path, "policy"))
+        optimizer.load_state_dict(ckpt.load_state(path, "optimizer"))
+        scheduler.load_state_dict({**scheduler.state_dict(), **ckpt.load_state(path, "scheduler")})
+        self.algorithm.load_state_dict(ckpt.load_state(path, "algorithm"))
+        return int(trainer["step"]), float(trainer["elapsed"])
+
+
+def steps_per_epoch(n_examples: int, batch_size: int) -> int:
+    """Optimizer steps in one pass over a dataset (the last partial batch is left for the next epoch)."""
+    return max(1, math.floor(n_examples / batch_size))

@@ -1,0 +1,48 @@
+"""Named offline worlds, where they are cached, and `zoo://world/file` paths that build them on first use."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from mmalign.zoo.text_world import TextWorldSpec, build_text_world
+
+WORLDS: dict[str, tuple[Callable[..., Path], Callable[[], object], str]] = {
+    "text": (build_text_world, TextWorldSpec, "two-digit addition LM that often drops carries (~3 min)"),
+    "text-tiny": (build_text_world, TextWorldSpec.tiny, "a seconds-fast text world for tests"),
+}
+
+
+def zoo_home() -> Path:
+    """Cache directory of built worlds: $MMALIGN_HOME/zoo, default ~/.cache/mmalign/zoo."""
+    return Path(os.environ.get("MMALIGN_HOME", Path.home() / ".cache" / "mmalign")) / "zoo"
+
+
+def world_dir(name: str) -> Path:
+    return zoo_home() / name
+
+
+def build(name: str, force: bool = False, log=print) -> Path:
+    """Build a world into the cache (atomically: a half-built world is never used)."""
+    if name not in WORLDS:
+        raise ValueError(f"unknown world {name!r}; known: {', '.join(sorted(WORLDS))}")
+    out = world_dir(name)
+    if (out / "world.json").exists() and not force:
+        return out
+    builder, spec, _ = WORLDS[name]
+    tmp = out.with_name(out.name + ".building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    builder(tmp, spec(), log=log)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def resolve(path: str, log=print) -> str:
+    """Turn `zoo://world/rest` into a path in the cache, building the world if needed; other paths pass."""
+    if not isinstance(path, str) or not path.startswith("zoo://"):
+        return path
+    world, _, rest = path[len("zoo://") :].partition("/")
+    return str(build(world, log=log) / rest)
