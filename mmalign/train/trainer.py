@@ -147,9 +147,7 @@ class Trainer:
             step, elapsed_before = self._restore(last, optimizer, scheduler)
             acc.print(f"resumed from {last} at step {step}")
         before = self._before_metrics()
-        if (last is None and hasattr(self.algorithm, "setup")) or (
-            last is not None and hasattr(self.algorithm, "setup")
-        ):
+        if hasattr(self.algorithm, "setup"):
             self.algorithm.setup()
         if last is not None:
             ckpt.set_rng_state(ckpt.load_state(last, f"rng-rank{acc.process_index}"))
