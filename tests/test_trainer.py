@@ -75,7 +75,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tiny_recipe, tmp_path):
 
 def test_nan_loss_stops_before_the_update_and_writes_no_checkpoint(tiny_recipe, tmp_path):
     recipe = apply_overrides(tiny_recipe, ["train.save_every=1"])
-    trainer, policy, algorithm = _train(recipe, tmp_path / "nan", evaluator=False)
+    trainer, _, algorithm = _train(recipe, tmp_path / "nan", evaluator=False)
     original = algorithm.loss
     calls = {"n": 0}
 
