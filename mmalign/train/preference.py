@@ -96,10 +96,15 @@ class PreferenceAlgorithm:
         """Precompute reference scores of every pair once, if asked, then drop the frozen copy."""
         if not (self.config.precompute_reference and self.needs_reference) or self.needs_entropy:
             return
+        if not getattr(self.policy, "deterministic_scores", True):
+            raise ValueError(
+                "precompute_reference needs deterministic scores; this policy draws fresh noise every batch "
+                "(diffusion), so its reference must be computed on the same draw"
+            )
         cache = {}
         for start in range(0, len(self.train_examples), 64):
             chunk = self.train_examples[start : start + 64]
-            ref_c, ref_r, _ = self._reference_scores(chunk)
+            ref_c, ref_r, _ = self._reference_scores(self.policy.collate_pairs(chunk), len(chunk))
             for e, c, r in zip(chunk, ref_c.tolist(), ref_r.tolist(), strict=True):
                 cache[e["index"]] = (c, r)
         self._ref_cache = cache
@@ -107,11 +112,11 @@ class PreferenceAlgorithm:
             self.policy.release_reference()
 
     @torch.no_grad()
-    def _reference_scores(self, examples):
-        batch = self.policy.collate_pairs(examples)
+    def _reference_scores(self, batch: dict[str, torch.Tensor], n: int):
+        """Reference scores on the very batch the policy saw (same tokens; for diffusion, same noise and t)."""
         with self.policy.reference():
             lp = self.policy.sequence_logprobs(batch, entropies=self.needs_entropy)
-        chosen, rejected = lp.split(len(examples))
+        chosen, rejected = lp.split(n)
         return (
             sequence_logps(chosen.token_logps, chosen.mask),
             sequence_logps(rejected.token_logps, rejected.mask),
@@ -121,7 +126,8 @@ class PreferenceAlgorithm:
     # ----------------------------------------------------------------------------------------- loss
     def loss(self, examples: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg, n = self.config, len(examples)
-        lp = self.policy.sequence_logprobs(self.policy.collate_pairs(examples))
+        batch = self.policy.collate_pairs(examples)
+        lp = self.policy.sequence_logprobs(batch)
         chosen, rejected = lp.split(n)
         cl, rl = chosen.lengths, rejected.lengths
         sc, sr = (
@@ -137,7 +143,7 @@ class PreferenceAlgorithm:
             )
             ref_sc, ref_sr = ref[:, 0], ref[:, 1]
         else:
-            ref_sc, ref_sr, ref_lp = self._reference_scores(examples)
+            ref_sc, ref_sr, ref_lp = self._reference_scores(batch, n)
         norm_c, norm_r = (cl, rl) if cfg.length_normalize else (1.0, 1.0)
         lc, lr = (sc - ref_sc) / norm_c, (sr - ref_sr) / norm_r  # (length-normalised) log-ratios
         beta = cfg.beta
