@@ -1,11 +1,13 @@
 """From a recipe to the objects of a run: policy, algorithm, evaluator and report (the only place names meet).
 
-A recipe has sections `model`, `data`, `algorithm`, `eval`, `train` and a top-level `seed`; see text/*.yaml.
+A recipe has sections `model`, `data`, `algorithm`, `eval`, `train` and a top-level `seed`; see text/*.yaml and
+vision/*.yaml. `model.kind` picks the adapter (causal_lm, reward_model, diffusion_image); `algorithm.name` the
+method; rewards are named in `eval.rewards` and `algorithm.reward`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mmalign.config import RecipeError, to_dataclass
@@ -21,10 +23,10 @@ from mmalign.zoo.registry import resolve
 
 
 @dataclass
-class ModelConfig:
-    """The `model:` section: which network, how it trains, how it generates."""
+class TextModelConfig:
+    """`model:` for kind causal_lm / reward_model: which network, how it trains, how it generates."""
 
-    kind: str = "causal_lm"  # causal_lm | reward_model
+    kind: str = "causal_lm"
     name_or_path: str = ""
     lora: dict[str, Any] | None = (
         None  # peft LoRA settings (r, alpha, dropout, target_modules); null = full FT
@@ -37,32 +39,67 @@ class ModelConfig:
 
 
 @dataclass
+class DiffusionModelConfig:
+    """`model:` for kind diffusion_image: a Stable-Diffusion-layout pipeline and its sampler."""
+
+    kind: str = "diffusion_image"
+    name_or_path: str = ""
+    lora: dict[str, Any] | None = None  # LoRA on the UNet attention projections; null = full UNet fine-tuning
+    dtype: str = "float32"
+    sampler: str = "ddim"  # ddim | ddpm
+    num_steps: int = 20
+    eta: float = 1.0
+    guidance_scale: float = 5.0
+
+
+@dataclass
 class EvalConfig:
-    """The `eval:` section: held-out data and the rewards reported on greedy generations."""
+    """`eval:` held-out data, the rewards reported, and sampling budget."""
 
     pairs: str | None = None
     prompts: str | None = None
-    rewards: list[Any] | None = None
+    rewards: list[Any] = field(default_factory=list)
     batch_size: int = 64
-    n_samples: int = 8
+    n_samples: int = 8  # samples shown in the report
+    seeds: int = 4  # images: seeds per held-out prompt
+    kl: bool = True  # images: report the path KL to the base model
+
+
+MODEL_CONFIGS = {
+    "causal_lm": TextModelConfig,
+    "reward_model": TextModelConfig,
+    "diffusion_image": DiffusionModelConfig,
+}
 
 
 def _rows(path: str | None, validate) -> list[Row]:
     return validate(read_rows(resolve(path))) if path else []
 
 
-def build_policy(cfg: ModelConfig) -> Any:
+def _lora(section: dict[str, Any] | None):
+    from mmalign.text.policy import LoraSpec
+
+    return to_dataclass(LoraSpec, section, "model.lora") if section is not None else None
+
+
+def model_config(section: dict[str, Any] | None) -> TextModelConfig | DiffusionModelConfig:
+    kind = (section or {}).get("kind", "causal_lm")
+    if kind not in MODEL_CONFIGS:
+        raise RecipeError(f"model.kind must be one of {', '.join(MODEL_CONFIGS)}, got {kind!r}")
+    return to_dataclass(MODEL_CONFIGS[kind], section, "model")
+
+
+def build_policy(cfg: TextModelConfig | DiffusionModelConfig) -> Any:
     """Load the model a recipe names (hub id, local directory or zoo:// path)."""
     path = resolve(cfg.name_or_path)
     if not path:
         raise RecipeError("model.name_or_path is required")
     if cfg.kind == "causal_lm":
-        from mmalign.text.policy import CausalLMPolicy, LoraSpec
+        from mmalign.text.policy import CausalLMPolicy
 
-        lora = to_dataclass(LoraSpec, cfg.lora, "model.lora") if cfg.lora is not None else None
         return CausalLMPolicy.from_pretrained(
             path,
-            lora=lora,
+            lora=_lora(cfg.lora),
             dtype=cfg.dtype,
             trust_remote_code=cfg.trust_remote_code,
             max_length=cfg.max_length,
@@ -75,45 +112,81 @@ def build_policy(cfg: ModelConfig) -> Any:
         return RewardModel.from_pretrained(
             path, trust_remote_code=cfg.trust_remote_code, max_length=cfg.max_length
         )
-    raise RecipeError(f"model.kind must be causal_lm or reward_model, got {cfg.kind!r}")
+    from mmalign.vision.diffusion_policy import DiffusionImagePolicy
+
+    return DiffusionImagePolicy.from_pretrained(
+        path,
+        lora=_lora(cfg.lora),
+        dtype=cfg.dtype,
+        sampler=cfg.sampler,
+        num_steps=cfg.num_steps,
+        eta=cfg.eta,
+        guidance_scale=cfg.guidance_scale,
+    )
+
+
+REWARDS = (
+    "answer_match",
+    "regex",
+    "length",
+    "reward_model",
+    "jpeg_compressibility",
+    "jpeg_incompressibility",
+    "digit_classifier",
+)
 
 
 def build_reward(spec: Any, answers: dict[str, str]) -> Any:
-    """A reward from its recipe spec: a name or a mapping with `name` and options."""
-    from mmalign.text import rewards as text_rewards
-
+    """A reward from its recipe spec: a name, or a mapping with `name` and options."""
     spec = {"name": spec} if isinstance(spec, str) else dict(spec or {})
     name = spec.pop("name", None)
-    if name == "answer_match":
-        if not answers:
-            raise RecipeError(
-                "reward answer_match needs prompt rows with an `answer` field (data.prompts/eval.prompts)"
-            )
-        return text_rewards.AnswerMatch(answers)
-    if name == "regex":
-        return text_rewards.RegexMatch(**spec)
-    if name == "length":
-        return text_rewards.LengthReward(**spec)
-    if name == "reward_model":
-        from mmalign.text.reward_model import RewardModel
+    try:
+        if name == "answer_match":
+            from mmalign.text.rewards import AnswerMatch
 
-        return RewardModel.from_pretrained(resolve(spec["path"]), max_length=spec.get("max_length", 512))
-    raise RecipeError(f"unknown reward {name!r}; known: answer_match, regex, length, reward_model")
+            if not answers:
+                raise RecipeError("reward answer_match needs prompt rows with an `answer` field")
+            return AnswerMatch(answers, **spec)
+        if name in ("regex", "length"):
+            from mmalign.text import rewards
+
+            return (rewards.RegexMatch if name == "regex" else rewards.LengthReward)(**spec)
+        if name == "reward_model":
+            from mmalign.text.reward_model import RewardModel
+
+            return RewardModel.from_pretrained(resolve(spec.pop("path")), **spec)
+        if name in ("jpeg_compressibility", "jpeg_incompressibility"):
+            from mmalign.vision import rewards
+
+            return (
+                rewards.JpegCompressibility()
+                if name == "jpeg_compressibility"
+                else rewards.JpegIncompressibility()
+            )
+        if name == "digit_classifier":
+            from mmalign.vision.rewards import DigitAgreement
+
+            return DigitAgreement.from_pretrained(resolve(spec.pop("path")), **spec)
+    except (TypeError, KeyError) as err:
+        raise RecipeError(f"reward {name!r}: {err}") from err
+    raise RecipeError(f"unknown reward {name!r}; known: {', '.join(REWARDS)}")
 
 
 def _answers(*row_lists: list[Row]) -> dict[str, str]:
-    return {
-        r.data["prompt"]: str(r.data["answer"])
-        for rows in row_lists
-        for r in rows
-        if "answer" in r.data and isinstance(r.data["prompt"], str)
-    }
+    """Known answers by prompt (a conversation is keyed by its last turn, as `AnswerMatch` looks it up)."""
+    answers = {}
+    for rows in row_lists:
+        for r in rows:
+            if "answer" in r.data:
+                prompt = r.data["prompt"]
+                answers[prompt if isinstance(prompt, str) else prompt[-1]["content"]] = str(r.data["answer"])
+    return answers
 
 
 def build_run(recipe: dict[str, Any]) -> tuple[Any, Any, TrainConfig, Any, Any]:
     """Validate every input of a recipe and return (policy, algorithm, train config, evaluator, report).
 
-    Data is read and validated (and tokenised) here, before any training starts.
+    Data is read and validated (and tokenised or encoded) here, before any training starts.
     """
     known = {"seed", "model", "data", "algorithm", "eval", "train"}
     unknown = sorted(set(recipe) - known)
@@ -122,11 +195,10 @@ def build_run(recipe: dict[str, Any]) -> tuple[Any, Any, TrainConfig, Any, Any]:
     train_section = dict(recipe.get("train") or {})
     train_section.setdefault("seed", recipe.get("seed", 0))
     train_cfg = to_dataclass(TrainConfig, train_section, "train")
-    model_cfg = to_dataclass(ModelConfig, recipe.get("model"), "model")
+    model_cfg = model_config(recipe.get("model"))
     eval_cfg = to_dataclass(EvalConfig, recipe.get("eval"), "eval")
     data = dict(recipe.get("data") or {})
     algo = dict(recipe.get("algorithm") or {})
-    name = algo.get("name", "dpo")
 
     import torch
 
@@ -137,9 +209,26 @@ def build_run(recipe: dict[str, Any]) -> tuple[Any, Any, TrainConfig, Any, Any]:
     eval_prompts = _rows(eval_cfg.prompts, validate_prompt_rows)
     train_prompts = _rows(data.get("prompts"), validate_prompt_rows)
     answers = _answers(eval_prompts, train_prompts)
-    rewards = [build_reward(r, answers) for r in (eval_cfg.rewards or [])]
+    rewards = [build_reward(r, answers) for r in eval_cfg.rewards]
+    algorithm = build_algorithm(algo.get("name", "dpo"), algo, policy, model_cfg.kind, data, answers)
 
-    algorithm = build_algorithm(name, algo, policy, data, answers)
+    if model_cfg.kind == "diffusion_image":
+        from mmalign.vision.evaluate import ImageEvaluator
+        from mmalign.vision.report import ImageReport
+
+        evaluator = (
+            ImageEvaluator(
+                eval_prompts,
+                rewards,
+                seeds=eval_cfg.seeds,
+                batch_size=eval_cfg.batch_size,
+                grid_prompts=eval_cfg.n_samples,
+                kl=eval_cfg.kl,
+            )
+            if eval_prompts
+            else None
+        )
+        return policy, algorithm, train_cfg, evaluator, ImageReport()
     from mmalign.text.evaluate import SequenceEvaluator
     from mmalign.train.report import TextReport
     from mmalign.train.supervised import PairwiseAccuracy
@@ -174,56 +263,82 @@ PREFERENCE = {
     "cpo",
     "rainbow",
     "preference",
+    "diffusion_dpo",
 }
+ONLINE_SEQUENCE = {"online_dpo", "rloo", "grpo", "reinforce"}
+ONLINE_DIFFUSION = {"ddpo", "dpok", "dlpo", "online_diffusion_dpo"}
 
 
 def build_algorithm(
-    name: str, algo: dict[str, Any], policy: Any, data: dict[str, Any], answers: dict[str, str]
+    name: str, algo: dict[str, Any], policy: Any, kind: str, data: dict[str, Any], answers: dict[str, str]
 ):
     """The algorithm a recipe names, with its training data read and validated."""
+    diffusion = kind == "diffusion_image"
     if name in PREFERENCE:
         from mmalign.train.preference import PreferenceAlgorithm, PreferenceConfig
 
         section = dict(algo)
         if name != "preference":
-            section.setdefault("loss", {"slic": "hinge", "cdpo": "dpo"}.get(name, name))
+            section.setdefault(
+                "loss", {"slic": "hinge", "cdpo": "dpo", "diffusion_dpo": "dpo"}.get(name, name)
+            )
         cfg = to_dataclass(PreferenceConfig, section, "algorithm")
         return PreferenceAlgorithm(policy, _rows(_need(data, "train"), validate_preference_rows), cfg)
     if name == "kto":
         from mmalign.train.kto import KTOAlgorithm, KTOConfig
 
-        cfg = to_dataclass(KTOConfig, algo, "algorithm")
-        return KTOAlgorithm(policy, _rows(_need(data, "train"), validate_unpaired_rows), cfg)
+        return KTOAlgorithm(
+            policy,
+            _rows(_need(data, "train"), validate_unpaired_rows),
+            to_dataclass(KTOConfig, algo, "algorithm"),
+        )
     if name == "sft":
         from mmalign.train.supervised import SFTAlgorithm, SFTConfig
 
-        cfg = to_dataclass(SFTConfig, algo, "algorithm")
-        return SFTAlgorithm(policy, _rows(_need(data, "train"), validate_prompt_rows), cfg)
+        return SFTAlgorithm(
+            policy,
+            _rows(_need(data, "train"), validate_prompt_rows),
+            to_dataclass(SFTConfig, algo, "algorithm"),
+        )
     if name == "reward_model":
         from mmalign.train.supervised import RewardModelAlgorithm, RewardModelConfig
 
-        cfg = to_dataclass(RewardModelConfig, algo, "algorithm")
-        return RewardModelAlgorithm(policy, _rows(_need(data, "train"), validate_preference_rows), cfg)
-    if name in ("online_dpo", "rloo", "grpo", "reinforce"):
-        from mmalign.train import online
-
+        return RewardModelAlgorithm(
+            policy,
+            _rows(_need(data, "train"), validate_preference_rows),
+            to_dataclass(RewardModelConfig, algo, "algorithm"),
+        )
+    if name in ONLINE_SEQUENCE | ONLINE_DIFFUSION:
+        if (name in ONLINE_DIFFUSION) != diffusion:
+            raise RecipeError(f"algorithm {name!r} does not apply to model.kind {kind!r}")
         prompts = _rows(_need(data, "prompts"), validate_prompt_rows)
         section = dict(algo)
-        reward = build_reward(section.pop("reward", "answer_match"), answers)
+        if "reward" not in section:
+            raise RecipeError(f"algorithm.reward is required for {name}")
+        reward = build_reward(section.pop("reward"), answers)
         if name == "online_dpo":
-            return online.OnlineDPO(
-                policy, prompts, reward, to_dataclass(online.OnlineDPOConfig, section, "algorithm")
+            from mmalign.train.online import OnlineDPO, OnlineDPOConfig
+
+            return OnlineDPO(policy, prompts, reward, to_dataclass(OnlineDPOConfig, section, "algorithm"))
+        if name == "online_diffusion_dpo":
+            from mmalign.train.online_diffusion import OnlineDiffusionDPO, OnlineDPOConfig
+
+            return OnlineDiffusionDPO(
+                policy, prompts, reward, to_dataclass(OnlineDPOConfig, section, "algorithm")
             )
+        if diffusion:
+            from mmalign.train.diffusion_pg import DiffusionPGConfig, DiffusionPolicyGradient
+
+            return DiffusionPolicyGradient(
+                policy, prompts, reward, to_dataclass(DiffusionPGConfig, section, "algorithm")
+            )
+        from mmalign.train.online import PolicyGradientConfig, SequencePolicyGradient
+
         section.setdefault("advantage", name)
-        return online.SequencePolicyGradient(
-            policy,
-            prompts,
-            reward,
-            to_dataclass(online.PolicyGradientConfig, section, "algorithm", ignore=("name",)),
-        )
-    raise RecipeError(
-        f"unknown algorithm.name {name!r}; known: {', '.join(sorted(PREFERENCE | {'kto', 'sft', 'reward_model', 'online_dpo', 'rloo', 'grpo', 'reinforce'}))}"
-    )
+        cfg = to_dataclass(PolicyGradientConfig, section, "algorithm", ignore=("name",))
+        return SequencePolicyGradient(policy, prompts, reward, cfg)
+    known = sorted(PREFERENCE | ONLINE_SEQUENCE | ONLINE_DIFFUSION | {"kto", "sft", "reward_model"})
+    raise RecipeError(f"unknown algorithm.name {name!r}; known: {', '.join(known)}")
 
 
 def _need(data: dict[str, Any], key: str) -> str:

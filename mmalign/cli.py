@@ -66,17 +66,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from mmalign.build import ModelConfig, build_policy
-    from mmalign.config import to_dataclass
+    from mmalign.build import build_policy, model_config
 
     recipe, run_dir = _recipe_and_run(args.target, args.set)
     torch.manual_seed(args.seed)
-    policy = build_policy(to_dataclass(ModelConfig, recipe.get("model"), "model"))
+    policy = build_policy(model_config(recipe.get("model")))
     if run_dir is not None and not args.base:
         _load_trained(policy, run_dir)
     policy.module.eval()
-    for out in policy.generate(args.prompt, num_samples=args.num_samples, greedy=args.greedy):
-        print(json.dumps({"prompt_ids": len(out["prompt_ids"]), "response": out["text"]}))
+    if hasattr(policy, "generate"):
+        for out in policy.generate(args.prompt, num_samples=args.num_samples, greedy=args.greedy):
+            print(json.dumps({"response": out["text"]}))
+        return 0
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prompts = [p for p in args.prompt for _ in range(args.num_samples)]
+    traj = policy.sample(prompts, generator=torch.Generator().manual_seed(args.seed), record=False)
+    for i, (prompt, image) in enumerate(zip(prompts, policy.to_pil(policy.decode(traj.final)), strict=True)):
+        path = out_dir / f"sample_{i:03d}.png"
+        image.save(path)
+        print(json.dumps({"prompt": prompt, "file": str(path)}))
     return 0
 
 
@@ -84,7 +93,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     from mmalign.zoo import registry
 
     if args.action == "list":
-        for name, (_, _, about) in sorted(registry.WORLDS.items()):
+        for name, (*_, about) in sorted(registry.WORLDS.items()):
             built = "built" if (registry.world_dir(name) / "world.json").exists() else "not built"
             print(f"{name:12s} {built:10s} {about}")
         return 0
@@ -116,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base", action="store_true")
+    p.add_argument("--out-dir", default="samples", help="where image samples are written")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_sample)
 

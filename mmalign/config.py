@@ -89,6 +89,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         raise RecipeError(f"{where} must be an integer, got {value!r}")
     if bool in allowed and not isinstance(value, bool):
         raise RecipeError(f"{where} must be true or false, got {value!r}")
+    if str in allowed and isinstance(value, bool):  # YAML 1.1 reads `no`/`off` as false, `yes`/`on` as true
+        return "yes" if value else "no"
     if str in allowed and len(allowed) == 1 and not isinstance(value, str):
         raise RecipeError(f"{where} must be a string, got {value!r}")
     return value

@@ -203,10 +203,9 @@ class CausalLMPolicy:
         results = []
         for i, e in enumerate(encoded):
             new = out[i, width:].tolist()
+            # generation pads only after eos, so everything up to eos (or all of it) was sampled
             if self.tokenizer.eos_token_id in new:
                 new = new[: new.index(self.tokenizer.eos_token_id) + 1]
-            else:
-                new = [t for t in new if t != pad]
             text = self.tokenizer.decode(new, skip_special_tokens=True)
             results.append({"prompt_ids": e, "response_ids": new, "text": text})
         return results

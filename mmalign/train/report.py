@@ -43,8 +43,15 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-class TextReport:
-    """Markdown report with the summary table, curves and a before/after table of greedy samples."""
+class RunReport:
+    """Markdown report: summary table and training curves; subclasses add their modality's samples."""
+
+    def store_samples(self, run_dir: Path, tag: str, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Make samples JSON-safe (text samples already are)."""
+        return samples
+
+    def sample_lines(self, samples: dict[str, list[dict[str, Any]]]) -> list[str]:
+        return []
 
     def write(self, run_dir: Path, summary: dict[str, Any], samples: dict[str, list[dict[str, Any]]]) -> None:
         lines = [
@@ -62,6 +69,10 @@ class TextReport:
             lines += ["", "## Training curves", "", "![curves](curves.png)"]
         lines += self.sample_lines(samples)
         (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+
+class TextReport(RunReport):
+    """Adds a before/after table of greedy samples on held-out prompts."""
 
     def sample_lines(self, samples: dict[str, list[dict[str, Any]]]) -> list[str]:
         before, after = samples.get("before", []), samples.get("after", [])

@@ -91,6 +91,8 @@ class Trainer:
         self.evaluator = evaluator
         self.report = report
         self.run_dir = Path(output_dir)
+        if accelerator is None:
+            _release_accelerator_state(config.mixed_precision)
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision,
             log_with=config.log_with or None,
@@ -289,25 +291,32 @@ class Trainer:
         if path.exists():
             return json.loads(path.read_text())["metrics"]
         before = self._evaluate()
-        samples = self._samples()
+        samples = self._samples("before")
         if self.accelerator.is_main_process:
             path.write_text(json.dumps({"metrics": before, "samples": samples}, indent=2))
         self.accelerator.wait_for_everyone()
         return before
 
-    def _samples(self) -> list[dict[str, Any]]:
+    def _samples(self, tag: str) -> list[dict[str, Any]]:
+        """Evaluator samples made JSON-safe by the report (e.g. images saved as files, paths kept)."""
         if self.evaluator is None or not hasattr(self.evaluator, "samples"):
             return []
         self.policy.module.eval()
         with torch.no_grad():
             out = self.evaluator.samples(self.policy)
         self.policy.module.train()
+        if (
+            self.report is not None
+            and hasattr(self.report, "store_samples")
+            and self.accelerator.is_main_process
+        ):
+            out = self.report.store_samples(self.run_dir, tag, out)
         return out
 
     def _after_samples(self) -> dict[str, list[dict[str, Any]]]:
         before_file = self.run_dir / "before.json"
         before = json.loads(before_file.read_text()).get("samples", []) if before_file.exists() else []
-        return {"before": before, "after": self._samples()}
+        return {"before": before, "after": self._samples("after")}
 
     # ------------------------------------------------------------------------------------- checkpoints
     def _save(self, step: int, optimizer, scheduler, elapsed: float) -> None:
@@ -352,3 +361,11 @@ class Trainer:
 def steps_per_epoch(n_examples: int, batch_size: int) -> int:
     """Optimizer steps in one pass over a dataset (the last partial batch is left for the next epoch)."""
     return max(1, math.floor(n_examples / batch_size))
+
+
+def _release_accelerator_state(mixed_precision: str) -> None:
+    """Let a second Trainer in one process use another precision (accelerate keeps one global state)."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
+        AcceleratorState._reset_state()

@@ -2,17 +2,47 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
-from mmalign.zoo.text_world import TextWorldSpec, build_text_world
-
-WORLDS: dict[str, tuple[Callable[..., Path], Callable[[], object], str]] = {
-    "text": (build_text_world, TextWorldSpec, "two-digit addition LM that often drops carries (~3 min)"),
-    "text-tiny": (build_text_world, TextWorldSpec.tiny, "a seconds-fast text world for tests"),
+# name → (module, builder, spec factory, description); imported lazily so text users never import diffusers.
+WORLDS: dict[str, tuple[str, str, str, str]] = {
+    "text": (
+        "mmalign.zoo.text_world",
+        "build_text_world",
+        "TextWorldSpec",
+        "two-digit addition LM that often drops carries (~3 min)",
+    ),
+    "text-tiny": (
+        "mmalign.zoo.text_world",
+        "build_text_world",
+        "TextWorldSpec.tiny",
+        "a seconds-fast text world for tests",
+    ),
+    "image": (
+        "mmalign.zoo.image_world",
+        "build_image_world",
+        "ImageWorldSpec",
+        "handwritten-digit text-to-image diffusion model + digit classifier (~5 min)",
+    ),
+    "image-tiny": (
+        "mmalign.zoo.image_world",
+        "build_image_world",
+        "ImageWorldSpec.tiny",
+        "a seconds-fast image world for tests",
+    ),
 }
+
+
+def _builder(name: str):
+    module_name, builder, spec, _ = WORLDS[name]
+    module = importlib.import_module(module_name)
+    factory = module
+    for part in spec.split("."):
+        factory = getattr(factory, part)
+    return getattr(module, builder), factory
 
 
 def zoo_home() -> Path:
@@ -31,7 +61,7 @@ def build(name: str, force: bool = False, log=print) -> Path:
     out = world_dir(name)
     if (out / "world.json").exists() and not force:
         return out
-    builder, spec, _ = WORLDS[name]
+    builder, spec = _builder(name)
     tmp = out.with_name(out.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
     builder(tmp, spec(), log=log)
