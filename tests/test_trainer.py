@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,21 @@ def test_recipe_errors_name_the_key(tiny_recipe):
         apply_overrides(tiny_recipe, ["train.lr"])
     recipe = apply_overrides(tiny_recipe, ["train.lr=5e-4"])  # YAML 1.1 reads this as a string
     assert build_run(recipe)[2].lr == 5e-4
+
+
+def test_bf16_autocast_and_tensorboard_tracker(tiny_recipe, tmp_path):
+    pytest.importorskip("tensorboard")
+    recipe = apply_overrides(
+        tiny_recipe,
+        [
+            "train.max_steps=2",
+            "train.save_every=0",
+            "train.mixed_precision=bf16",
+            "train.log_with=[tensorboard]",
+        ],
+    )
+    trainer, _, _ = _train(recipe, tmp_path / "bf16", evaluator=False)
+    trainer.train()
+    assert trainer.accelerator.mixed_precision == "bf16"
+    assert all(math.isfinite(x) for x in _losses(tmp_path / "bf16"))
+    assert list((tmp_path / "bf16").rglob("events.out.tfevents.*")), "no TensorBoard event file written"
