@@ -44,6 +44,7 @@ class CausalLMPolicy:
         max_length: int = 512,
         max_new_tokens: int = 64,
         temperature: float = 1.0,
+        disable_dropout: bool = True,
     ):
         self.codec = TextCodec(tokenizer, max_length)
         self.tokenizer = tokenizer
@@ -64,6 +65,10 @@ class CausalLMPolicy:
             self._reference_model = None
         else:
             self._reference_model = copy.deepcopy(model).eval().requires_grad_(False)
+        if disable_dropout:
+            _disable_dropout(model)
+            if self._reference_model is not None:
+                _disable_dropout(self._reference_model)
         self.module = model  # the unwrapped network; `self.model` may become a DDP wrapper around it
         self.model: torch.nn.Module = model
         self._use_reference = False
@@ -147,7 +152,8 @@ class CausalLMPolicy:
         device = next(self.module.parameters()).device
         input_ids = batch["input_ids"].to(device)
         model = self._reference_model if self._use_reference else self.model
-        logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]
+        attention = batch["attention_mask"].to(device)
+        logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits[:, :-1]
         logits = logits.float()
         targets = input_ids[:, 1:]
         log_norm = torch.logsumexp(logits, dim=-1)
@@ -209,3 +215,13 @@ class CausalLMPolicy:
             text = self.tokenizer.decode(new, skip_special_tokens=True)
             results.append({"prompt_ids": e, "response_ids": new, "text": text})
         return results
+
+
+def _disable_dropout(model: torch.nn.Module) -> None:
+    """Zero every dropout so policy and reference score identically at equal weights (as trl does)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "attn_pdrop", "embd_pdrop"):
+        if isinstance(getattr(model.config, name, None), float):
+            setattr(model.config, name, 0.0)

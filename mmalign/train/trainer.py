@@ -136,7 +136,10 @@ class Trainer:
         params = list(self.policy.trainable_parameters())
         if not params:
             raise TrainingError("the policy has no trainable parameters")
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.adam_betas)
+        fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
+        optimizer = torch.optim.AdamW(
+            params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.adam_betas, fused=fused or None
+        )
         scheduler = get_scheduler(
             cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
         )
