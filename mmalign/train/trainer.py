@@ -113,12 +113,21 @@ class Trainer:
         return torch.randperm(n, generator=g).tolist()
 
     def _global_indices(self, n: int, draw: int, size: int) -> list[int]:
-        """Indices of the `draw`-th batch of `size` items from a dataset of n, epoch by epoch (drop last)."""
-        per_epoch = n // size
-        if per_epoch == 0:
-            raise ValueError(f"the dataset has {n} items, fewer than one batch of {size}")
-        epoch, pos = divmod(draw, per_epoch)
-        return self._epoch_order(n, epoch)[pos * size : (pos + 1) * size]
+        """The `draw`-th batch of `size` items from the stream of seeded per-epoch permutations of range(n).
+
+        Batches that run past an epoch continue into the next permutation, so every item is seen once per
+        epoch and a batch may hold more items than the dataset (small prompt sets in online methods).
+        """
+        if n == 0:
+            raise ValueError("the dataset is empty")
+        start = draw * size
+        out: list[int] = []
+        epoch, pos = divmod(start, n)
+        while len(out) < size:
+            order = self._epoch_order(n, epoch)
+            out += order[pos : pos + size - len(out)]
+            epoch, pos = epoch + 1, 0
+        return out
 
     def _local(self, items: Sequence[Any]) -> list[Any]:
         """This process's contiguous share of a global micro-batch."""

@@ -27,6 +27,12 @@ WORLDS: dict[str, tuple[str, str, str, str]] = {
         "ImageWorldSpec",
         "handwritten-digit text-to-image diffusion model + digit classifier (~5 min)",
     ),
+    "image-pairs": (
+        "mmalign.zoo.image_pairs",
+        "build_image_pairs",
+        "ImagePairsSpec",
+        "preference pairs drawn by the image world's base model, ranked by its classifier (~2 min)",
+    ),
     "image-tiny": (
         "mmalign.zoo.image_world",
         "build_image_world",
