@@ -1,0 +1,1 @@
+"""Vision modalities: text-to-image diffusion policies, vision-language policies and image rewards."""

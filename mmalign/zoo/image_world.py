@@ -1,0 +1,379 @@
+"""The offline digits world: a tiny Stable-Diffusion-layout text-to-image model of handwritten digits.
+
+scikit-learn's 1797 real 8×8 digits are upsampled to 16×16 RGB. A tiny VAE (16×16×3 ↔ 8×8×4 latents), a tiny
+CLIP text encoder over a character tokenizer and a tiny cross-attention UNet are trained briefly and saved as a
+`StableDiffusionPipeline`, so every code path that loads SD 1.5 loads this model offline. The UNet is stopped
+early on purpose: prompted with a held-out template ("a sketch of a 7"), it draws the right digit only part of
+the time, which a digit classifier trained on the same images measures (and rewards).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from sklearn.datasets import load_digits
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+from mmalign.core.data import write_jsonl
+from mmalign.vision.digit_classifier import DigitClassifier, train_digit_classifier
+from mmalign.zoo.tokenizer import char_tokenizer
+
+IMAGE_SIZE = 16
+MAX_PROMPT_TOKENS = 32
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+TRAIN_TEMPLATES = (
+    "a handwritten {word}",
+    "the digit {word}",
+    "a drawing of the number {num}",
+    "the number {num}",
+    "a handwritten {num}",
+)
+EVAL_TEMPLATES = ("a sketch of a {word}", "an image of the digit {num}")
+DIGIT_PATTERN = re.compile(r"\b(" + "|".join(DIGIT_WORDS) + r"|[0-9])\b")
+
+
+@dataclass
+class ImageWorldSpec:
+    """Sizes of the image world; `tiny()` is the fast build the tests use."""
+
+    eval_fraction: float = 0.2
+    batch_size: int = 32
+    lr: float = 2e-3
+    classifier_steps: int = 400
+    vae_channels: tuple[int, int] = (32, 32)
+    vae_steps: int = 300
+    vae_kl_weight: float = 1e-6
+    text_hidden: int = 32
+    text_layers: int = 2
+    text_steps: int = 300
+    unet_channels: tuple[int, int] = (32, 64)
+    unet_steps: int = 500
+    prompt_dropout: float = 0.1
+    # How base agreement is measured: the sampler settings of the vision/ recipes, n images per prompt set.
+    eval_images: int = 200
+    eval_inference_steps: int = 10
+    eval_guidance_scale: float = 3.0
+    eval_eta: float = 1.0
+    seed: int = 0
+
+    @classmethod
+    def tiny(cls) -> ImageWorldSpec:
+        return cls(
+            batch_size=16,
+            classifier_steps=20,
+            vae_steps=20,
+            text_hidden=16,
+            text_layers=1,
+            text_steps=20,
+            unet_channels=(32, 32),
+            unet_steps=20,
+            eval_images=20,
+            eval_inference_steps=2,
+        )
+
+
+def prompt_for(template: str, digit: int) -> str:
+    return template.format(word=DIGIT_WORDS[digit], num=digit)
+
+
+def train_prompts() -> list[str]:
+    """Every train template for digits 0..9, template-major (row t*10 + d)."""
+    return [prompt_for(t, d) for t in TRAIN_TEMPLATES for d in range(10)]
+
+
+def eval_prompts() -> list[str]:
+    """Held-out templates the model never saw in training, for measuring and rewarding generalisation."""
+    return [prompt_for(t, d) for t in EVAL_TEMPLATES for d in range(10)]
+
+
+def digit_of(prompt: str) -> int:
+    """The digit a world prompt asks for, written as a word ("seven") or a numeral ("7")."""
+    found = {m if m.isdigit() else str(DIGIT_WORDS.index(m)) for m in DIGIT_PATTERN.findall(prompt.lower())}
+    if len(found) != 1:
+        raise ValueError(f"expected exactly one digit in prompt {prompt!r}, found {sorted(found) or 'none'}")
+    return int(found.pop())
+
+
+def load_digit_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1797 digits as `[N, 3, 16, 16]` floats in [-1, 1] and their labels.
+
+    Bilinear upsampling gives smooth strokes instead of 2×2 blocks, so the images look like (blurry) drawings
+    rather than pixel art whose hard block edges a tiny VAE and classifier would latch onto.
+    """
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 8 - 1
+    images = F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    return images.expand(-1, 3, -1, -1).contiguous(), torch.tensor(digits.target)
+
+
+def split_indices(n: int, spec: ImageWorldSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(spec.seed))
+    n_eval = int(n * spec.eval_fraction)
+    return perm[n_eval:], perm[:n_eval]
+
+
+def world_tokenizer() -> PreTrainedTokenizerFast:
+    """The character tokenizer with a fixed length, because the pipeline pads prompts to `model_max_length`."""
+    tokenizer = char_tokenizer()
+    tokenizer.model_max_length = MAX_PROMPT_TOKENS
+    return tokenizer
+
+
+def train_vae(images: torch.Tensor, spec: ImageWorldSpec, generator: torch.Generator, log) -> AutoencoderKL:
+    """Fit a one-downsampling KL autoencoder (16×16×3 → 8×8×4) and set its scaling factor to 1/std of latents."""
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=spec.vae_channels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=IMAGE_SIZE,
+    )
+    optim = torch.optim.AdamW(vae.parameters(), lr=spec.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(optim, spec.lr, total_steps=spec.vae_steps, pct_start=0.1)
+    for step in range(spec.vae_steps):
+        x = images[torch.randint(len(images), (spec.batch_size,), generator=generator)]
+        posterior = vae.encode(x).latent_dist
+        recon = F.mse_loss(vae.decode(posterior.sample(generator)).sample, x)
+        loss = recon + spec.vae_kl_weight * posterior.kl().mean() / posterior.mean[0].numel()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optim.step()
+        sched.step()
+        optim.zero_grad()
+        if step % 200 == 0 or step == spec.vae_steps - 1:
+            log(f"[zoo image] vae step {step + 1}/{spec.vae_steps} recon {recon.item():.4f}")
+    vae.eval().requires_grad_(False)
+    mean, std = encode(vae, images)
+    sample = mean + std * torch.randn(mean.shape, generator=generator)
+    vae.register_to_config(scaling_factor=1.0 / sample.std().item())
+    return vae
+
+
+def encode(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of each image (unscaled), so training can draw fresh latents without re-encoding."""
+    with torch.no_grad():
+        posteriors = [vae.encode(chunk).latent_dist for chunk in images.split(256)]
+    return torch.cat([p.mean for p in posteriors]), torch.cat([p.std for p in posteriors])
+
+
+def train_text_encoder(
+    tokenizer: PreTrainedTokenizerFast, spec: ImageWorldSpec, generator: torch.Generator, log
+) -> CLIPTextModel:
+    """A stand-in for CLIP pretraining: a tiny CLIP text encoder taught to tell the digits apart, then frozen.
+
+    At random init the encodings of "a handwritten one" and "a handwritten seven" barely differ and the UNet
+    ignores the prompt; trained jointly with the UNet the encoder collapses the same way. So, as Stable Diffusion
+    does with CLIP, the encoder is trained first (a linear probe on its mean-pooled output, which is what
+    cross-attention first sees) on the train templates only, and frozen.
+    """
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=spec.text_hidden,
+            intermediate_size=spec.text_hidden * 2,
+            num_hidden_layers=spec.text_layers,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_PROMPT_TOKENS,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+    ids = tokenizer(train_prompts(), padding="max_length", return_tensors="pt").input_ids
+    probe = nn.Linear(spec.text_hidden, 10)
+    optim = torch.optim.AdamW([*text_encoder.parameters(), *probe.parameters()], lr=spec.lr, weight_decay=0.0)
+    for step in range(spec.text_steps):
+        rows = torch.randint(len(ids), (spec.batch_size,), generator=generator)
+        loss = F.cross_entropy(probe(text_encoder(ids[rows])[0].mean(1)), rows % 10)
+        loss.backward()
+        optim.step()
+        optim.zero_grad()
+        if step % 100 == 0 or step == spec.text_steps - 1:
+            log(f"[zoo image] text encoder step {step + 1}/{spec.text_steps} loss {loss.item():.4f}")
+    return text_encoder.eval().requires_grad_(False)
+
+
+def train_unet(
+    posterior: tuple[torch.Tensor, torch.Tensor],
+    scaling_factor: float,
+    digits: torch.Tensor,
+    text_encoder: CLIPTextModel,
+    tokenizer: PreTrainedTokenizerFast,
+    spec: ImageWorldSpec,
+    generator: torch.Generator,
+    log,
+) -> tuple[UNet2DConditionModel, DDPMScheduler]:
+    """Train the UNet with the ε-prediction loss on train prompts, replacing 10% by the empty prompt (for CFG)."""
+    unet = UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=spec.unet_channels,
+        layers_per_block=1,
+        cross_attention_dim=spec.text_hidden,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    # Stable Diffusion's own training schedule, so code written for SD 1.5 sees the same noise levels.
+    noise_scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        steps_offset=1,
+    )
+    # The encoder is frozen, so each prompt is encoded once: row t*10 + d is template t for digit d, then "".
+    ids = tokenizer([*train_prompts(), ""], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        encodings = text_encoder(ids)[0]
+    mean, std = posterior
+    optim = torch.optim.AdamW(unet.parameters(), lr=spec.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(optim, spec.lr, total_steps=spec.unet_steps, pct_start=0.1)
+    bsz = spec.batch_size
+    for step in range(spec.unet_steps):
+        idx = torch.randint(len(mean), (bsz,), generator=generator)
+        latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=generator)) * scaling_factor
+        rows = torch.randint(len(TRAIN_TEMPLATES), (bsz,), generator=generator) * 10 + digits[idx]
+        rows[torch.rand(bsz, generator=generator) < spec.prompt_dropout] = len(ids) - 1
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.randint(noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator)
+        pred = unet(
+            noise_scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=encodings[rows]
+        ).sample
+        loss = F.mse_loss(pred, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optim.step()
+        sched.step()
+        optim.zero_grad()
+        if step % 250 == 0 or step == spec.unet_steps - 1:
+            log(f"[zoo image] unet step {step + 1}/{spec.unet_steps} loss {loss.item():.4f}")
+    return unet.eval().requires_grad_(False), noise_scheduler
+
+
+@torch.no_grad()
+def prompt_agreement(
+    pipe: StableDiffusionPipeline, classifier: DigitClassifier, prompts: list[str], spec: ImageWorldSpec
+) -> dict[str, float]:
+    """How often, and how surely, the classifier reads generated images as the prompted digit."""
+    prompts = [p for p in prompts for _ in range(max(1, spec.eval_images // len(prompts)))]
+    images = pipe(
+        prompts,
+        num_inference_steps=spec.eval_inference_steps,
+        guidance_scale=spec.eval_guidance_scale,
+        eta=spec.eval_eta,
+        generator=torch.Generator().manual_seed(spec.seed),
+        output_type="pt",
+    ).images
+    digits = torch.tensor([digit_of(p) for p in prompts])
+    p_digit = classifier.log_prob(images * 2 - 1, digits).exp().mean().item()
+    return {"agreement": classifier.accuracy(images * 2 - 1, digits), "p_digit": p_digit, "n": len(prompts)}
+
+
+def build_image_world(out_dir: str | Path, spec: ImageWorldSpec | None = None, log=print) -> Path:
+    """Train classifier, VAE, text encoder and UNet and write them with the prompts; returns `out_dir`."""
+    spec = spec or ImageWorldSpec()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(spec.seed)
+    generator = torch.Generator().manual_seed(spec.seed)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    images, digits = load_digit_images()
+    train, held_out = split_indices(len(images), spec)
+    classifier = train_digit_classifier(
+        images[train],
+        digits[train],
+        spec.classifier_steps,
+        batch_size=spec.batch_size,
+        generator=generator,
+        log=log,
+    )
+    classifier.save_pretrained(out / "classifier")
+    classifier_accuracy = classifier.accuracy(images[held_out], digits[held_out])
+    log(f"[zoo image] classifier held-out accuracy {classifier_accuracy:.3f}")
+    timings["classifier_s"] = time.perf_counter() - started
+
+    vae = train_vae(images[train], spec, generator, log)
+    with torch.no_grad():
+        recon = vae.decode(encode(vae, images[held_out])[0]).sample
+    vae_accuracy = classifier.accuracy(recon, digits[held_out])
+    log(f"[zoo image] classifier accuracy on VAE reconstructions {vae_accuracy:.3f}")
+    timings["vae_s"] = time.perf_counter() - started - sum(timings.values())
+
+    tokenizer = world_tokenizer()
+    text_encoder = train_text_encoder(tokenizer, spec, generator, log)
+    unet, noise_scheduler = train_unet(
+        encode(vae, images[train]),
+        vae.config.scaling_factor,
+        digits[train],
+        text_encoder,
+        tokenizer,
+        spec,
+        generator,
+        log,
+    )
+    timings["unet_s"] = time.perf_counter() - started - sum(timings.values())
+
+    StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(noise_scheduler.config, set_alpha_to_one=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(out / "base")
+    write_jsonl(out / "train_prompts.jsonl", [{"prompt": p, "digit": digit_of(p)} for p in train_prompts()])
+    write_jsonl(out / "eval_prompts.jsonl", [{"prompt": p, "digit": digit_of(p)} for p in eval_prompts()])
+
+    pipe = StableDiffusionPipeline.from_pretrained(out / "base", local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    agreement = {
+        "eval_prompts": prompt_agreement(pipe, classifier, eval_prompts(), spec),
+        "train_prompts": prompt_agreement(pipe, classifier, train_prompts(), spec),
+    }
+    log(f"[zoo image] base agreement {agreement}")
+    timings["eval_s"] = time.perf_counter() - started - sum(timings.values())
+    timings["total_s"] = time.perf_counter() - started
+
+    world = {
+        "world": "image",
+        **asdict(spec),
+        "image_shape": [3, IMAGE_SIZE, IMAGE_SIZE],
+        "latent_shape": [4, IMAGE_SIZE // 2, IMAGE_SIZE // 2],
+        "scaling_factor": vae.config.scaling_factor,
+        "train_templates": list(TRAIN_TEMPLATES),
+        "eval_templates": list(EVAL_TEMPLATES),
+        "n_train_images": len(train),
+        "n_held_out_images": len(held_out),
+        "classifier_accuracy": classifier_accuracy,
+        "vae_reconstruction_accuracy": vae_accuracy,
+        "base_agreement": agreement,
+        "timings": {k: round(v, 1) for k, v in timings.items()},
+    }
+    (out / "world.json").write_text(json.dumps(world, indent=2))
+    return out
