@@ -3,7 +3,7 @@
 scikit-learn's 1797 real 8×8 digits are upsampled to 16×16 RGB. A tiny VAE (16×16×3 ↔ 8×8×4 latents), a tiny
 CLIP text encoder over a character tokenizer and a tiny cross-attention UNet are trained briefly and saved as a
 `StableDiffusionPipeline`, so every code path that loads SD 1.5 loads this model offline. The UNet is stopped
-early on purpose: prompted with a held-out template ("a sketch of a 7"), it draws the right digit only part of
+early on purpose: prompted with a held-out template ("a sketch of a seven"), it draws the right digit only part of
 the time, which a digit classifier trained on the same images measures (and rewards).
 """
 
@@ -61,7 +61,7 @@ class ImageWorldSpec:
     text_layers: int = 2
     text_steps: int = 300
     unet_channels: tuple[int, int] = (32, 64)
-    unet_steps: int = 500
+    unet_steps: int = 400
     prompt_dropout: float = 0.1
     # How base agreement is measured: the sampler settings of the vision/ recipes, n images per prompt set.
     eval_images: int = 200
