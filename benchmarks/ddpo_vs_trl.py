@@ -620,6 +620,7 @@ def render(s: dict) -> str:
         f"| wall s of each run | {runs('mmalign')} | {runs('trl')} | "
         f"{' '.join(f'{q:.2f}' for q in s['paired_ratio_per_repeat'])} (paired) |",
         f"| CPU s | {m['median_epoch_cpu_s']:.2f} | {t['median_epoch_cpu_s']:.2f} | {ratio['epoch_cpu']:.2f}× |",
+        f"| CPU s of each run | {runs('mmalign', 'median_epoch_cpu_s')} | {runs('trl', 'median_epoch_cpu_s')} | |",
         f"| sampling + decode + reward, wall s | {m['median_sampling_s']:.2f} | {t['median_sampling_s']:.2f} | "
         f"{ratio['sampling']:.2f}× |",
         f"| training (inner epochs), wall s | {m['median_training_s']:.2f} | {t['median_training_s']:.2f} | "
@@ -683,7 +684,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out-name", help="results as benchmarks/out/NAME.{md,json} (default ddpo_vs_trl)")
     p.add_argument("--profile", help="with --side: CPU-time cProfile of the training call to this file")
+    p.add_argument("--render", metavar="JSON", help="only print the table of a results JSON written earlier")
     args = p.parse_args()
+    if args.render:
+        print(render(json.loads(Path(args.render).read_text())))
+        return
     if args.prompts > len(PROMPTS):
         p.error(f"--prompts must be at most {len(PROMPTS)}")
     if args.side is None:
