@@ -190,8 +190,8 @@ def run_mmalign(args) -> dict:
     from diffusers import StableDiffusionPipeline
 
     from mmalign.core.data import rows_from_records
+    from mmalign.core.params import LoraSpec
     from mmalign.core.reward import score
-    from mmalign.text.policy import LoraSpec
     from mmalign.train.diffusion_pg import DiffusionPGConfig, DiffusionPolicyGradient
     from mmalign.train.trainer import TrainConfig, Trainer
     from mmalign.vision.diffusion_policy import DiffusionImagePolicy

@@ -77,7 +77,7 @@ def _rows(path: str | None, validate) -> list[Row]:
 
 
 def _lora(section: dict[str, Any] | None):
-    from mmalign.text.policy import LoraSpec
+    from mmalign.core.params import LoraSpec
 
     return to_dataclass(LoraSpec, section, "model.lora") if section is not None else None
 

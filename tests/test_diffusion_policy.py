@@ -13,7 +13,7 @@ from PIL import Image
 
 from mmalign.core.data import DataError, rows_from_records
 from mmalign.core.diffusion import step_distribution
-from mmalign.text.policy import LoraSpec
+from mmalign.core.params import LoraSpec
 from mmalign.train.preference import PreferenceAlgorithm, PreferenceConfig
 from mmalign.vision.diffusion_policy import DiffusionImagePolicy
 

@@ -16,7 +16,7 @@ from diffusion_fixtures import tiny_pipeline
 from PIL import Image
 
 from mmalign.core.data import read_rows, rows_from_records
-from mmalign.text.policy import LoraSpec
+from mmalign.core.params import LoraSpec
 from mmalign.train.diffusion_pg import DiffusionPGConfig, DiffusionPolicyGradient
 from mmalign.train.trainer import TrainConfig, Trainer
 from mmalign.vision.diffusion_policy import DiffusionImagePolicy

@@ -93,7 +93,8 @@ def sample_trajectory(
         with torch.no_grad():
             output = predict(x, t)
         mean, std = step_distribution(scheduler, output, t, x, eta)
-        if float(std) > 0:
+        is_stochastic = float(std) > 0  # one host sync per step
+        if is_stochastic:
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
             x_next = mean + std * noise
             logp = gaussian_logprob(x_next, mean, std)
@@ -103,7 +104,7 @@ def sample_trajectory(
             latents.append(x)
             nexts.append(x_next)
             logps.append(logp)
-            stochastic.append(float(std) > 0)
+            stochastic.append(is_stochastic)
         x = x_next
     if not record:
         empty = torch.empty(0)

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class LoraSpec:
+    """LoRA settings passed to peft; `target_modules="all-linear"` lets each adapter pick its default targets."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
 
 
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -22,3 +35,18 @@ def load_trainable(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> N
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value)
+
+
+class TrainableModule:
+    """The trainable-state part of the policy protocol for adapters whose network is `self.module`."""
+
+    module: torch.nn.Module
+
+    def trainable_parameters(self) -> Iterator[torch.nn.Parameter]:
+        return (p for p in self.module.parameters() if p.requires_grad)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return trainable_state(self.module)
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_trainable(self.module, state)

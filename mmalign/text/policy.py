@@ -5,29 +5,18 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from mmalign.core.data import Row
-from mmalign.core.params import load_trainable, trainable_state
+from mmalign.core.params import LoraSpec, TrainableModule
 from mmalign.core.types import SequenceLogProbs
 from mmalign.text.codec import Prompt, TextCodec
 
 
-@dataclass
-class LoraSpec:
-    """LoRA settings passed to peft; `target_modules="all-linear"` adapts every linear layer but the head."""
-
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: str | list[str] = "all-linear"
-
-
-class CausalLMPolicy:
+class CausalLMPolicy(TrainableModule):
     """A causal LM and its tokenizer as a `SequencePolicy`.
 
     The reference is the same network with the LoRA adapter disabled when training LoRA (no second copy in
@@ -95,15 +84,6 @@ class CausalLMPolicy:
         return self.module.get_output_embeddings().weight.shape[0]
 
     # ----------------------------------------------------------------------------------- Policy protocol
-    def trainable_parameters(self) -> Iterator[torch.nn.Parameter]:
-        return (p for p in self.module.parameters() if p.requires_grad)
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return trainable_state(self.module)
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        load_trainable(self.module, state)
-
     @contextmanager
     def reference(self) -> Iterator[None]:
         """Forward passes inside this context use the frozen reference model."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -10,11 +10,11 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from mmalign.core.data import Row
-from mmalign.core.params import load_trainable, trainable_state
+from mmalign.core.params import TrainableModule
 from mmalign.text.codec import Prompt, TextCodec
 
 
-class RewardModel:
+class RewardModel(TrainableModule):
     """A sequence classifier with one output, scored at the last real token of prompt + response.
 
     The score is read at the last attended position from the head applied to the final hidden states, so
@@ -51,15 +51,6 @@ class RewardModel:
         return cls(model, tokenizer, **kwargs)
 
     # -------------------------------------------------------------------------------- policy protocol
-    def trainable_parameters(self) -> Iterator[torch.nn.Parameter]:
-        return (p for p in self.module.parameters() if p.requires_grad)
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return trainable_state(self.module)
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        load_trainable(self.module, state)
-
     def reference(self):
         return nullcontext()
 

@@ -20,14 +20,13 @@ from PIL import Image
 
 from mmalign.core.data import Row
 from mmalign.core.diffusion import denoising_loss, make_scheduler, sample_trajectory, step_distribution
-from mmalign.core.params import load_trainable, trainable_state
+from mmalign.core.params import LoraSpec, TrainableModule
 from mmalign.core.types import SequenceLogProbs, Trajectory
-from mmalign.text.policy import LoraSpec
 
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-class DiffusionImagePolicy:
+class DiffusionImagePolicy(TrainableModule):
     """A text-to-image latent diffusion model whose UNet is the policy."""
 
     deterministic_scores = False  # preference scores draw fresh (noise, t) per batch
@@ -92,15 +91,6 @@ class DiffusionImagePolicy:
         return next(self.module.parameters()).device
 
     # ---------------------------------------------------------------------------------- policy protocol
-    def trainable_parameters(self) -> Iterator[torch.nn.Parameter]:
-        return (p for p in self.module.parameters() if p.requires_grad)
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return trainable_state(self.module)
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        load_trainable(self.module, state)
-
     @contextmanager
     def reference(self) -> Iterator[None]:
         """Inside, the UNet is the frozen base: adapters disabled (LoRA) or the frozen copy (full)."""
