@@ -93,6 +93,32 @@ def test_diffusion_policy_gradient_raises_its_reward(pipeline_dir, tmp_path, nam
     assert after > before + 0.05, (before, after, rollouts)
 
 
+class SingleBackward(DiffusionPolicyGradient):
+    """The same algorithm without `loss_terms`: the trainer backwards the summed loss once."""
+
+    loss_terms = None
+
+
+def test_backward_per_denoising_step_equals_one_backward_of_the_sum(pipeline_dir, tmp_path):
+    rows = rows_from_records([{"prompt": p} for p in PROMPTS])
+    cfg = DiffusionPGConfig(clip_range=0.2, per_prompt_stats=False, kl_coef=0.01, diffusion_loss_coef=0.1)
+    weights, losses = [], []
+    for cls in (DiffusionPolicyGradient, SingleBackward):
+        policy = _policy(pipeline_dir)
+        Trainer(
+            policy,
+            cls(policy, rows, Brightness(), cfg),
+            TrainConfig(max_steps=2, batch_size=8, grad_accum=2, lr=3e-3, progress=False, ppo_epochs=2),
+            tmp_path / cls.__name__,
+        ).train()
+        weights.append(policy.trainable_state_dict())
+        log = (tmp_path / cls.__name__ / "metrics.jsonl").read_text().splitlines()
+        losses.append([json.loads(line)["train/loss"] for line in log if "train/loss" in line])
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    for name, value in weights[0].items():
+        torch.testing.assert_close(value, weights[1][name], atol=1e-6, rtol=1e-5)
+
+
 def test_online_diffusion_dpo_learns_its_own_preferences(pipeline_dir, tmp_path):
     """On its own ranked samples the implicit-reward margin grows. (Whether samples then score higher needs a
     model that is a trained denoiser, which this random UNet is not: that is measured on the digits world.)"""

@@ -21,6 +21,9 @@ class Algorithm(Protocol):
 
     online: bool
 
+    # Optional: `loss_terms(examples) -> list[Callable[[], (losses, metrics)]]`, terms whose sum is `loss`. The
+    # trainer backwards each term on its own so only one term's graph is alive at a time (memory ∝ one term).
+
     def loss(self, examples: Sequence[Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
     def state_dict(self) -> dict[str, Any]: ...

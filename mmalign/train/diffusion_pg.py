@@ -14,8 +14,9 @@ re-scores a random subset of the recorded steps under the current weights:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -109,36 +110,50 @@ class DiffusionPolicyGradient:
         return PartialState().process_index
 
     def loss(self, examples: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-sample loss averaged over the trained steps (the sum of `loss_terms`)."""
+        n_steps = examples[0]["timesteps"].shape[0]
+        total, sums = None, {}
+        for j in range(n_steps):
+            losses, metrics = self._step_loss(examples, j, n_steps)
+            total = losses if total is None else total + losses
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v
+        return total, sums
+
+    def loss_terms(self, examples: Sequence[dict[str, Any]]) -> list[Callable[[], tuple[torch.Tensor, dict]]]:
+        """One term per trained denoising step, so the trainer can backward each step's graph on its own."""
+        n_steps = examples[0]["timesteps"].shape[0]
+        return [partial(self._step_loss, examples, j, n_steps) for j in range(n_steps)]
+
+    def _step_loss(
+        self, examples: Sequence[dict[str, Any]], j: int, n_steps: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Step j's share (1/n_steps) of the per-sample loss and its metrics."""
         cfg = self.config
         adv = torch.stack([e["advantage"] for e in examples])
-        n_steps = examples[0]["timesteps"].shape[0]
-        total = torch.zeros(len(examples), device=adv.device)
-        sums: dict[str, torch.Tensor] = {}
-        for j in range(n_steps):
-            step = self.policy.step_batch(examples, j)
-            mean, std = self.policy.step_distribution(step)
-            logp = gaussian_logprob(step["next_latents"], mean, std)
-            old = torch.stack([e["old_logprobs"][j] for e in examples]).to(logp.device)
-            if cfg.loss_type == "ppo":
-                losses, m = PG.ppo_clip_loss(logp, old, adv, cfg.clip_range)
-            else:
-                losses, m = PG.reinforce_loss(logp, adv), {}
-            losses = cfg.reward_coef * losses
-            if cfg.kl_coef:
-                with torch.no_grad(), self.policy.reference():
-                    ref_mean, _ = self.policy.step_distribution(step)
-                kl = ((mean - ref_mean) ** 2).flatten(1).mean(1) / (2 * std**2)
-                losses = losses + cfg.kl_coef * kl
-                m = {**m, "kl": kl.detach().mean()}
-            if cfg.diffusion_loss_coef:
-                dloss = self.policy.trajectory_denoising_loss(step)
-                losses = losses + cfg.diffusion_loss_coef * dloss
-                m = {**m, "diffusion_loss": dloss.detach().mean()}
-            total = total + losses / n_steps
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0) + v.detach() / n_steps
-        sums["advantage_abs"] = adv.abs().mean()
-        return total, sums
+        step = self.policy.step_batch(examples, j)
+        mean, std = self.policy.step_distribution(step)
+        logp = gaussian_logprob(step["next_latents"], mean, std)
+        old = torch.stack([e["old_logprobs"][j] for e in examples]).to(logp.device)
+        if cfg.loss_type == "ppo":
+            losses, metrics = PG.ppo_clip_loss(logp, old, adv, cfg.clip_range)
+        else:
+            losses, metrics = PG.reinforce_loss(logp, adv), {}
+        losses = cfg.reward_coef * losses
+        if cfg.kl_coef:
+            with torch.no_grad(), self.policy.reference():
+                ref_mean, _ = self.policy.step_distribution(step)
+            kl = ((mean - ref_mean) ** 2).flatten(1).mean(1) / (2 * std**2)
+            losses = losses + cfg.kl_coef * kl
+            metrics = {**metrics, "kl": kl.detach().mean()}
+        if cfg.diffusion_loss_coef:
+            dloss = self.policy.trajectory_denoising_loss(step)
+            losses = losses + cfg.diffusion_loss_coef * dloss
+            metrics = {**metrics, "diffusion_loss": dloss.detach().mean()}
+        metrics = {k: v.detach() / n_steps for k, v in metrics.items()}
+        if j == 0:
+            metrics["advantage_abs"] = adv.abs().mean()
+        return losses / n_steps, metrics
 
     def state_dict(self) -> dict[str, Any]:
         return {"tracker": self.tracker.state_dict()}

@@ -241,26 +241,42 @@ class Trainer:
         self.policy.module.train()
         return examples, self._mean_across(metrics)
 
+    def _loss_terms(self, batch: list[Any]) -> list[Any]:
+        """The micro-batch's loss as closures to backward one at a time (a single closure unless the algorithm
+        splits it, as the diffusion policy gradient does per denoising step to keep one step's graph alive).
+
+        DeepSpeed counts every backward as a micro-step, so there the terms are summed into one backward.
+        """
+        terms = getattr(self.algorithm, "loss_terms", None)
+        if terms is None:
+            return [lambda: self.algorithm.loss(batch)]
+        if self.accelerator.distributed_type.value == "DEEPSPEED":
+            return [lambda: self.algorithm.loss(batch)]
+        return terms(batch)
+
     def _optimizer_step(self, micro_batches, optimizer, scheduler, step: int) -> dict[str, float]:
         acc, cfg = self.accelerator, self.config
         k = len(micro_batches)
         totals: dict[str, torch.Tensor] = {}
         for m, batch in enumerate(micro_batches):
-            sync = m == k - 1
-            with nullcontext() if sync else acc.no_sync(self.policy.model), acc.autocast():
-                losses, metrics = self.algorithm.loss(batch)
-                bad = (~torch.isfinite(losses.detach())).sum()
-                if acc.reduce(bad.float(), "sum").item() > 0:
-                    rows = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
-                    raise TrainingError(
-                        f"non-finite loss at step {step + 1}, micro-batch {m} (local samples {rows[:10]}); "
-                        "nothing was applied and no checkpoint was written for this step"
-                    )
-                loss = losses.mean() / k
-            acc.backward(loss)
-            totals["train/loss"] = totals.get("train/loss", 0) + loss.detach()
-            for name, value in metrics.items():
-                totals[f"train/{name}"] = totals.get(f"train/{name}", 0) + value.detach().float() / k
+            terms = self._loss_terms(batch)
+            for j, term in enumerate(terms):
+                sync = m == k - 1 and j == len(terms) - 1  # gradients are all-reduced once, after the last
+                with nullcontext() if sync else acc.no_sync(self.policy.model):
+                    with acc.autocast():
+                        losses, metrics = term()
+                    bad = (~torch.isfinite(losses.detach())).sum()
+                    if acc.reduce(bad.float(), "sum").item() > 0:
+                        rows = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
+                        raise TrainingError(
+                            f"non-finite loss at step {step + 1}, micro-batch {m}, term {j} (local samples "
+                            f"{rows[:10]}); nothing was applied and no checkpoint was written for this step"
+                        )
+                    loss = losses.mean() / k
+                    acc.backward(loss)
+                totals["train/loss"] = totals.get("train/loss", 0) + loss.detach()
+                for name, value in metrics.items():
+                    totals[f"train/{name}"] = totals.get(f"train/{name}", 0) + value.detach().float() / k
         if cfg.max_grad_norm is not None:
             norm = acc.clip_grad_norm_(list(self.policy.trainable_parameters()), cfg.max_grad_norm)
             if not torch.isfinite(torch.as_tensor(norm)):
