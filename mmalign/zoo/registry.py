@@ -7,6 +7,8 @@ import os
 import shutil
 from pathlib import Path
 
+from filelock import FileLock
+
 # name → (module, builder, spec factory, description); imported lazily so text users never import diffusers.
 WORLDS: dict[str, tuple[str, str, str, str]] = {
     "text": (
@@ -67,12 +69,16 @@ def build(name: str, force: bool = False, log=print) -> Path:
     out = world_dir(name)
     if (out / "world.json").exists() and not force:
         return out
-    builder, spec = _builder(name)
-    tmp = out.with_name(out.name + ".building")
-    shutil.rmtree(tmp, ignore_errors=True)
-    builder(tmp, spec(), log=log)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):  # a second process asking for the same world waits, then reuses it
+        if (out / "world.json").exists() and not force:
+            return out
+        builder, spec = _builder(name)
+        tmp = out.with_name(out.name + ".building")
+        shutil.rmtree(tmp, ignore_errors=True)
+        builder(tmp, spec(), log=log)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
     return out
 
 
