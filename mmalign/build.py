@@ -53,6 +53,15 @@ class DiffusionModelConfig:
 
 
 @dataclass
+class ImageRewardModelConfig:
+    """`model:` for kind image_reward_model: a saved scorer to start from, or the shape of a fresh one."""
+
+    kind: str = "image_reward_model"
+    name_or_path: str = ""  # a saved image reward model directory; empty = a fresh network (`network`)
+    network: dict[str, Any] | None = None  # ImageScorerConfig: image_size, channels, hidden, prompt_buckets
+
+
+@dataclass
 class EvalConfig:
     """`eval:` held-out data, the rewards reported, and sampling budget."""
 
@@ -69,6 +78,7 @@ MODEL_CONFIGS = {
     "causal_lm": TextModelConfig,
     "reward_model": TextModelConfig,
     "diffusion_image": DiffusionModelConfig,
+    "image_reward_model": ImageRewardModelConfig,
 }
 
 
@@ -82,7 +92,9 @@ def _lora(section: dict[str, Any] | None):
     return to_dataclass(LoraSpec, section, "model.lora") if section is not None else None
 
 
-def model_config(section: dict[str, Any] | None) -> TextModelConfig | DiffusionModelConfig:
+def model_config(
+    section: dict[str, Any] | None,
+) -> TextModelConfig | DiffusionModelConfig | ImageRewardModelConfig:
     kind = (section or {}).get("kind", "causal_lm")
     if kind not in MODEL_CONFIGS:
         raise RecipeError(f"model.kind must be one of {', '.join(MODEL_CONFIGS)}, got {kind!r}")
@@ -91,6 +103,8 @@ def model_config(section: dict[str, Any] | None) -> TextModelConfig | DiffusionM
 
 def build_policy(cfg: TextModelConfig | DiffusionModelConfig) -> Any:
     """Load the model a recipe names (hub id, local directory or zoo:// path)."""
+    if cfg.kind == "image_reward_model":
+        return _image_reward_model(cfg)
     path = resolve(cfg.name_or_path)
     if not path:
         raise RecipeError("model.name_or_path is required")
@@ -125,6 +139,18 @@ def build_policy(cfg: TextModelConfig | DiffusionModelConfig) -> Any:
     )
 
 
+def _image_reward_model(cfg: ImageRewardModelConfig) -> Any:
+    from mmalign.vision.image_reward_model import ImageRewardModel, ImageScorerConfig
+
+    if cfg.name_or_path:
+        if cfg.network is not None:
+            raise RecipeError(
+                "model.network describes a fresh network; drop it when model.name_or_path is set"
+            )
+        return ImageRewardModel.from_pretrained(resolve(cfg.name_or_path))
+    return ImageRewardModel.create(to_dataclass(ImageScorerConfig, cfg.network, "model.network"))
+
+
 REWARDS = (
     "answer_match",
     "regex",
@@ -133,6 +159,9 @@ REWARDS = (
     "jpeg_compressibility",
     "jpeg_incompressibility",
     "digit_classifier",
+    "clip_score",
+    "aesthetic",
+    "image_reward_model",
 )
 
 
@@ -167,6 +196,18 @@ def build_reward(spec: Any, answers: dict[str, str]) -> Any:
             from mmalign.vision.rewards import DigitAgreement
 
             return DigitAgreement.from_pretrained(resolve(spec.pop("path")), **spec)
+        if name in ("clip_score", "aesthetic"):
+            from mmalign.vision import clip_rewards
+
+            for key in ("model", "pretrained", "head"):
+                if spec.get(key):
+                    spec[key] = resolve(spec[key])
+            cls = clip_rewards.CLIPScore if name == "clip_score" else clip_rewards.AestheticScore
+            return cls.from_pretrained(**spec)
+        if name == "image_reward_model":
+            from mmalign.vision.image_reward_model import ImageRewardModel
+
+            return ImageRewardModel.from_pretrained(resolve(spec.pop("path")), trainable=False, **spec)
     except (TypeError, KeyError) as err:
         raise RecipeError(f"reward {name!r}: {err}") from err
     raise RecipeError(f"unknown reward {name!r}; known: {', '.join(REWARDS)}")
@@ -205,7 +246,8 @@ def build_run(recipe: dict[str, Any]) -> tuple[Any, Any, TrainConfig, Any, Any]:
     torch.manual_seed(train_cfg.seed)  # LoRA initialisation and any fresh heads follow the recipe seed
     policy = build_policy(model_cfg)
 
-    eval_pairs = _rows(eval_cfg.pairs, validate_preference_rows)
+    image_rm = model_cfg.kind == "image_reward_model"  # its pairs are image files, validated below
+    eval_pairs = _rows(eval_cfg.pairs, validate_preference_rows) if not image_rm else []
     eval_prompts = _rows(eval_cfg.prompts, validate_prompt_rows)
     train_prompts = _rows(data.get("prompts"), validate_prompt_rows)
     answers = _answers(eval_prompts, train_prompts)
@@ -229,6 +271,14 @@ def build_run(recipe: dict[str, Any]) -> tuple[Any, Any, TrainConfig, Any, Any]:
             else None
         )
         return policy, algorithm, train_cfg, evaluator, ImageReport()
+    if image_rm:
+        from mmalign.train.report import RunReport
+        from mmalign.train.supervised import PairwiseAccuracy
+        from mmalign.vision.image_reward_model import validate_image_pair_rows
+
+        eval_image_pairs = _rows(eval_cfg.pairs, validate_image_pair_rows)
+        evaluator = PairwiseAccuracy(eval_image_pairs, eval_cfg.batch_size) if eval_image_pairs else None
+        return policy, algorithm, train_cfg, evaluator, RunReport()
     from mmalign.text.evaluate import SequenceEvaluator
     from mmalign.train.report import TextReport
     from mmalign.train.supervised import PairwiseAccuracy
@@ -274,6 +324,16 @@ def build_algorithm(
 ):
     """The algorithm a recipe names, with its training data read and validated."""
     diffusion = kind == "diffusion_image"
+    if kind == "image_reward_model":
+        if name != "reward_model":
+            raise RecipeError(
+                f"model.kind image_reward_model trains with algorithm reward_model, not {name!r}"
+            )
+        from mmalign.train.supervised import RewardModelAlgorithm, RewardModelConfig
+        from mmalign.vision.image_reward_model import validate_image_pair_rows
+
+        rows = _rows(_need(data, "train"), validate_image_pair_rows)
+        return RewardModelAlgorithm(policy, rows, to_dataclass(RewardModelConfig, algo, "algorithm"))
     if name in PREFERENCE:
         from mmalign.train.preference import PreferenceAlgorithm, PreferenceConfig
 

@@ -2,7 +2,8 @@
 
 For each training prompt the base model draws `samples_per_prompt` images; the digit classifier ranks them and the
 best and worst become (image_w, image_l) when their scores differ by at least `min_gap` — the same recipe as
-Pick-a-Pic-style datasets (generated images ranked by a judge), with a judge that has ground truth.
+Pick-a-Pic-style datasets (generated images ranked by a judge), with a judge that has ground truth. Held-out pairs
+(`eval_pairs.jsonl`) are drawn the same way on the world's held-out prompt templates, for judging reward models.
 """
 
 from __future__ import annotations
@@ -22,16 +23,17 @@ class ImagePairsSpec:
     repeats: int = 8  # passes over the training prompts (different seeds)
     min_gap: float = 0.2
     seed: int = 0
+    eval_repeats: int = 4  # passes over the held-out prompts for eval_pairs.jsonl
 
     @classmethod
     def tiny(cls) -> ImagePairsSpec:
-        return cls(samples_per_prompt=2, repeats=1, min_gap=0.0)
+        return cls(samples_per_prompt=2, repeats=1, min_gap=0.0, eval_repeats=1)
 
 
 def build_image_pairs(
     out_dir: str | Path, spec: ImagePairsSpec | None = None, log=print, world: str = "image"
 ) -> Path:
-    """Write PNG pairs and `train_pairs.jsonl` (prompt, image_w, image_l, score_chosen, score_rejected)."""
+    """Write PNG pairs, `train_pairs.jsonl` and held-out `eval_pairs.jsonl` (prompt, image_w, image_l, scores)."""
     from mmalign.vision.diffusion_policy import DiffusionImagePolicy
     from mmalign.vision.rewards import DigitAgreement
     from mmalign.zoo import registry
@@ -44,10 +46,24 @@ def build_image_pairs(
         str(source / "base"), num_steps=10, eta=1.0, guidance_scale=3.0
     )
     judge = DigitAgreement.from_pretrained(str(source / "classifier"))
-    prompts = [r.data["prompt"] for r in read_rows(source / "train_prompts.jsonl")]
-    rows, k = [], spec.samples_per_prompt
     generator = torch.Generator().manual_seed(spec.seed)
-    for rep in range(spec.repeats):
+    counts = {}
+    for split, repeats in (("train", spec.repeats), ("eval", spec.eval_repeats)):
+        prompts = [r.data["prompt"] for r in read_rows(source / f"{split}_prompts.jsonl")]
+        rows = _draw_pairs(policy, judge, prompts, repeats, spec, generator, out, split, log)
+        write_jsonl(out / f"{split}_pairs.jsonl", rows)
+        counts[f"{split}_pairs"] = len(rows)
+    (out / "world.json").write_text(
+        json.dumps({"world": "image-pairs", "source": world, **asdict(spec), **counts}, indent=2)
+    )
+    return out
+
+
+def _draw_pairs(policy, judge, prompts, repeats, spec, generator, out: Path, split: str, log) -> list[dict]:
+    """Sample `samples_per_prompt` images per prompt `repeats` times; keep each prompt's best and worst."""
+    rows, k = [], spec.samples_per_prompt
+    prefix = "" if split == "train" else f"{split}_"
+    for rep in range(repeats):
         batch = [p for p in prompts for _ in range(k)]
         images = policy.decode(policy.sample(batch, generator=generator, record=False).final)
         scores = judge(batch, images).view(len(prompts), k)
@@ -58,7 +74,7 @@ def build_image_pairs(
                 continue
             names = []
             for tag, j in (("w", best), ("l", worst)):
-                name = f"images/{rep:02d}_{i:03d}_{tag}.png"
+                name = f"images/{prefix}{rep:02d}_{i:03d}_{tag}.png"
                 pil[i * k + j].save(out / name)
                 names.append(name)
             rows.append(
@@ -70,11 +86,7 @@ def build_image_pairs(
                     "score_rejected": round(float(scores[i, worst]), 4),
                 }
             )
-        log(f"[zoo image-pairs] pass {rep + 1}/{spec.repeats}: {len(rows)} pairs")
+        log(f"[zoo image-pairs] {split} pass {rep + 1}/{repeats}: {len(rows)} pairs")
     if not rows:
-        raise RuntimeError("no pair had a score gap ≥ min_gap; lower ImagePairsSpec.min_gap")
-    write_jsonl(out / "train_pairs.jsonl", rows)
-    (out / "world.json").write_text(
-        json.dumps({"world": "image-pairs", "source": world, **asdict(spec), "pairs": len(rows)}, indent=2)
-    )
-    return out
+        raise RuntimeError(f"no {split} pair had a score gap ≥ min_gap; lower ImagePairsSpec.min_gap")
+    return rows
