@@ -1,0 +1,117 @@
+"""Text-to-speech mel diffusion as a diffusion policy: char text encoder + mel UNet + Griffin-Lim vocoder.
+
+The shared `DenoisingPolicy` does sampling, per-step log-probs, DLPO's denoising penalty and Diffusion-DPO scores;
+this adapter adds what is specific to speech: prompts checked against the encoder's alphabet, final latents that
+*are* standardised log-mels (`decode` returns them, so recogniser rewards stay differentiable on the mel),
+`to_waveform` through Griffin-Lim, and preference pairs read from WAV files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmalign.core.data import Row
+from mmalign.core.diffusion_policy import DenoisingPolicy
+from mmalign.core.params import LoraSpec
+from mmalign.speech.audio import GriffinLimVocoder, MelFrontend, read_wav
+from mmalign.speech.text import AlphabetError
+from mmalign.speech.tts import MelTTS
+
+
+class DiffusionSpeechPolicy(DenoisingPolicy):
+    """A text-to-mel diffusion model whose UNet is the policy; outputs are mels, audio comes from the vocoder."""
+
+    def __init__(
+        self,
+        model: MelTTS,
+        *,
+        lora: LoraSpec | None = None,
+        sampler: str = "ddim",
+        num_steps: int = 10,
+        eta: float = 1.0,
+        guidance_scale: float = 3.0,
+    ):
+        self.tts = model
+        self.text_encoder, self.chars, self.mel_config = model.text_encoder, model.chars, model.mel
+        self.text_encoder.requires_grad_(False).eval()
+        unet = model.unet
+        shape = (1, model.mel.n_mels, model.mel.frames)
+        super().__init__(
+            unet,
+            model.scheduler.config,
+            shape,
+            lora=lora,
+            sampler=sampler,
+            num_steps=num_steps,
+            eta=eta,
+            guidance_scale=guidance_scale,
+        )
+        self.frontend = MelFrontend(model.mel)
+        self.vocoder = GriffinLimVocoder(model.mel)
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, dtype: str = "float32", **kwargs: Any) -> DiffusionSpeechPolicy:
+        return cls(MelTTS.from_pretrained(path, dtype=getattr(torch, dtype)), **kwargs)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.mel_config.sample_rate
+
+    def save_pretrained(self, path: str) -> None:
+        """LoRA: the diffusers-format UNet LoRA layers; full fine-tuning: the whole model directory."""
+        if self.lora is not None:
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+            from safetensors.torch import save_file
+
+            Path(path).mkdir(parents=True, exist_ok=True)
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.module))
+            save_file(
+                {f"unet.{k}": v.contiguous() for k, v in layers.items()}, f"{path}/unet_lora.safetensors"
+            )
+        else:
+            self.tts.save_pretrained(path)
+
+    # ------------------------------------------------------------------------------------- conditioning
+    def check_prompts(self, rows: Sequence[Row], field: str = "prompt") -> None:
+        """Fail before training on any prompt the text encoder cannot spell, naming file, row and field."""
+        for row in rows:
+            try:
+                self.chars.check(row.data.get(field))
+            except AlphabetError as err:
+                raise row.error(field, str(err)) from None
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Character-encoder states `[B, L, D]` (an out-of-alphabet character is an `AlphabetError`)."""
+        return self.text_encoder(self.chars(list(prompts)).to(self.device))[0]
+
+    # ------------------------------------------------------------------------------------------ outputs
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Standardised log-mels `[B, 1, n_mels, frames]`: what speech rewards score (the latents themselves)."""
+        return latents
+
+    def to_waveform(self, mels: torch.Tensor) -> torch.Tensor:
+        """Audio `[B, samples]` at `sample_rate` from mels, through the Griffin-Lim vocoder."""
+        return self.vocoder(mels.detach().cpu())
+
+    # ---------------------------------------------------------------------- preference (Diffusion-DPO)
+    def encode_pair(self, row: Row) -> dict[str, Any]:
+        """Read a pair's WAVs (`audio_w`, `audio_l`; validated rate, non-empty) and turn them into mels once."""
+        base = Path(row.source).parent if row.source and not row.source.startswith("<") else Path(".")
+        mels = []
+        for field in ("audio_w", "audio_l"):
+            value = row.data.get(field)
+            if not isinstance(value, str) or not value.strip():
+                raise row.error(field, f"expected an audio file path, got {type(value).__name__}")
+            path = Path(value) if Path(value).is_absolute() else base / value
+            mels.append(self.frontend(read_wav(path, self.sample_rate, row=row, field=field))[0])
+        try:
+            self.chars.check(row.data.get("prompt"))
+        except AlphabetError as err:
+            raise row.error("prompt", str(err)) from None
+        return {"prompt": row.data["prompt"], "latents_w": mels[0], "latents_l": mels[1]}

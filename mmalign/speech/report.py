@@ -1,0 +1,66 @@
+"""Before/after WAV files and mel-spectrogram images of fixed prompts in the run report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmalign.speech.audio import GriffinLimVocoder, MelConfig, write_wav
+from mmalign.train.report import RunReport
+
+
+def mel_figure(mels: torch.Tensor, titles: list[str], out: Path) -> None:
+    """One panel per mel (frequency up, time right), saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(mels)
+    fig, axes = plt.subplots(1, n, figsize=(1.6 * n, 1.9), squeeze=False)
+    for ax, mel, title in zip(axes.flat, mels, titles, strict=True):
+        ax.imshow(
+            mel.squeeze(0).float().numpy(), origin="lower", aspect="auto", cmap="magma", vmin=-2.5, vmax=2.5
+        )
+        ax.set_title(title, fontsize=7)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+class SpeechReport(RunReport):
+    """Saves `samples_<tag>_<i>.wav` (Griffin-Lim) and `mels_<tag>.png` for held-out prompts (seed 0)."""
+
+    def __init__(self, mel: MelConfig):
+        self.mel, self.vocoder = mel, GriffinLimVocoder(mel)
+
+    def store_samples(self, run_dir: Path, tag: str, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not samples:
+            return []
+        mels = torch.stack([s["mel"] for s in samples]).cpu()
+        waves = self.vocoder(mels)
+        out = []
+        for i, (s, wave) in enumerate(zip(samples, waves, strict=True)):
+            name = f"samples_{tag}_{i}.wav"
+            write_wav(run_dir / name, wave, self.mel.sample_rate)
+            out.append({"prompt": s["prompt"], "wav": name, "mel_image": f"mels_{tag}.png", "column": i})
+        mel_figure(mels, [s["prompt"] for s in samples], run_dir / f"mels_{tag}.png")
+        return out
+
+    def sample_lines(self, samples: dict[str, list[dict[str, Any]]]) -> list[str]:
+        before, after = samples.get("before", []), samples.get("after", [])
+        if not before or not after:
+            return []
+        lines = [
+            "",
+            "## Samples (held-out prompts, same seed): before, then after",
+            "",
+            "| prompt | before | after |",
+            "|---|---|---|",
+        ]
+        for b, a in zip(before, after, strict=False):
+            lines.append(f"| {a['prompt']} | [{b['wav']}]({b['wav']}) | [{a['wav']}]({a['wav']}) |")
+        return [*lines, "", "![mels before](mels_before.png)", "", "![mels after](mels_after.png)"]

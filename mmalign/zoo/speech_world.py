@@ -1,0 +1,324 @@
+"""The offline spoken-digits world: espeak-ng digit words → a tiny text-to-mel diffusion TTS and a recogniser.
+
+Digit words ("zero" … "nine") are rendered with espeak-ng in many voices, rates, pitches and loudnesses, resampled
+to 8 kHz and turned into standardised 32×32 log-mels. A spoken-digit recogniser (the digits world's CNN on
+1-channel 32×32 inputs) learns them, tested on voices held out from everything else. A character CLIP text encoder
+is pretrained to tell the digits apart and frozen; a small 1-D convolutional denoiser with cross-attention (`MelDenoiser`) learns to denoise mels given the
+text, and is stopped early on purpose: its speech is recognised only part of the time, which is the room the
+alignment recipes in speech/ have to gain.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmalign.core.data import write_jsonl
+from mmalign.speech.audio import MelConfig, MelFrontend, write_wav
+from mmalign.speech.denoiser import MelDenoiser
+from mmalign.speech.text import CharEncoder
+from mmalign.speech.tts import MelTTS
+from mmalign.vision.digit_classifier import DigitClassifierConfig, train_digit_classifier
+from mmalign.zoo.image_world import DIGIT_WORDS, digit_of
+
+TRAIN_TEMPLATES = ("{word}", "{num}", "{word}.", "{num}!")
+EVAL_TEMPLATES = ("{word}!", "{num}.")
+
+
+@dataclass
+class SpeechWorldSpec:
+    """Sizes of the speech world; `tiny()` is the seconds-fast build the tests use."""
+
+    train_per_digit: int = 160
+    heldout_per_digit: int = 16
+    languages: tuple[str, ...] = ("en", "en-us", "en-gb-scotland", "en-029")
+    train_variants: tuple[str, ...] = ("", "f1", "f2", "f3", "m1", "m2", "m3", "m4", "klatt", "croak")
+    heldout_variants: tuple[str, ...] = ("f4", "m6", "klatt3")
+    rate: tuple[int, int] = (140, 250)
+    pitch: tuple[int, int] = (25, 75)
+    batch_size: int = 32
+    lr: float = 2e-3
+    recogniser_steps: int = 400
+    recogniser_channels: tuple[int, int] = (16, 32)
+    text_hidden: int = 32
+    text_layers: int = 2
+    text_steps: int = 300
+    denoiser_channels: int = 128
+    unet_steps: int = 1200
+    prompt_dropout: float = 0.1
+    probe_every: int = (
+        0  # >0: log the base's recogniser accuracy every n UNet steps (for choosing unet_steps)
+    )
+    # How base accuracy is measured: the sampler settings of the speech/ recipes.
+    eval_per_prompt: int = 8
+    eval_inference_steps: int = 10
+    eval_guidance_scale: float = 3.0
+    mel: dict = field(default_factory=dict)  # MelConfig overrides
+    seed: int = 0
+
+    @classmethod
+    def tiny(cls) -> SpeechWorldSpec:
+        return cls(
+            train_per_digit=6,
+            heldout_per_digit=2,
+            batch_size=8,
+            recogniser_steps=20,
+            recogniser_channels=(8, 8),
+            text_hidden=16,
+            text_layers=1,
+            text_steps=20,
+            denoiser_channels=32,
+            unet_steps=20,
+            eval_per_prompt=1,
+            eval_inference_steps=2,
+        )
+
+
+def prompt_for(template: str, digit: int) -> str:
+    return template.format(word=DIGIT_WORDS[digit], num=digit)
+
+
+def train_prompts() -> list[str]:
+    """Every train template for digits 0..9, template-major (row t*10 + d)."""
+    return [prompt_for(t, d) for t in TRAIN_TEMPLATES for d in range(10)]
+
+
+def eval_prompts() -> list[str]:
+    """Held-out spellings the TTS never saw in training."""
+    return [prompt_for(t, d) for t in EVAL_TEMPLATES for d in range(10)]
+
+
+def render(
+    spec: SpeechWorldSpec, variants: tuple[str, ...], per_digit: int, mel: MelConfig, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """Waveforms `[N, samples]` at the model rate, digit labels and each utterance's voice settings."""
+    import torchaudio.functional as AF
+
+    from mmalign.zoo.speech_espeak import Espeak
+
+    engine = Espeak()
+    waves, digits, meta = [], [], []
+    for digit in range(10):
+        for _ in range(per_digit):
+            lang = spec.languages[rng.integers(len(spec.languages))]
+            variant = variants[rng.integers(len(variants))]
+            voice = lang + (f"+{variant}" if variant else "")
+            rate, pitch = int(rng.integers(*spec.rate)), int(rng.integers(*spec.pitch))
+            raw = engine.say(DIGIT_WORDS[digit], voice, rate, pitch, int(rng.integers(30, 70)))
+            loud = np.nonzero(np.abs(raw) > 0.01)[0]
+            raw = raw[loud[0] : loud[-1] + 1] if len(loud) else raw
+            wave = AF.resample(torch.from_numpy(raw), engine.sample_rate, mel.sample_rate)
+            wave = wave / wave.abs().max().clamp_min(1e-6) * float(rng.uniform(0.4, 0.9))
+            offset = int(rng.integers(0, int(0.08 * mel.sample_rate)))
+            out = torch.zeros(mel.num_samples)
+            piece = wave[: mel.num_samples - offset]
+            out[offset : offset + len(piece)] = piece
+            waves.append(out)
+            digits.append(digit)
+            meta.append({"digit": digit, "voice": voice, "rate": rate, "pitch": pitch})
+    return torch.stack(waves), torch.tensor(digits), meta
+
+
+def train_text_encoder(chars: CharEncoder, spec: SpeechWorldSpec, generator: torch.Generator, log):
+    """A stand-in for text-encoder pretraining: a char CLIP encoder taught to tell the digits apart, then frozen."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=chars.vocab_size,
+            hidden_size=spec.text_hidden,
+            intermediate_size=spec.text_hidden * 2,
+            num_hidden_layers=spec.text_layers,
+            num_attention_heads=4,
+            max_position_embeddings=chars.max_length,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    )
+    ids = chars(train_prompts())
+    probe = nn.Linear(spec.text_hidden, 10)
+    optim = torch.optim.AdamW([*encoder.parameters(), *probe.parameters()], lr=spec.lr, weight_decay=0.0)
+    for step in range(spec.text_steps):
+        rows = torch.randint(len(ids), (spec.batch_size,), generator=generator)
+        loss = F.cross_entropy(probe(encoder(ids[rows])[0].mean(1)), rows % 10)
+        loss.backward()
+        optim.step()
+        optim.zero_grad()
+        if step % 100 == 0 or step == spec.text_steps - 1:
+            log(f"[zoo speech] text encoder step {step + 1}/{spec.text_steps} loss {loss.item():.4f}")
+    return encoder.eval().requires_grad_(False)
+
+
+def make_denoiser(spec: SpeechWorldSpec, mel: MelConfig) -> MelDenoiser:
+    return MelDenoiser(
+        n_mels=mel.n_mels, frames=mel.frames, channels=spec.denoiser_channels, text_dim=spec.text_hidden
+    )
+
+
+@torch.no_grad()
+def base_accuracy(tts: MelTTS, recogniser, prompts: list[str], spec: SpeechWorldSpec) -> dict[str, float]:
+    """Recogniser accuracy and mean p(prompted digit) on the TTS's speech, at the recipes' sampler settings."""
+    from mmalign.speech.diffusion_policy import DiffusionSpeechPolicy
+
+    policy = DiffusionSpeechPolicy(
+        tts, num_steps=spec.eval_inference_steps, guidance_scale=spec.eval_guidance_scale, eta=1.0
+    )
+    jobs = [p for p in prompts for _ in range(spec.eval_per_prompt)]
+    mels = policy.sample(jobs, generator=torch.Generator().manual_seed(spec.seed), record=False).final
+    digits = torch.tensor([digit_of(p) for p in jobs])
+    logp = recogniser.log_prob(mels, digits)
+    tts.unet.requires_grad_(False)
+    return {
+        "accuracy": recogniser.accuracy(mels, digits),
+        "p_digit": logp.exp().mean().item(),
+        "n": len(jobs),
+    }
+
+
+def train_unet(mels, digits, text_encoder, chars, mel, spec, generator, log, probe=None):
+    """ε-prediction training on train prompts, 10% of them replaced by the empty prompt (for CFG)."""
+    from diffusers import DDPMScheduler
+
+    unet = make_denoiser(spec, mel)
+    noise_scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        steps_offset=1,
+    )
+    with torch.no_grad():
+        encodings = text_encoder(chars([*train_prompts(), ""]))[0]
+    optim = torch.optim.AdamW(unet.parameters(), lr=spec.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(optim, spec.lr, total_steps=spec.unet_steps, pct_start=0.1)
+    bsz = spec.batch_size
+    for step in range(spec.unet_steps):
+        idx = torch.randint(len(mels), (bsz,), generator=generator)
+        rows = torch.randint(len(TRAIN_TEMPLATES), (bsz,), generator=generator) * 10 + digits[idx]
+        rows[torch.rand(bsz, generator=generator) < spec.prompt_dropout] = len(encodings) - 1
+        noise = torch.randn(mels[idx].shape, generator=generator)
+        t = torch.randint(noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator)
+        pred = unet(
+            noise_scheduler.add_noise(mels[idx], noise, t), t, encoder_hidden_states=encodings[rows]
+        ).sample
+        loss = F.mse_loss(pred, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optim.step()
+        sched.step()
+        optim.zero_grad()
+        if step % 100 == 0 or step == spec.unet_steps - 1:
+            log(f"[zoo speech] unet step {step + 1}/{spec.unet_steps} loss {loss.item():.4f}")
+        if probe is not None and spec.probe_every and (step + 1) % spec.probe_every == 0:
+            unet.eval()
+            log(f"[zoo speech] probe at unet step {step + 1}: {probe(unet, noise_scheduler)}")
+            unet.train().requires_grad_(True)
+    return unet.eval().requires_grad_(False), noise_scheduler
+
+
+def _write_split(out: Path, name: str, waves, digits, meta, templates, mel: MelConfig) -> None:
+    """WAV files plus a JSONL of {prompt, audio, digit, voice…}: real speech for evaluation and preference data."""
+    (out / name).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (wave, digit, m) in enumerate(zip(waves, digits.tolist(), meta, strict=True)):
+        file = f"{name}/{i:04d}_{DIGIT_WORDS[digit]}.wav"
+        write_wav(out / file, wave, mel.sample_rate)
+        rows.append({"prompt": prompt_for(templates[i % len(templates)], digit), "audio": file, **m})
+    write_jsonl(out / f"{name}.jsonl", rows)
+
+
+def build_speech_world(out_dir: str | Path, spec: SpeechWorldSpec | None = None, log=print) -> Path:
+    """Render the audio, train recogniser, text encoder and UNet, write them with prompts; returns `out_dir`."""
+    from diffusers import DDIMScheduler
+
+    spec = spec or SpeechWorldSpec()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(spec.seed)
+    generator = torch.Generator().manual_seed(spec.seed)
+    rng = np.random.default_rng(spec.seed)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    mel = MelConfig(**spec.mel)
+    train_w, train_d, _train_meta = render(spec, spec.train_variants, spec.train_per_digit, mel, rng)
+    held_w, held_d, held_meta = render(spec, spec.heldout_variants, spec.heldout_per_digit, mel, rng)
+    raw = MelFrontend(mel).log_mel(train_w)
+    mel.mean, mel.std = raw.mean().item(), raw.std().item()
+    frontend = MelFrontend(mel)
+    train_mels, held_mels = frontend(train_w), frontend(held_w)
+    timings["render_s"] = time.perf_counter() - started
+    log(f"[zoo speech] rendered {len(train_w)} train + {len(held_w)} held-out-voice utterances")
+
+    recogniser = train_digit_classifier(
+        train_mels,
+        train_d,
+        spec.recogniser_steps,
+        batch_size=spec.batch_size * 2,
+        config=DigitClassifierConfig(
+            image_size=mel.n_mels, in_channels=1, channels=spec.recogniser_channels, hidden=64
+        ),
+        generator=generator,
+        log=log,
+    )
+    recogniser.save_pretrained(out / "recogniser")
+    recogniser_accuracy = recogniser.accuracy(held_mels, held_d)
+    log(f"[zoo speech] recogniser accuracy on held-out voices {recogniser_accuracy:.3f}")
+    timings["recogniser_s"] = time.perf_counter() - started - sum(timings.values())
+
+    chars = CharEncoder()
+    text_encoder = train_text_encoder(chars, spec, generator, log)
+
+    def probe(unet, noise_scheduler):
+        scheduler = DDIMScheduler.from_config(noise_scheduler.config, set_alpha_to_one=False)
+        tts = MelTTS(unet, text_encoder, chars, scheduler, mel)
+        return base_accuracy(tts, recogniser, eval_prompts(), spec)
+
+    unet, noise_scheduler = train_unet(
+        train_mels, train_d, text_encoder, chars, mel, spec, generator, log, probe=probe
+    )
+    timings["unet_s"] = time.perf_counter() - started - sum(timings.values())
+
+    tts = MelTTS(
+        unet,
+        text_encoder,
+        chars,
+        DDIMScheduler.from_config(noise_scheduler.config, set_alpha_to_one=False),
+        mel,
+    )
+    tts.save_pretrained(out / "base")
+    write_jsonl(out / "train_prompts.jsonl", [{"prompt": p, "digit": digit_of(p)} for p in train_prompts()])
+    write_jsonl(out / "eval_prompts.jsonl", [{"prompt": p, "digit": digit_of(p)} for p in eval_prompts()])
+    _write_split(out, "heldout_speech", held_w, held_d, held_meta, EVAL_TEMPLATES, mel)
+
+    tts = MelTTS.from_pretrained(out / "base")
+    accuracy = {
+        "eval_prompts": base_accuracy(tts, recogniser, eval_prompts(), spec),
+        "train_prompts": base_accuracy(tts, recogniser, train_prompts(), spec),
+    }
+    log(f"[zoo speech] base recogniser accuracy on its speech {accuracy}")
+    timings["eval_s"] = time.perf_counter() - started - sum(timings.values())
+    timings["total_s"] = time.perf_counter() - started
+    world = {
+        "world": "speech",
+        **asdict(spec),
+        "mel_config": asdict(mel),
+        "train_templates": list(TRAIN_TEMPLATES),
+        "eval_templates": list(EVAL_TEMPLATES),
+        "n_train_utterances": len(train_w),
+        "n_heldout_utterances": len(held_w),
+        "recogniser_accuracy_heldout_voices": recogniser_accuracy,
+        "base_accuracy": accuracy,
+        "timings": {k: round(v, 1) for k, v in timings.items()},
+    }
+    (out / "world.json").write_text(json.dumps(world, indent=2))
+    return out

@@ -1,0 +1,195 @@
+"""Speech adapter contracts: scheduler-exact step log-probs on mels, WAV I/O, named input errors, speech rewards."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from mmalign.core.data import DataError, read_rows, rows_from_records
+from mmalign.core.params import LoraSpec
+from mmalign.speech.audio import AudioError, MelConfig, MelFrontend, read_wav, write_wav
+from mmalign.speech.diffusion_policy import DiffusionSpeechPolicy
+from mmalign.speech.rewards import Intelligibility, Tonality
+from mmalign.speech.text import AlphabetError, CharEncoder
+from mmalign.zoo.speech_world import SpeechWorldSpec, build_speech_world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    return build_speech_world(
+        tmp_path_factory.mktemp("speech-world"), SpeechWorldSpec.tiny(), log=lambda *_: None
+    )
+
+
+def _policy(world, **kwargs) -> DiffusionSpeechPolicy:
+    torch.manual_seed(0)
+    return DiffusionSpeechPolicy.from_pretrained(str(world / "base"), **kwargs)
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_speech_step_logprob_is_the_ddim_gaussian(world, eta):
+    policy = _policy(world, num_steps=4, eta=eta, guidance_scale=3.0)
+    traj = policy.sample(["seven", "2!"], generator=torch.Generator().manual_seed(0))
+    assert traj.final.shape == (2, 1, 32, 32)
+    sched, embeds = policy.scheduler, traj.conditioning["prompt_embeds"]
+    for i, t in enumerate(traj.timesteps):
+        x, x_next = traj.latents[:, i], traj.next_latents[:, i]
+        with torch.no_grad():
+            eps = policy.predict(x, t, embeds)
+        # DDIM (Song et al. 2021, Eq. 12/16) from ᾱ, independently of scheduler.step
+        a_t = sched.alphas_cumprod[int(t)]
+        prev = int(t) - sched.config.num_train_timesteps // sched.num_inference_steps
+        a_prev = sched.alphas_cumprod[prev] if prev >= 0 else sched.final_alpha_cumprod
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        mean = a_prev.sqrt() * x0 + math.sqrt(1 - a_prev - sigma**2) * eps
+        expected = torch.distributions.Normal(mean, sigma).log_prob(x_next).flatten(1).mean(1)
+        torch.testing.assert_close(traj.logprobs[:, i], expected, atol=1e-4, rtol=1e-4)
+        # the policy re-scores the recorded step to the same value under unchanged weights
+        step = {"latents": x, "timestep": t, "prompt_embeds": embeds}
+        m, s = policy.step_distribution(step)
+        got = torch.distributions.Normal(m, s).log_prob(x_next).flatten(1).mean(1)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_dlpo_penalty_is_the_noise_regression_to_the_final_sample(world):
+    policy = _policy(world, num_steps=4)
+    traj = policy.sample(["three"], generator=torch.Generator().manual_seed(1))
+    step = {
+        "latents": traj.latents[:, 1],
+        "timestep": traj.timesteps[1],
+        "prompt_embeds": traj.conditioning["prompt_embeds"],
+        "final": traj.final,
+    }
+    got = policy.trajectory_denoising_loss(step)
+    abar = policy.train_scheduler.alphas_cumprod[int(traj.timesteps[1])]
+    eps_tilde = (traj.latents[:, 1] - abar.sqrt() * traj.final) / (1 - abar).sqrt()
+    with torch.no_grad():
+        eps = policy.module(
+            traj.latents[:, 1], traj.timesteps[1], encoder_hidden_states=step["prompt_embeds"]
+        ).sample
+    torch.testing.assert_close(got, ((eps - eps_tilde) ** 2).mean((1, 2, 3)), atol=1e-5, rtol=1e-5)
+
+
+def test_wav_round_trip_and_mel_shape(tmp_path):
+    rate = 8000
+    wave = 0.5 * torch.sin(2 * math.pi * 440 * torch.arange(4000) / rate)
+    write_wav(tmp_path / "a.wav", wave, rate)
+    back = read_wav(tmp_path / "a.wav", rate)
+    assert back.shape == wave.shape
+    assert (back - wave).abs().max() <= 1 / 32767 + 1e-6  # 16-bit PCM quantisation
+    mel = MelFrontend(MelConfig())(back)
+    assert mel.shape == (1, 1, 32, 32) and torch.isfinite(mel).all()
+
+
+def test_bad_audio_files_are_named_errors(tmp_path):
+    sf.write(tmp_path / "rate.wav", np.zeros(100, dtype=np.float32), 16000)
+    sf.write(tmp_path / "empty.wav", np.zeros(0, dtype=np.float32), 8000)
+    (tmp_path / "junk.wav").write_bytes(b"RIFF not really a wav")
+    with pytest.raises(AudioError, match="16000 Hz, the model expects 8000 Hz"):
+        read_wav(tmp_path / "rate.wav", 8000)
+    with pytest.raises(AudioError, match="empty"):
+        read_wav(tmp_path / "empty.wav", 8000)
+    with pytest.raises(AudioError, match="cannot read audio"):
+        read_wav(tmp_path / "junk.wav", 8000)
+    with pytest.raises(AudioError, match="not found"):
+        read_wav(tmp_path / "missing.wav", 8000)
+
+
+@pytest.mark.parametrize(
+    "bad, match", [("rate", "16000 Hz"), ("empty", "empty"), ("junk", "cannot read audio")]
+)
+def test_bad_audio_in_preference_pairs_names_row_and_field(world, tmp_path, bad, match):
+    from mmalign.train.preference import PreferenceAlgorithm, PreferenceConfig
+
+    write_wav(tmp_path / "good.wav", torch.zeros(800), 8000)
+    sf.write(tmp_path / "rate.wav", np.zeros(100, dtype=np.float32), 16000)
+    sf.write(tmp_path / "empty.wav", np.zeros(0, dtype=np.float32), 8000)
+    (tmp_path / "junk.wav").write_bytes(b"junk")
+    records = [
+        {"prompt": "seven", "audio_w": "good.wav", "audio_l": "good.wav"},
+        {"prompt": "one", "audio_w": "good.wav", "audio_l": f"{bad}.wav"},
+    ]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(AudioError, match=match) as err:
+        PreferenceAlgorithm(_policy(world), read_rows(tmp_path / "pairs.jsonl"), PreferenceConfig())
+    assert err.value.line == 2 and err.value.field == "audio_l"
+
+
+def test_text_outside_the_alphabet_is_a_named_error(world):
+    chars = CharEncoder()
+    assert chars(["Seven"]).tolist() == chars(["seven"]).tolist()  # lower-cased first
+    with pytest.raises(AlphabetError, match="'é' at position 3"):
+        chars(["caf\u00e9"])
+    policy = _policy(world)
+    rows = rows_from_records([{"prompt": "seven"}, {"prompt": "eight #8"}])
+    with pytest.raises(DataError, match="'#' at position 6") as err:
+        policy.check_prompts(rows)
+    assert err.value.line == 2 and err.value.field == "prompt"
+
+
+def test_recogniser_reward_gradient_reaches_the_mel(world):
+    reward = Intelligibility.from_pretrained(str(world / "recogniser"))
+    mels = torch.randn(3, 1, 32, 32, requires_grad=True)
+    values = reward(["seven", "2", "nine."], mels)
+    assert values.shape == (3,) and ((values > 0) & (values < 1)).all()
+    values.sum().backward()
+    assert mels.grad is not None and torch.isfinite(mels.grad).all() and mels.grad.abs().sum() > 0
+    # and through the sampler's last step back to the denoiser's weights (what reward backprop would use)
+    policy = _policy(world, lora=LoraSpec(r=2, alpha=2), num_steps=2, guidance_scale=1.0)
+    traj = policy.sample(["seven"], generator=torch.Generator().manual_seed(0))
+    step = {
+        "latents": traj.latents[:, -1],
+        "timestep": traj.timesteps[-1],
+        "prompt_embeds": traj.conditioning["prompt_embeds"],
+    }
+    mean, _ = policy.step_distribution(step)
+    reward(["seven"], mean).sum().backward()
+    grads = [p.grad for p in policy.trainable_parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_tonality_prefers_a_tone_to_white_noise():
+    cfg = MelConfig()
+    frontend = MelFrontend(MelConfig())
+    t = torch.arange(cfg.num_samples) / cfg.sample_rate
+    tone = 0.5 * torch.sin(2 * math.pi * 300 * t) + 0.3 * torch.sin(2 * math.pi * 600 * t)
+    noise = 0.3 * torch.randn(cfg.num_samples, generator=torch.Generator().manual_seed(0))
+    scores = Tonality(cfg)(["x", "x"], frontend(torch.stack([tone, noise])))
+    assert scores[0] > scores[1] + 0.2
+
+
+def test_dnsmos_runs_offline_on_vocoded_audio():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("speechmos")
+    from mmalign.speech.rewards import DNSMOS
+
+    cfg = MelConfig()
+    reward = DNSMOS(cfg)
+    t = torch.arange(cfg.num_samples) / cfg.sample_rate
+    tone = 0.3 * torch.sin(2 * math.pi * 200 * t) * (1 + torch.sin(2 * math.pi * 3 * t))
+    noisy = tone + 0.3 * torch.randn(cfg.num_samples, generator=torch.Generator().manual_seed(0))
+    mos = reward.audio_mos(torch.stack([tone, noisy]), cfg.sample_rate)
+    assert mos.shape == (2,) and torch.isfinite(mos).all() and ((mos > 0.5) & (mos < 5.5)).all()
+
+
+def test_vocoder_output_and_report_files(world, tmp_path):
+    from mmalign.speech.report import SpeechReport
+
+    policy = _policy(world, num_steps=2)
+    mels = policy.decode(policy.sample(["one", "two"], generator=torch.Generator().manual_seed(0)).final)
+    waves = policy.to_waveform(mels)
+    assert waves.shape == (2, policy.mel_config.num_samples) and waves.abs().max() <= 1
+    report = SpeechReport(policy.mel_config)
+    stored = report.store_samples(
+        tmp_path, "after", [{"prompt": "one", "mel": mels[0]}, {"prompt": "two", "mel": mels[1]}]
+    )
+    assert [s["wav"] for s in stored] == ["samples_after_0.wav", "samples_after_1.wav"]
+    assert read_wav(tmp_path / "samples_after_1.wav", 8000).shape == (policy.mel_config.num_samples,)
+    assert (tmp_path / "mels_after.png").stat().st_size > 0
