@@ -72,12 +72,14 @@ class EvalConfig:
     n_samples: int = 8  # samples shown in the report
     seeds: int = 4  # images: seeds per held-out prompt
     kl: bool = True  # images: report the path KL to the base model
+    real_speech: str | None = None  # speech: held-out recordings (prompt, audio) for the denoising loss
 
 
 MODEL_CONFIGS = {
     "causal_lm": TextModelConfig,
     "reward_model": TextModelConfig,
     "diffusion_image": DiffusionModelConfig,
+    "diffusion_speech": DiffusionModelConfig,  # mel TTS (mmalign.speech); same sampler fields
     "image_reward_model": ImageRewardModelConfig,
 }
 
@@ -126,6 +128,10 @@ def build_policy(cfg: TextModelConfig | DiffusionModelConfig) -> Any:
         return RewardModel.from_pretrained(
             path, trust_remote_code=cfg.trust_remote_code, max_length=cfg.max_length
         )
+    if cfg.kind == "diffusion_speech":
+        from mmalign.speech.build import build_speech_policy
+
+        return build_speech_policy(cfg, _lora(cfg.lora))
     from mmalign.vision.diffusion_policy import DiffusionImagePolicy
 
     return DiffusionImagePolicy.from_pretrained(
@@ -159,6 +165,9 @@ REWARDS = (
     "jpeg_compressibility",
     "jpeg_incompressibility",
     "digit_classifier",
+    "intelligibility",
+    "tonality",
+    "dnsmos",
     "clip_score",
     "aesthetic",
     "image_reward_model",
@@ -192,6 +201,10 @@ def build_reward(spec: Any, answers: dict[str, str]) -> Any:
                 if name == "jpeg_compressibility"
                 else rewards.JpegIncompressibility()
             )
+        if name in ("intelligibility", "tonality", "dnsmos"):
+            from mmalign.speech.build import build_speech_reward
+
+            return build_speech_reward(name, spec)
         if name == "digit_classifier":
             from mmalign.vision.rewards import DigitAgreement
 
@@ -254,6 +267,11 @@ def build_run(recipe: dict[str, Any]) -> tuple[Any, Any, TrainConfig, Any, Any]:
     rewards = [build_reward(r, answers) for r in eval_cfg.rewards]
     algorithm = build_algorithm(algo.get("name", "dpo"), algo, policy, model_cfg.kind, data, answers)
 
+    if model_cfg.kind == "diffusion_speech":
+        from mmalign.speech.build import speech_evaluation
+
+        evaluator, report = speech_evaluation(policy, eval_cfg, eval_prompts, train_prompts, rewards)
+        return policy, algorithm, train_cfg, evaluator, report
     if model_cfg.kind == "diffusion_image":
         from mmalign.vision.evaluate import ImageEvaluator
         from mmalign.vision.report import ImageReport
@@ -323,7 +341,7 @@ def build_algorithm(
     name: str, algo: dict[str, Any], policy: Any, kind: str, data: dict[str, Any], answers: dict[str, str]
 ):
     """The algorithm a recipe names, with its training data read and validated."""
-    diffusion = kind == "diffusion_image"
+    diffusion = kind in ("diffusion_image", "diffusion_speech")
     if kind == "image_reward_model":
         if name != "reward_model":
             raise RecipeError(

@@ -41,6 +41,18 @@ WORLDS: dict[str, tuple[str, str, str, str]] = {
         "ImageWorldSpec.tiny",
         "a seconds-fast image world for tests",
     ),
+    "speech": (
+        "mmalign.zoo.speech_world",
+        "build_speech_world",
+        "SpeechWorldSpec",
+        "spoken-digit mel TTS diffusion model (espeak-ng voices) + digit recogniser (needs [speech-world])",
+    ),
+    "speech-tiny": (
+        "mmalign.zoo.speech_world",
+        "build_speech_world",
+        "SpeechWorldSpec.tiny",
+        "a seconds-fast speech world for tests",
+    ),
 }
 
 
