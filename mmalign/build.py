@@ -19,6 +19,7 @@ from mmalign.core.data import (
     validate_unpaired_rows,
 )
 from mmalign.train.trainer import TrainConfig
+from mmalign.vision.vlm_build import VLMModelConfig
 from mmalign.zoo.registry import resolve
 
 
@@ -72,6 +73,7 @@ class EvalConfig:
     n_samples: int = 8  # samples shown in the report
     seeds: int = 4  # images: seeds per held-out prompt
     kl: bool = True  # images: report the path KL to the base model
+    probes: str | None = None  # vlm: yes/no probe rows (image, prompt, answer) for POPE-style accuracy
     real_speech: str | None = None  # speech: held-out recordings (prompt, audio) for the denoising loss
 
 
@@ -81,6 +83,7 @@ MODEL_CONFIGS = {
     "diffusion_image": DiffusionModelConfig,
     "diffusion_speech": DiffusionModelConfig,  # mel TTS (mmalign.speech); same sampler fields
     "image_reward_model": ImageRewardModelConfig,
+    "vlm": VLMModelConfig,
 }
 
 
@@ -107,6 +110,10 @@ def build_policy(cfg: TextModelConfig | DiffusionModelConfig) -> Any:
     """Load the model a recipe names (hub id, local directory or zoo:// path)."""
     if cfg.kind == "image_reward_model":
         return _image_reward_model(cfg)
+    if cfg.kind == "vlm":
+        from mmalign.vision.vlm_build import build_vlm_policy
+
+        return build_vlm_policy(cfg, _lora(cfg.lora))
     path = resolve(cfg.name_or_path)
     if not path:
         raise RecipeError("model.name_or_path is required")
@@ -289,6 +296,14 @@ def build_run(recipe: dict[str, Any]) -> tuple[Any, Any, TrainConfig, Any, Any]:
             else None
         )
         return policy, algorithm, train_cfg, evaluator, ImageReport()
+    if model_cfg.kind == "vlm":
+        from mmalign.train.report import TextReport
+        from mmalign.vision.vlm_build import build_vlm_evaluator
+
+        evaluator = build_vlm_evaluator(
+            eval_cfg.prompts, eval_cfg.probes, eval_cfg.batch_size, eval_cfg.n_samples
+        )
+        return policy, algorithm, train_cfg, evaluator, TextReport()
     if image_rm:
         from mmalign.train.report import RunReport
         from mmalign.train.supervised import PairwiseAccuracy
@@ -342,6 +357,10 @@ def build_algorithm(
 ):
     """The algorithm a recipe names, with its training data read and validated."""
     diffusion = kind in ("diffusion_image", "diffusion_speech")
+    if kind == "vlm":
+        from mmalign.vision.vlm_build import build_vlm_algorithm
+
+        return build_vlm_algorithm(name, algo, policy, data)
     if kind == "image_reward_model":
         if name != "reward_model":
             raise RecipeError(

@@ -445,3 +445,45 @@ def preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict
         "rewards/chosen": chosen.mean(),
         "rewards/rejected": rejected.mean(),
     }
+
+
+def povid_loss(
+    chosen_logratios: Tensor,
+    text_rejected_logratios: Tensor,
+    noisy_rejected_logratios: Tensor,
+    alpha: float,
+    beta1: float,
+    beta2: float,
+    noisy_mask: Tensor | None = None,
+) -> Tensor:
+    """Push the preferred response up against two kinds of dispreferred ones at once (text and image side).
+
+    POVID (Zhou et al., 2024; seed 004 §5.2.2), with h = log π_θ/π_ref of the ground-truth response y_w, the
+    hallucination-injected response y_l^t and the response y_l^n the model gave for a noised image:
+
+        ℓ = −log σ(α h(y_w) − (β₁ h(y_l^t) + β₂ h(y_l^n)))
+
+    ``noisy_mask`` (0/1 per sample) drops the noisy term for samples that have no noisy-image response.
+    """
+    _check_non_negative("alpha", alpha)
+    _check_non_negative("beta1", beta1)
+    _check_non_negative("beta2", beta2)
+    if alpha == 0 and beta1 == 0 and beta2 == 0:
+        raise ValueError("alpha, beta1 and beta2 are all 0; the POVID loss would be constant")
+    noisy = beta2 * noisy_rejected_logratios
+    if noisy_mask is not None:
+        noisy = noisy * noisy_mask.to(noisy.dtype)
+    return -F.logsigmoid(alpha * chosen_logratios - (beta1 * text_rejected_logratios + noisy))
+
+
+def dense_token_weights(changed: Tensor, gamma: float) -> Tensor:
+    """Token weights of RLHF-V's dense DPO: γ on tokens of corrected segments, 1 elsewhere.
+
+    RLHF-V (Yu et al., 2024; seed 004 §4.1.1 names it, the weights are from the original paper): pass the result
+    as ``weights`` to ``mmalign.objectives.sequence.sequence_logps`` (``normalize=True`` gives the paper's
+    score 1/N · [Σ_{y_u} log π + γ Σ_{y_c} log π], N = |y_u| + γ|y_c|) for policy AND reference, then use
+    ``dpo_loss`` on the resulting log-ratios.
+    """
+    _check_non_negative("gamma", gamma)
+    changed = changed if changed.is_floating_point() else changed.float()
+    return 1.0 + (gamma - 1.0) * changed

@@ -132,8 +132,7 @@ class CausalLMPolicy(TrainableModule):
         device = next(self.module.parameters()).device
         input_ids = batch["input_ids"].to(device)
         model = self._reference_model if self._use_reference else self.model
-        attention = batch["attention_mask"].to(device)
-        logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits[:, :-1]
+        logits = model(**self._model_inputs(batch, device), use_cache=False).logits[:, :-1]
         logits = logits.float()
         targets = input_ids[:, 1:]
         log_norm = torch.logsumexp(logits, dim=-1)
@@ -144,6 +143,13 @@ class CausalLMPolicy(TrainableModule):
             probs = torch.softmax(logits, dim=-1)
             ent = (log_norm - (probs * logits).sum(-1)) * mask
         return SequenceLogProbs(token_logps * mask, mask, ent)
+
+    def _model_inputs(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        """The network's inputs for a collated batch (adapters with more inputs, e.g. images, extend this)."""
+        return {
+            "input_ids": batch["input_ids"].to(device),
+            "attention_mask": batch["attention_mask"].to(device),
+        }
 
     # --------------------------------------------------------------------------------------- generation
     @torch.no_grad()
@@ -161,9 +167,23 @@ class CausalLMPolicy(TrainableModule):
         Samples of one prompt are contiguous. Sampling draws from torch's global RNG, which the trainer seeds
         and checkpoints, so runs are reproducible.
         """
+        encoded = [self.codec.encode_prompt(p) for p in prompts for _ in range(num_samples)]
+        return self._generate_from_ids(
+            encoded, {}, greedy=greedy, max_new_tokens=max_new_tokens, generator_seed=generator_seed
+        )
+
+    def _generate_from_ids(
+        self,
+        encoded: list[list[int]],
+        extra_inputs: dict[str, torch.Tensor],
+        *,
+        greedy: bool,
+        max_new_tokens: int | None,
+        generator_seed: int | None,
+    ) -> list[dict[str, Any]]:
+        """Left-pad prompt ids, decode, and cut each response after eos; `extra_inputs` go to the model as is."""
         was_training = self.module.training
         self.module.eval()
-        encoded = [self.codec.encode_prompt(p) for p in prompts for _ in range(num_samples)]
         width = max(map(len, encoded))
         pad = self.tokenizer.pad_token_id
         device = next(self.module.parameters()).device
@@ -177,6 +197,7 @@ class CausalLMPolicy(TrainableModule):
         out = self.module.generate(
             input_ids=ids.to(device),
             attention_mask=attention.to(device),
+            **{k: v.to(device) for k, v in extra_inputs.items()},
             max_new_tokens=max_new_tokens or self.max_new_tokens,
             do_sample=not greedy,
             temperature=None if greedy else self.temperature,

@@ -53,6 +53,18 @@ WORLDS: dict[str, tuple[str, str, str, str]] = {
         "SpeechWorldSpec.tiny",
         "a seconds-fast speech world for tests",
     ),
+    "vlm": (
+        "mmalign.zoo.vlm_world",
+        "build_vlm_world",
+        "VLMWorldSpec",
+        "tiny LLaVA describing digits, hallucinating from a language prior + POVID/DPO/RLHF-V data (~3 min)",
+    ),
+    "vlm-tiny": (
+        "mmalign.zoo.vlm_world",
+        "build_vlm_world",
+        "VLMWorldSpec.tiny",
+        "a seconds-fast vision-language world for tests",
+    ),
 }
 
 

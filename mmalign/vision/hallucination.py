@@ -1,0 +1,152 @@
+"""Hallucination metrics of a vision-language policy on held-out images, in the spirit of CHAIR and POPE.
+
+* CHAIR-style (Rohrbach et al., 2018): greedy descriptions are split into statements and each checkable
+  statement is compared with the image's ground truth. `chair_s` is the share of responses with at least one
+  hallucinated statement, `chair_i` the share of checkable statements that are hallucinated.
+* POPE-style (Li et al., 2023): balanced yes/no probes ("is it a 7?"); accuracy, and the share of "yes" answers
+  (a model that says yes to everything hallucinates by agreeing).
+
+Alongside, so a lower hallucination rate cannot hide a collapse: correctness of the digit and of whole
+descriptions, coverage (share of the facts stated), malformed statements, mean length and distinct-token ratios.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from mmalign.core.data import Row
+from mmalign.vision import vlm_digits as D
+
+
+def _check_facts(row: Row) -> dict[str, object]:
+    facts = {}
+    for field in D.FIELDS:
+        value = row.data.get(field)
+        allowed = list(range(10)) if field == "digit" else list(D.ATTRIBUTES[field])
+        if value not in allowed or isinstance(value, bool):
+            raise row.error(field, f"expected one of {allowed} (the image's ground truth), got {value!r}")
+        facts[field] = value
+    return facts
+
+
+def description_metrics(responses: Sequence[str], facts: Sequence[D.Facts]) -> dict[str, float]:
+    """CHAIR-style rates and correctness of descriptions against their images' facts."""
+    n = len(responses)
+    bad_responses = statements = hallucinated = malformed = total = digit_ok = all_ok = 0
+    coverage = 0.0
+    for text, truth in zip(responses, facts, strict=True):
+        parsed = D.parse(text)
+        checkable = [s for s in parsed if s.field is not None]
+        wrong = [s for s in checkable if D.is_hallucinated(s, truth)]
+        n_malformed = len(parsed) - len(checkable)
+        bad_responses += bool(wrong)
+        statements += len(checkable)
+        hallucinated += len(wrong)
+        malformed += n_malformed
+        total += len(parsed)
+        stated = {s.field for s in checkable}
+        coverage += len(stated) / len(D.FIELDS)
+        digit_ok += any(s.field == "digit" for s in checkable) and not any(s.field == "digit" for s in wrong)
+        all_ok += not wrong and not n_malformed and stated == set(D.FIELDS)
+    return {
+        "chair_s": bad_responses / n,
+        "chair_i": hallucinated / max(statements, 1),
+        "digit_accuracy": digit_ok / n,
+        "correct": all_ok / n,
+        "coverage": coverage / n,
+        "malformed_rate": malformed / max(total, 1),
+        "statements_per_response": statements / n,
+    }
+
+
+def diversity(token_ids: Sequence[Sequence[int]]) -> dict[str, float]:
+    """Mean response length and distinct-1/2 (distinct unigrams/bigrams over all, pooled across responses)."""
+    unigrams = [t for ids in token_ids for t in ids]
+    bigrams = [tuple(ids[i : i + 2]) for ids in token_ids for i in range(len(ids) - 1)]
+    return {
+        "response_tokens": len(unigrams) / max(len(token_ids), 1),
+        "distinct_1": len(set(unigrams)) / max(len(unigrams), 1),
+        "distinct_2": len(set(bigrams)) / max(len(bigrams), 1),
+        "distinct_responses": len({tuple(ids) for ids in token_ids}) / max(len(token_ids), 1),
+    }
+
+
+def pope_metrics(answers: Sequence[str], truth: Sequence[str]) -> dict[str, float]:
+    """Accuracy of yes/no answers and the share of "yes" (a response that is neither counts as wrong)."""
+    said = [a.strip().lower().rstrip(".!") for a in answers]
+    return {
+        "pope_accuracy": sum(s == t for s, t in zip(said, truth, strict=True)) / len(truth),
+        "pope_yes_ratio": sum(s == "yes" for s in said) / len(said),
+    }
+
+
+class HallucinationEvaluator:
+    """Greedy descriptions and yes/no probes on held-out images; the same dict before and after training.
+
+    `describe` rows: image, prompt and the ground truth (digit, stroke, slant, width); `probes` rows: image,
+    prompt (a yes/no question) and answer ("yes"/"no"). Both are checked when the evaluator is built.
+    """
+
+    def __init__(
+        self,
+        describe: Sequence[Row] = (),
+        probes: Sequence[Row] = (),
+        *,
+        batch_size: int = 128,
+        n_samples: int = 8,
+    ):
+        self.describe, self.probes = list(describe), list(probes)
+        if not self.describe and not self.probes:
+            raise ValueError("the hallucination evaluator needs describe rows, probe rows, or both")
+        self.facts = [_check_facts(r) for r in self.describe]
+        for r in self.probes:
+            if r.data.get("answer") not in ("yes", "no"):
+                raise r.error("answer", f"expected 'yes' or 'no', got {r.data.get('answer')!r}")
+        self.batch_size, self.n_samples = batch_size, n_samples
+        self._encoded: dict[str, list[dict[str, Any]]] = {}
+
+    def _encode(self, policy: Any, name: str, rows: list[Row]) -> list[dict[str, Any]]:
+        if name not in self._encoded:
+            self._encoded[name] = [policy.encode_row_prompt(r) for r in rows]
+        return self._encoded[name]
+
+    def _generate(self, policy: Any, encoded: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for start in range(0, len(encoded), self.batch_size):
+            out += policy.generate(encoded[start : start + self.batch_size], greedy=True)
+        return out
+
+    def evaluate(self, policy: Any) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if self.describe:
+            outputs = self._generate(policy, self._encode(policy, "describe", self.describe))
+            metrics.update(description_metrics([o["text"] for o in outputs], self.facts))
+            metrics.update(diversity([o["response_ids"] for o in outputs]))
+            metrics["n_images"] = len(outputs)
+        if self.probes:
+            outputs = self._generate(policy, self._encode(policy, "probes", self.probes))
+            metrics.update(
+                pope_metrics([o["text"] for o in outputs], [r.data["answer"] for r in self.probes])
+            )
+            metrics["n_probes"] = len(outputs)
+        return metrics
+
+    def samples(self, policy: Any) -> list[dict[str, Any]]:
+        """Greedy descriptions of the first held-out images with the truth, for the report's table."""
+        rows = self.describe[: self.n_samples]
+        if not rows:
+            return []
+        outputs = policy.generate(self._encode(policy, "describe", self.describe)[: len(rows)], greedy=True)
+        table = []
+        for row, facts, out in zip(rows, self.facts[: len(rows)], outputs, strict=True):
+            wrong = [s.text for s in D.parse(out["text"]) if D.is_hallucinated(s, facts)]
+            table.append(
+                {
+                    "prompt": f"{row.data['image']}: {row.data['prompt']}",
+                    "response": out["text"],
+                    "truth": D.describe(facts),
+                    "hallucinated": "; ".join(wrong),
+                }
+            )
+        return table

@@ -1,0 +1,206 @@
+"""The digits vision-language world's language: facts measured from pixels, descriptions, probes and their checks.
+
+A description is a few statements, each checkable against facts measured from the image itself:
+
+    "digit 7. thick stroke. leans right. narrow."
+
+* digit: the scikit-learn label;
+* stroke: thin / thick, total ink against the training median;
+* slant: leans left / right, the intensity-weighted shear −cov(x, y)/var(y) against the training median;
+* width: narrow / wide, the intensity-weighted horizontal spread against the training median.
+
+A statement is *hallucinated* when it asserts a value the image does not have; a statement matching none of the
+patterns is *malformed* (counted separately: it asserts nothing checkable).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+ATTRIBUTES: dict[str, tuple[str, str]] = {
+    "stroke": ("thin", "thick"),
+    "slant": ("left", "right"),
+    "width": ("narrow", "wide"),
+}
+FIELDS = ("digit", *ATTRIBUTES)
+DESCRIBE_PROMPT = "describe the digit."
+_STATEMENT = {
+    "digit": (re.compile(r"^digit (\d)$"), "digit {}"),
+    "stroke": (re.compile(r"^(thin|thick) stroke$"), "{} stroke"),
+    "slant": (re.compile(r"^leans (left|right)$"), "leans {}"),
+    "width": (re.compile(r"^(narrow|wide)$"), "{}"),
+}
+_PROBE = {
+    "digit": "is it a {}?",
+    "stroke": "is the stroke {}?",
+    "slant": "does it lean {}?",
+    "width": "is it {}?",
+}
+
+Facts = Mapping[str, object]
+
+
+def measurements(image8: np.ndarray) -> dict[str, float]:
+    """Ink, slant and horizontal spread of one 8×8 intensity image (scikit-learn digits, values 0..16)."""
+    w = np.asarray(image8, dtype=np.float64)
+    total = w.sum()
+    if total <= 0:
+        raise ValueError("an empty image has no measurable stroke")
+    ys, xs = np.mgrid[0 : w.shape[0], 0 : w.shape[1]]
+    mx, my = (w * xs).sum() / total, (w * ys).sum() / total
+    cov = (w * (xs - mx) * (ys - my)).sum() / total
+    var_y = (w * (ys - my) ** 2).sum() / total
+    var_x = (w * (xs - mx) ** 2).sum() / total
+    # y grows downwards, so a top that sits right of the bottom has negative covariance: a right lean
+    return {"ink": float(total), "slant": float(-cov / var_y), "spread": float(np.sqrt(var_x))}
+
+
+def thresholds(images8: np.ndarray) -> dict[str, float]:
+    """Medians of the measurements over a set of images: the cut between the two values of each attribute."""
+    m = [measurements(img) for img in images8]
+    return {k: float(np.median([x[k] for x in m])) for k in ("ink", "slant", "spread")}
+
+
+def facts_of(image8: np.ndarray, digit: int, cuts: Mapping[str, float]) -> dict[str, object]:
+    """The ground truth of one image: its digit and each attribute's value."""
+    m = measurements(image8)
+    return {
+        "digit": int(digit),
+        "stroke": "thick" if m["ink"] > cuts["ink"] else "thin",
+        "slant": "right" if m["slant"] > cuts["slant"] else "left",
+        "width": "wide" if m["spread"] > cuts["spread"] else "narrow",
+    }
+
+
+def statement(field: str, value: object) -> str:
+    return _STATEMENT[field][1].format(value)
+
+
+def describe(facts: Facts) -> str:
+    """The canonical description of a set of facts (digit first, then stroke, slant, width)."""
+    return " ".join(statement(f, facts[f]) + "." for f in FIELDS)
+
+
+@dataclass(frozen=True)
+class Statement:
+    """One statement of a response: its character span, and what it asserts (field None: malformed)."""
+
+    start: int
+    end: int
+    text: str
+    field: str | None
+    value: object = None
+
+
+def parse(text: str) -> list[Statement]:
+    """Split a response into '.'-terminated statements with their spans and parsed claims."""
+    out = []
+    for m in re.finditer(r"[^.]+", text):
+        raw = m.group(0)
+        stripped = raw.strip()
+        if not stripped:
+            continue
+        start = m.start() + (len(raw) - len(raw.lstrip()))
+        field, value = None, None
+        for name, (pattern, _) in _STATEMENT.items():
+            hit = pattern.match(stripped)
+            if hit:
+                field, value = name, int(hit.group(1)) if name == "digit" else hit.group(1)
+                break
+        out.append(Statement(start, start + len(stripped), stripped, field, value))
+    return out
+
+
+def is_hallucinated(s: Statement, facts: Facts) -> bool:
+    """A parsed statement that contradicts the image's facts."""
+    return s.field is not None and facts[s.field] != s.value
+
+
+def probes(facts: Facts, rng: random.Random) -> list[tuple[str, str]]:
+    """POPE-style yes/no questions about one image, one per field, half of them with answer "no"."""
+    out = []
+    for field in FIELDS:
+        truth = facts[field]
+        if rng.random() < 0.5:
+            value, answer = truth, "yes"
+        else:
+            value, answer = other_value(field, truth, rng), "no"
+        out.append((_PROBE[field].format(value), answer))
+    return out
+
+
+def other_value(field: str, value: object, rng: random.Random) -> object:
+    """A value of `field` different from `value` (a random other digit, or the attribute's opposite)."""
+    if field == "digit":
+        return rng.choice([d for d in range(10) if d != value])
+    a, b = ATTRIBUTES[field]
+    return b if value == a else a
+
+
+class HallucinationRewriter(Protocol):
+    """Turns a correct description into a hallucinated one (POVID's first dispreferred kind).
+
+    The rule-based `SwapRewriter` is the default; an LLM-backed rewriter (the paper used GPT-4V) plugs in by
+    implementing this one method.
+    """
+
+    def rewrite(self, description: str, facts: Facts, rng: random.Random) -> str: ...
+
+
+class SwapRewriter:
+    """Rule-based hallucination injection: swap the digit or one attribute to a value the image does not have."""
+
+    def __init__(self, digit_probability: float = 0.25, n_swaps: int = 1):
+        if not 0.0 <= digit_probability <= 1.0:
+            raise ValueError(f"digit_probability must be in [0, 1], got {digit_probability}")
+        if n_swaps < 1:
+            raise ValueError(f"n_swaps must be >= 1, got {n_swaps}")
+        self.digit_probability, self.n_swaps = digit_probability, n_swaps
+
+    def rewrite(self, description: str, facts: Facts, rng: random.Random) -> str:
+        statements = [s for s in parse(description) if s.field is not None]
+        if not statements:
+            raise ValueError(f"no checkable statement to rewrite in {description!r}")
+        digit = [s for s in statements if s.field == "digit"]
+        attrs = [s for s in statements if s.field != "digit"]
+        chosen: list[Statement] = []
+        if digit and (not attrs or rng.random() < self.digit_probability):
+            chosen.append(digit[0])
+        pool = [s for s in attrs if s not in chosen]
+        rng.shuffle(pool)
+        chosen += pool[: max(0, self.n_swaps - len(chosen))]
+        out = description
+        for s in sorted(chosen, key=lambda s: -s.start):
+            new = statement(s.field, other_value(s.field, facts[s.field], rng))
+            out = out[: s.start] + new + out[s.end :]
+        return out
+
+
+def corrections_for(response: str, facts: Facts) -> list[dict[str, object]]:
+    """Segment-level corrections of a response from ground truth (RLHF-V's feedback format).
+
+    Each hallucinated statement is replaced by the true one; a malformed statement is replaced by the true
+    statement of a field the response has not covered yet (or deleted if none is left). Returns
+    `[{"start", "original", "corrected"}]`, empty when the response needs no correction.
+    """
+    statements = parse(response)
+    covered = {s.field for s in statements if s.field is not None}
+    missing = [f for f in FIELDS if f not in covered]
+    out = []
+    for s in statements:
+        if s.field is not None and is_hallucinated(s, facts):
+            out.append(
+                {"start": s.start, "original": s.text, "corrected": statement(s.field, facts[s.field])}
+            )
+        elif s.field is None:
+            corrected = statement(missing[0], facts[missing[0]]) if missing else ""
+            if missing:
+                missing.pop(0)
+            out.append({"start": s.start, "original": s.text, "corrected": corrected})
+    return out

@@ -1,0 +1,313 @@
+"""The offline digits vision-language world: a tiny LLaVA that describes handwritten digits and hallucinates.
+
+scikit-learn's digits (16×16 RGB, as in the image world) are described with checkable statements: the digit and
+three attributes measured from the pixels (see `mmalign.vision.vlm_digits`). The base model is a real
+`LlavaForConditionalGeneration` (tiny CLIP vision tower + projector + tiny Llama over the character tokenizer)
+with a `LlavaProcessor`, trained from scratch on descriptions and yes/no probes.
+
+Its hallucinations are made the way real ones arise, from a language prior: in the training captions, an
+attribute whose true value is not the most common one for that digit is replaced, with probability
+`prior_noise`, by that most common value (annotators writing what a "7" usually looks like). The model therefore
+learns to say what the digit usually looks like instead of what the image shows; preference data built from
+ground truth can correct that, and the metrics measure how much.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+from mmalign.core.data import write_jsonl
+from mmalign.vision import vlm_builders as B
+from mmalign.vision import vlm_digits as D
+from mmalign.vision.hallucination import description_metrics, diversity, pope_metrics
+from mmalign.vision.vlm_policy import VisionLanguagePolicy
+from mmalign.zoo.image_world import IMAGE_SIZE, load_digit_images
+from mmalign.zoo.tokenizer import char_tokenizer
+
+IMAGE_TOKEN = "<image>"
+PATCH = 4
+
+
+@dataclass
+class VLMWorldSpec:
+    """Sizes of the VLM world; `tiny()` is the fast build the tests use."""
+
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    text_hidden: int = 64
+    text_layers: int = 2
+    heads: int = 4
+    sft_steps: int = 800
+    batch_size: int = 32
+    lr: float = 3e-3
+    describe_share: float = 0.5  # the rest of each batch are yes/no probes
+    prior_noise: float = 0.6
+    noisy_attributes: tuple[str, ...] = ("slant", "width")
+    eval_fraction: float = 0.2
+    max_images: int | None = None
+    eval_probes_per_image: int = 2
+    povid_noise_step: int = 500
+    max_length: int = 128
+    max_new_tokens: int = 48
+    seed: int = 0
+
+    @classmethod
+    def tiny(cls) -> VLMWorldSpec:
+        return cls(
+            vision_hidden=16,
+            vision_layers=1,
+            text_hidden=32,
+            text_layers=1,
+            heads=2,
+            sft_steps=40,
+            batch_size=32,
+            max_images=160,
+        )
+
+
+def world_processor() -> LlavaProcessor:
+    """The character tokenizer plus an image token, and a CLIP image processor for 16×16 images in [−1, 1]."""
+    tokenizer = char_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,
+    )
+
+
+def build_model(processor: LlavaProcessor, spec: VLMWorldSpec) -> LlavaForConditionalGeneration:
+    tok = processor.tokenizer
+    vision = CLIPVisionConfig(
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_hidden * 2,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.heads,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=spec.text_hidden,
+        intermediate_size=spec.text_hidden * 2,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    return LlavaForConditionalGeneration(config)
+
+
+def _pil(image: torch.Tensor) -> Image.Image:
+    """A [3, H, W] tensor in [−1, 1] as an 8-bit RGB image."""
+    pixels = ((image.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    return Image.fromarray(pixels, "RGB")
+
+
+def prior_facts(facts: list[dict], train: list[int]) -> dict[int, dict[str, str]]:
+    """Each digit's most common value of each attribute on the training images (the language prior)."""
+    out = {}
+    for digit in range(10):
+        rows = [facts[i] for i in train if facts[i]["digit"] == digit]
+        out[digit] = {a: Counter(r[a] for r in rows).most_common(1)[0][0] for a in D.ATTRIBUTES}
+    return out
+
+
+def caption_facts(
+    truth: dict, prior: dict[int, dict[str, str]], spec: VLMWorldSpec, rng: random.Random
+) -> dict:
+    """The facts a biased annotator writes: minority attribute values replaced by the prior with prob p."""
+    out = dict(truth)
+    for a in spec.noisy_attributes:
+        if truth[a] != prior[truth["digit"]][a] and rng.random() < spec.prior_noise:
+            out[a] = prior[truth["digit"]][a]
+    return out
+
+
+def train_base(policy: VisionLanguagePolicy, pixels: torch.Tensor, captions: list[dict], spec, log) -> None:
+    """Teacher-forced training on descriptions and yes/no probes of the (biased) caption facts."""
+    rng = random.Random(spec.seed)
+    model = policy.module
+    model.train()
+    prompt_cache: dict[str, list[int]] = {}
+    dummy = _pil(torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE))
+
+    def prompt_ids(text: str) -> list[int]:
+        if text not in prompt_cache:
+            prompt_cache[text] = policy.encode_image_prompt(text, dummy)[0]
+        return prompt_cache[text]
+
+    def response_ids(text: str) -> list[int]:
+        return policy.tokenizer(text, add_special_tokens=False)["input_ids"] + [policy.tokenizer.eos_token_id]
+
+    optim = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(optim, spec.lr, total_steps=spec.sft_steps, pct_start=0.1)
+    for step in range(spec.sft_steps):
+        seqs = []
+        for _ in range(spec.batch_size):
+            i = rng.randrange(len(captions))
+            if rng.random() < spec.describe_share:
+                question, answer = D.DESCRIBE_PROMPT, D.describe(captions[i])
+            else:
+                question, answer = rng.choice(D.probes(captions[i], rng))
+            seqs.append((prompt_ids(question), response_ids(answer), pixels[i]))
+        lp = policy.sequence_logprobs(policy.collate(seqs))
+        loss = -(lp.token_logps.sum() / lp.mask.sum())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        sched.step()
+        optim.zero_grad()
+        if step % 200 == 0 or step == spec.sft_steps - 1:
+            log(f"[zoo vlm] sft step {step + 1}/{spec.sft_steps} loss {loss.item():.4f}")
+    model.eval()
+
+
+def evaluate_base(policy, images, facts, probe_rows, batch_size=128) -> dict[str, float]:
+    """The hallucination metrics of the base on held-out images (as `mmalign eval` computes them)."""
+    prompts = [D.DESCRIBE_PROMPT] * len(images)
+    out = []
+    for s in range(0, len(images), batch_size):
+        chunk = [
+            {"prompt": p, "image": im}
+            for p, im in zip(prompts[s : s + batch_size], images[s : s + batch_size], strict=True)
+        ]
+        out += policy.generate(chunk, greedy=True)
+    metrics = {
+        **description_metrics([o["text"] for o in out], facts),
+        **diversity([o["response_ids"] for o in out]),
+    }
+    if not probe_rows:
+        return metrics
+    answers = []
+    for s in range(0, len(probe_rows), batch_size):
+        chunk = [{"prompt": q, "image": im} for im, q, _ in probe_rows[s : s + batch_size]]
+        answers += [o["text"] for o in policy.generate(chunk, greedy=True)]
+    metrics.update(pope_metrics(answers, [a for _, _, a in probe_rows]))
+    return metrics
+
+
+def build_vlm_world(out_dir: str | Path, spec: VLMWorldSpec | None = None, log=print) -> Path:
+    """Train the base VLM and write it with held-out eval files and POVID / DPO / RLHF-V training data."""
+    spec = spec or VLMWorldSpec()
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(spec.seed)
+    rng = random.Random(spec.seed)
+    started = time.perf_counter()
+
+    digits = load_digits()
+    images, labels = load_digit_images()
+    n = len(images) if spec.max_images is None else min(spec.max_images, len(images))
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(spec.seed))[:n].tolist()
+    n_eval = int(n * spec.eval_fraction)
+    held_out, train = perm[:n_eval], perm[n_eval:]
+    cuts = D.thresholds(digits.images[train])
+    facts = {i: D.facts_of(digits.images[i], int(labels[i]), cuts) for i in perm}
+    pil = {i: _pil(images[i]) for i in perm}
+    for i in perm:
+        pil[i].save(out / "images" / f"{i:04d}.png")
+    prior = prior_facts([facts.get(i) for i in range(len(images))], train)
+
+    processor = world_processor()
+    torch.manual_seed(spec.seed)
+    policy = VisionLanguagePolicy(
+        build_model(processor, spec),
+        processor,
+        max_length=spec.max_length,
+        max_new_tokens=spec.max_new_tokens,
+        image_size=IMAGE_SIZE,
+    )
+    pixels = policy.pixel_values([pil[i] for i in train])
+    captions = [caption_facts(facts[i], prior, spec, rng) for i in train]
+    noise_share = sum(c != facts[i] for c, i in zip(captions, train, strict=True)) / len(train)
+    log(f"[zoo vlm] {len(train)} train / {len(held_out)} held-out images; {noise_share:.1%} captions biased")
+    train_base(policy, pixels, captions, spec, log)
+    policy.module.save_pretrained(out / "base")
+    processor.save_pretrained(out / "base")
+    sft_s = time.perf_counter() - started
+
+    base = VisionLanguagePolicy.from_pretrained(
+        str(out / "base"),
+        max_length=spec.max_length,
+        max_new_tokens=spec.max_new_tokens,
+        image_size=IMAGE_SIZE,
+    )
+    base.module.eval()
+    rel = {i: f"images/{i:04d}.png" for i in perm}
+    describe_eval = [{"image": rel[i], "prompt": D.DESCRIBE_PROMPT, **facts[i]} for i in held_out]
+    probe_eval, probe_rows = [], []
+    for i in held_out:
+        for question, answer in rng.sample(D.probes(facts[i], rng), spec.eval_probes_per_image):
+            probe_eval.append({"image": rel[i], "prompt": question, "answer": answer})
+            probe_rows.append((pil[i], question, answer))
+    write_jsonl(out / "eval_describe.jsonl", describe_eval)
+    write_jsonl(out / "eval_probes.jsonl", probe_eval)
+    base_metrics = evaluate_base(base, [pil[i] for i in held_out], [facts[i] for i in held_out], probe_rows)
+    train_metrics = evaluate_base(base, [pil[i] for i in train[:300]], [facts[i] for i in train[:300]], [])
+    log(f"[zoo vlm] base held-out {json.dumps({k: round(v, 3) for k, v in base_metrics.items()})}")
+
+    records = [{"image": rel[i], "prompt": D.DESCRIBE_PROMPT, "facts": facts[i]} for i in train]
+    train_pil = [pil[i] for i in train]
+    write_jsonl(out / "train_dpo.jsonl", B.dpo_rows(records, seed=spec.seed))
+    povid, povid_stats = B.povid_rows(
+        base, records, train_pil, noise_step=spec.povid_noise_step, seed=spec.seed
+    )
+    write_jsonl(out / "train_povid.jsonl", povid)
+    rlhfv, rlhfv_stats = B.correction_rows(base, records, train_pil)
+    write_jsonl(out / "train_rlhfv.jsonl", rlhfv)
+    log(f"[zoo vlm] povid {povid_stats}; rlhf-v {rlhfv_stats}")
+
+    world = {
+        "world": "vlm",
+        **asdict(spec),
+        "attribute_cuts": cuts,
+        "prior": {str(k): v for k, v in prior.items()},
+        "biased_caption_share": noise_share,
+        "n_train_images": len(train),
+        "n_held_out_images": len(held_out),
+        "image_tokens": policy._image_tokens,
+        "base_held_out": base_metrics,
+        "base_train_subset": train_metrics,
+        "povid_data": povid_stats,
+        "rlhfv_data": rlhfv_stats,
+        "timings": {"sft_s": round(sft_s, 1), "total_s": round(time.perf_counter() - started, 1)},
+    }
+    (out / "world.json").write_text(json.dumps(world, indent=2))
+    return out
