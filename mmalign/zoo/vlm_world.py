@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from sklearn.datasets import load_digits
 from transformers import (
@@ -38,11 +39,22 @@ from mmalign.vision import vlm_builders as B
 from mmalign.vision import vlm_digits as D
 from mmalign.vision.hallucination import description_metrics, diversity, pope_metrics
 from mmalign.vision.vlm_policy import VisionLanguagePolicy
-from mmalign.zoo.image_world import IMAGE_SIZE, load_digit_images
 from mmalign.zoo.tokenizer import char_tokenizer
 
 IMAGE_TOKEN = "<image>"
+IMAGE_SIZE = 16
 PATCH = 4
+
+
+def load_digit_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1797 digits as [N, 3, 16, 16] in [−1, 1] (bilinear upsampling, the image world's pixels), and labels.
+
+    Kept here rather than imported from the image world so the VLM world does not need diffusers.
+    """
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 8 - 1
+    images = F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    return images.expand(-1, 3, -1, -1).contiguous(), torch.tensor(digits.target)
 
 
 @dataclass
@@ -76,9 +88,10 @@ class VLMWorldSpec:
             text_hidden=32,
             text_layers=1,
             heads=2,
-            sft_steps=40,
-            batch_size=32,
-            max_images=160,
+            sft_steps=30,
+            batch_size=16,
+            max_images=80,
+            max_new_tokens=24,
         )
 
 
