@@ -36,6 +36,7 @@ class ImageEvaluator:
             raise ValueError("ImageEvaluator needs at least one reward")
         self.prompts, self.rewards = [r.data["prompt"] for r in prompts], list(rewards)
         self.seeds, self.batch_size, self.grid_prompts, self.kl = seeds, batch_size, grid_prompts, kl
+        self._base_images: dict[int, torch.Tensor] = {}
 
     def _jobs(self) -> list[tuple[str, int]]:
         return [(p, s) for s in range(self.seeds) for p in self.prompts]
@@ -75,8 +76,10 @@ class ImageEvaluator:
         jobs = self._jobs()
         prompts = [p for p, _ in jobs]
         images, kl = self._images(policy, jobs, kl=self.kl)
-        with policy.reference():
-            base_images, _ = self._images(policy, jobs, kl=False)
+        if id(policy) not in self._base_images:  # a policy's reference is frozen: draw its images once
+            with policy.reference():
+                self._base_images[id(policy)], _ = self._images(policy, jobs, kl=False)
+        base_images = self._base_images[id(policy)]
         metrics: dict[str, float] = {}
         for reward in self.rewards:
             values = score(reward, prompts, images).float()
