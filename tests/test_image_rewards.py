@@ -103,6 +103,14 @@ def test_clip_model_reloads_to_the_same_scores(clip_dir, tmp_path):
     second = CLIPScore(*load_open_clip(str(tmp_path / "copy")))
     images = to_tensor(uint8_images(3, 32, 32, seed=1))
     assert torch.equal(first(PROMPTS, images), second(PROMPTS, images))
+    # the built-in-name route: an architecture open_clip knows by name plus a `pretrained` weights file
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "mmalign-tiny-test.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(tmp_path / "configs")
+    third = CLIPScore.from_pretrained(
+        "mmalign-tiny-test", str(tmp_path / "copy" / "open_clip_model.safetensors")
+    )
+    assert torch.equal(first(PROMPTS, images), third(PROMPTS, images))
 
 
 # --------------------------------------------------------------------------------------------- aesthetic

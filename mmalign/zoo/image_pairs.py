@@ -23,7 +23,7 @@ class ImagePairsSpec:
     repeats: int = 8  # passes over the training prompts (different seeds)
     min_gap: float = 0.2
     seed: int = 0
-    eval_repeats: int = 4  # passes over the held-out prompts for eval_pairs.jsonl
+    eval_repeats: int = 8  # passes over the held-out prompts for eval_pairs.jsonl
 
     @classmethod
     def tiny(cls) -> ImagePairsSpec:
