@@ -56,6 +56,7 @@ def test_ddim_step_logprob_is_the_schedulers_gaussian(pipeline_dir, eta):
         torch.testing.assert_close(
             traj.logprobs[:, i], _normal_logprob_mean(x_next, mean, sigma), atol=1e-4, rtol=1e-4
         )
+        torch.testing.assert_close(traj.means[:, i], mean, atol=1e-5, rtol=1e-5)
         # and the recorded x_{t-1} is exactly what the scheduler's step produces from that noise
         z = (x_next - mean) / sigma
         stepped = sched.step(eps, t, x, eta=eta, variance_noise=z).prev_sample

@@ -88,7 +88,7 @@ def sample_trajectory(
     """
     scheduler.set_timesteps(num_steps, device=initial.device)
     x = initial
-    latents, nexts, logps, stochastic = [], [], [], []
+    latents, nexts, logps, means, stochastic = [], [], [], [], []
     for t in scheduler.timesteps:
         with torch.no_grad():
             output = predict(x, t)
@@ -104,6 +104,7 @@ def sample_trajectory(
             latents.append(x)
             nexts.append(x_next)
             logps.append(logp)
+            means.append(mean)
             stochastic.append(is_stochastic)
         x = x_next
     if not record:
@@ -116,6 +117,7 @@ def sample_trajectory(
         logprobs=torch.stack(logps, 1),
         conditioning={"stochastic": torch.tensor(stochastic), "eta": eta},
         final=x,
+        means=torch.stack(means, 1),
     )
 
 

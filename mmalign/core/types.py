@@ -40,8 +40,9 @@ class Trajectory:
     """A recorded denoising trajectory: what a diffusion policy-gradient objective needs to re-score steps.
 
     `latents[:, i]` is x_{t_i} and `next_latents[:, i]` the sampled x_{t_{i+1}}; `logprobs[:, i]` is the Gaussian
-    log-density of that transition under the sampling weights; `conditioning` holds whatever the denoiser needs
-    (text embeddings, guidance scale) in the adapter's own format.
+    log-density of that transition under the sampling weights and `means[:, i]` its Gaussian's mean (so a KL to
+    another model needs only that model's predictions); `conditioning` holds whatever the denoiser needs (text
+    embeddings, guidance scale) in the adapter's own format.
     """
 
     latents: torch.Tensor
@@ -50,3 +51,4 @@ class Trajectory:
     logprobs: torch.Tensor
     conditioning: dict[str, Any] = field(default_factory=dict)
     final: torch.Tensor | None = None
+    means: torch.Tensor | None = None

@@ -57,6 +57,7 @@ class ImageEvaluator:
 
     @staticmethod
     def _path_kl(policy: Any, traj) -> torch.Tensor:
+        """KL of the path distributions from the recorded step means and the reference's means (same σ)."""
         total = torch.zeros(traj.latents.shape[0])
         for j in range(len(traj.timesteps)):
             if not bool(traj.conditioning["stochastic"][j]):
@@ -66,10 +67,9 @@ class ImageEvaluator:
                 "timestep": traj.timesteps[j],
                 "prompt_embeds": traj.conditioning["prompt_embeds"],
             }
-            mean, std = policy.step_distribution(step)
             with policy.reference():
-                ref_mean, _ = policy.step_distribution(step)
-            total += (((mean - ref_mean) ** 2) / (2 * std**2)).flatten(1).sum(1).cpu()
+                ref_mean, std = policy.step_distribution(step)
+            total += (((traj.means[:, j] - ref_mean) ** 2) / (2 * std**2)).flatten(1).sum(1).cpu()
         return total
 
     def evaluate(self, policy: Any) -> dict[str, float]:
