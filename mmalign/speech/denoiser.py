@@ -4,7 +4,9 @@ A 2-D UNet over a 32×32 mel costs seconds per step on a CPU; treating the mel a
 makes the same job ~50× cheaper. Inputs and outputs keep the `[B, 1, n_mels, frames]` layout of the policy's
 latents. Timestep embeddings and cross-attention to the text are diffusers modules (`Timesteps`,
 `TimestepEmbedding`, `Attention`), so LoRA targets the same `to_q/to_k/to_v/to_out.0` projections as in a
-Stable Diffusion UNet, and `ModelMixin`/`PeftAdapterMixin` give safetensors saving and adapter switching.
+Stable Diffusion UNet, and `ModelMixin`/`PeftAdapterMixin` give safetensors saving and adapter switching. Text
+enters twice: cross-attention per frame, and its mean state added to the timestep embedding (scale/shift of
+every block), which a tiny model needs to follow the prompt at all (cross-attention alone was ignored).
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ class MelDenoiser(ModelMixin, ConfigMixin, PeftAdapterMixin):
         time_dim = 2 * channels
         self.time_proj = Timesteps(channels, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(channels, time_dim)
+        self.text_proj = nn.Linear(
+            text_dim, time_dim
+        )  # pooled text joins the time embedding (FiLM in every block)
         self.conv_in = nn.Conv1d(n_mels, channels, 3, padding=1)
         self.blocks = nn.ModuleList(
             ResidualBlock(channels, time_dim, text_dim, d, heads, groups) for d in dilations
@@ -83,6 +88,7 @@ class MelDenoiser(ModelMixin, ConfigMixin, PeftAdapterMixin):
         b = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(b)
         temb = self.time_embedding(self.time_proj(t).to(sample.dtype))
+        temb = temb + self.text_proj(encoder_hidden_states.mean(1))
         h = self.conv_in(sample.squeeze(1))
         for block in self.blocks:
             h = block(h, temb, encoder_hidden_states)

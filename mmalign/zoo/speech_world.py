@@ -51,7 +51,7 @@ class SpeechWorldSpec:
     text_layers: int = 2
     text_steps: int = 300
     denoiser_channels: int = 128
-    unet_steps: int = 1200
+    unet_steps: int = 600
     prompt_dropout: float = 0.1
     probe_every: int = (
         0  # >0: log the base's recogniser accuracy every n UNet steps (for choosing unet_steps)
@@ -59,7 +59,7 @@ class SpeechWorldSpec:
     # How base accuracy is measured: the sampler settings of the speech/ recipes.
     eval_per_prompt: int = 8
     eval_inference_steps: int = 10
-    eval_guidance_scale: float = 3.0
+    eval_guidance_scale: float = 7.0
     mel: dict = field(default_factory=dict)  # MelConfig overrides
     seed: int = 0
 
