@@ -82,6 +82,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     prompts = [p for p in args.prompt for _ in range(args.num_samples)]
     traj = policy.sample(prompts, generator=torch.Generator().manual_seed(args.seed), record=False)
+    if hasattr(policy, "to_waveform"):  # speech: WAV files through the model's vocoder
+        from mmalign.speech.audio import write_wav
+
+        for i, (prompt, wave) in enumerate(zip(prompts, policy.to_waveform(traj.final), strict=True)):
+            path = out_dir / f"sample_{i:03d}.wav"
+            write_wav(path, wave, policy.sample_rate)
+            print(json.dumps({"prompt": prompt, "file": str(path)}))
+        return 0
     for i, (prompt, image) in enumerate(zip(prompts, policy.to_pil(policy.decode(traj.final)), strict=True)):
         path = out_dir / f"sample_{i:03d}.png"
         image.save(path)
