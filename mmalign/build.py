@@ -14,6 +14,7 @@ from mmalign.config import RecipeError, to_dataclass
 from mmalign.core.data import (
     Row,
     read_rows,
+    validate_image_pair_rows,
     validate_preference_rows,
     validate_prompt_rows,
     validate_unpaired_rows,
@@ -307,7 +308,6 @@ def build_run(recipe: dict[str, Any]) -> tuple[Any, Any, TrainConfig, Any, Any]:
     if image_rm:
         from mmalign.train.report import RunReport
         from mmalign.train.supervised import PairwiseAccuracy
-        from mmalign.vision.image_reward_model import validate_image_pair_rows
 
         eval_image_pairs = _rows(eval_cfg.pairs, validate_image_pair_rows)
         evaluator = PairwiseAccuracy(eval_image_pairs, eval_cfg.batch_size) if eval_image_pairs else None
@@ -367,7 +367,6 @@ def build_algorithm(
                 f"model.kind image_reward_model trains with algorithm reward_model, not {name!r}"
             )
         from mmalign.train.supervised import RewardModelAlgorithm, RewardModelConfig
-        from mmalign.vision.image_reward_model import validate_image_pair_rows
 
         rows = _rows(_need(data, "train"), validate_image_pair_rows)
         return RewardModelAlgorithm(policy, rows, to_dataclass(RewardModelConfig, algo, "algorithm"))
@@ -380,7 +379,8 @@ def build_algorithm(
                 "loss", {"slic": "hinge", "cdpo": "dpo", "diffusion_dpo": "dpo"}.get(name, name)
             )
         cfg = to_dataclass(PreferenceConfig, section, "algorithm")
-        return PreferenceAlgorithm(policy, _rows(_need(data, "train"), validate_preference_rows), cfg)
+        validate = validate_image_pair_rows if kind == "diffusion_image" else validate_preference_rows
+        return PreferenceAlgorithm(policy, _rows(_need(data, "train"), validate), cfg)
     if name == "kto":
         from mmalign.train.kto import KTOAlgorithm, KTOConfig
 

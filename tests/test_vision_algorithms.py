@@ -194,3 +194,23 @@ def test_image_evaluator_reports_win_rate_and_kl(pipeline_dir):
             p.add_(0.3 * torch.randn_like(p))
     moved = evaluator.evaluate(policy)
     assert moved["kl_to_base"] > 0 and moved["win_rate_vs_base"] != 0.5
+
+
+def test_diffusion_dpo_recipe_reads_image_pairs_and_names_bad_rows(pipeline_dir, tmp_path):
+    from mmalign.build import build_run
+    from mmalign.core.data import DataError
+
+    _bright_dark_pairs(tmp_path)
+    recipe = {
+        "model": {"kind": "diffusion_image", "name_or_path": str(pipeline_dir), "num_steps": 4},
+        "data": {"train": str(tmp_path / "pairs.jsonl")},
+        "algorithm": {"name": "diffusion_dpo", "beta": 100},
+        "train": {"max_steps": 1, "batch_size": 4},
+    }
+    _, algorithm, *_ = build_run(recipe)
+    assert len(algorithm.train_examples) == 8
+    lines = (tmp_path / "pairs.jsonl").read_text().splitlines()
+    lines[2] = json.dumps({"prompt": PROMPTS[0], "image_w": "0w.png"})
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"pairs\.jsonl.*line 3.*image_l"):
+        build_run(recipe)

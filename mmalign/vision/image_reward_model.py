@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmalign.core.data import Row, require_number, require_text
+from mmalign.core.data import Row, validate_image_pair_rows
 from mmalign.core.params import TrainableModule
 from mmalign.vision.clip_rewards import check_images
 
@@ -91,26 +91,6 @@ class ImageScorer(nn.Module):
             torch.tensor(offsets, dtype=torch.long, device=h.device),
         )
         return self.head(torch.cat([h, p, h * p], dim=-1)).squeeze(-1)
-
-
-def validate_image_pair_rows(rows: list[Row]) -> list[Row]:
-    """Check image preference rows: a text prompt, two different image paths, optional ordered scores."""
-    for row in rows:
-        prompt = require_text(row, "prompt")
-        if not isinstance(prompt, str):
-            raise row.error("prompt", "image pairs need a plain-string prompt, got a conversation")
-        for name in ("image_w", "image_l"):
-            value = row.data.get(name)
-            if not isinstance(value, str) or not value.strip():
-                raise row.error(name, f"expected an image file path, got {type(value).__name__}")
-        if row.data["image_w"] == row.data["image_l"]:
-            raise row.error("image_l", "is the same file as 'image_w'; the pair carries no preference")
-        has = [k for k in ("score_chosen", "score_rejected") if row.data.get(k) is not None]
-        if len(has) == 1:
-            raise row.error(has[0], "score_chosen and score_rejected come together")
-        if has and require_number(row, "score_chosen") < require_number(row, "score_rejected"):
-            raise row.error("score_rejected", "is above score_chosen, which contradicts the preference")
-    return rows
 
 
 class ImageRewardModel(TrainableModule):
