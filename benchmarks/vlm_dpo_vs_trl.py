@@ -68,6 +68,7 @@ def _unpadded(input_ids, attention) -> list[list[int]]:
 # ---------------------------------------------------------------------------------------------- setup
 def prepare(work: Path, n_pairs: int) -> dict:
     """Write work/model (tiny LLaVA + processor), work/images/*.png and work/rows.json."""
+    import numpy as np
     import torch
 
     from mmalign.vision import vlm_builders as B
@@ -81,16 +82,13 @@ def prepare(work: Path, n_pairs: int) -> dict:
     model = W.build_model(processor, spec)
     model.save_pretrained(work / "model")
     processor.save_pretrained(work / "model")
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images, labels = W.load_digit_images()
-    cuts = D.thresholds(digits.images)
+    rendered, labels = W.render_all(0)
+    cuts = D.thresholds(np.stack([np.asarray(im) for im in rendered[:n_pairs]]))
     (work / "images").mkdir(exist_ok=True)
     records = []
     for i in range(n_pairs):
-        W._pil(images[i]).save(work / "images" / f"{i}.png")
-        facts = D.facts_of(digits.images[i], int(labels[i]), cuts)
+        rendered[i].save(work / "images" / f"{i}.png")
+        facts = D.facts_of(np.asarray(rendered[i]), labels[i], cuts)
         records.append({"image": f"images/{i}.png", "prompt": D.DESCRIBE_PROMPT, "facts": facts})
     rows = B.dpo_rows(records, seed=0)
     random.Random(0).shuffle(rows)

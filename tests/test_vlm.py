@@ -25,7 +25,7 @@ from mmalign.vision.vlm_policy import VisionLanguagePolicy
 from mmalign.zoo import vlm_world as W
 
 IMAGE_TOKENS = (16 // W.PATCH) ** 2
-TRUTH = {"digit": 7, "stroke": "thick", "slant": "right", "width": "narrow"}
+TRUTH = {"digit": 7, "stroke": "thick", "ink": "bold", "frame": "framed"}
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +36,10 @@ def tiny_dir(tmp_path_factory) -> Path:
     processor = W.world_processor()
     W.build_model(processor, W.VLMWorldSpec.tiny()).save_pretrained(root / "model")
     processor.save_pretrained(root / "model")
-    images, _ = W.load_digit_images()
+    images, _ = W.render_all(0)
     (root / "images").mkdir()
     for i in range(4):
-        W._pil(images[i]).save(root / "images" / f"{i}.png")
+        images[i].save(root / "images" / f"{i}.png")
     rng = random.Random(0)
     rows = []
     for i in range(4):
@@ -96,23 +96,23 @@ def test_token_weighted_logps_match_hand_computation():
 # ---------------------------------------------------------------------------------------- digits language
 def test_describe_parse_and_injection():
     text = D.describe(TRUTH)
-    assert text == "digit 7. thick stroke. leans right. narrow."
+    assert text == "digit 7. thick stroke. bold ink. framed."
     assert [(s.field, s.value) for s in D.parse(text)] == [(f, TRUTH[f]) for f in D.FIELDS]
     bad = D.SwapRewriter().rewrite(text, TRUTH, random.Random(1))
     wrong = [s for s in D.parse(bad) if D.is_hallucinated(s, TRUTH)]
     assert len(wrong) == 1 and bad != text
-    response = "digit 1. thick stroke. leans rihgt. narrow."
+    response = "digit 1. thick stroke. bold inkk. framed."
     corrections = D.corrections_for(response, TRUTH)
     assert corrections == [
         {"start": 0, "original": "digit 1", "corrected": "digit 7"},
-        {"start": 23, "original": "leans rihgt", "corrected": "leans right"},
+        {"start": 23, "original": "bold inkk", "corrected": "bold ink"},
     ]
     row = Row("mem", 1, {"response": response, "corrections": corrections})
     assert apply_corrections(row).chosen == text
 
 
 def test_hallucination_metrics_by_hand():
-    responses = [D.describe(TRUTH), "digit 1. thick stroke. leans left.", "digit 7. blue."]
+    responses = [D.describe(TRUTH), "digit 1. thick stroke. faint ink.", "digit 7. purple."]
     m = description_metrics(responses, [TRUTH] * 3)
     assert m["chair_s"] == pytest.approx(1 / 3)  # only the second response asserts something false
     assert m["chair_i"] == pytest.approx(2 / 8)  # 4 + 3 + 1 checkable statements, 2 false
@@ -264,7 +264,7 @@ def test_noisy_response_is_scored_under_the_clean_image(tiny_dir):
 
 def test_dense_dpo_weights_changed_tokens_by_hand(tiny_dir):
     policy = _policy(tiny_dir)
-    response = "digit 1. thick stroke. leans left. narrow."
+    response = "digit 1. thick stroke. bold ink. framed."
     data = {
         "image": "images/0.png",
         "prompt": D.DESCRIBE_PROMPT,
@@ -329,12 +329,13 @@ def test_algorithms_raise_their_margin_on_a_tiny_model(tiny_dir, which):
 
 
 def test_world_facts_are_measured_from_pixels():
-    blank = np.zeros((8, 8))
-    blank[1:7, 4] = 16  # a vertical bar: upright, narrow
-    leaning = np.zeros((8, 8))
-    for y in range(1, 7):
-        leaning[y, 6 - y] = 16  # top right, bottom left: leans right
-    assert D.measurements(leaning)["slant"] > 0.5 > abs(D.measurements(blank)["slant"])
-    cuts = {"ink": 50.0, "slant": 0.0, "spread": 1.0}
-    assert D.facts_of(blank, 1, cuts) == {"digit": 1, "stroke": "thick", "slant": "left", "width": "narrow"}
-    assert json.dumps(D.facts_of(leaning, 7, cuts))  # plain JSON types
+    bar = np.zeros((8, 8))
+    bar[1:7, 3:5] = 16
+    for ink in ("bold", "faint"):
+        for frame in ("framed", "unframed"):
+            rgb = np.asarray(W.render(bar, ink, frame))
+            assert rgb.shape == (16, 16, 3)
+            facts = D.facts_of(rgb, 1, {"ink": 1.0})
+            assert facts == {"digit": 1, "stroke": "thick", "ink": ink, "frame": frame}
+    assert D.facts_of(np.asarray(W.render(bar, "bold", "framed")), 1, {"ink": 1e6})["stroke"] == "thin"
+    assert json.dumps(D.facts_of(np.asarray(W.render(bar, "faint", "unframed")), 7, {"ink": 1.0}))

@@ -1,13 +1,13 @@
 """The digits vision-language world's language: facts measured from pixels, descriptions, probes and their checks.
 
-A description is a few statements, each checkable against facts measured from the image itself:
+A description is a few statements, each checkable against facts measured from the rendered RGB image itself:
 
-    "digit 7. thick stroke. leans right. narrow."
+    "digit 7. thick stroke. bold ink. framed."
 
 * digit: the scikit-learn label;
-* stroke: thin / thick, total ink against the training median;
-* slant: leans left / right, the intensity-weighted shear −cov(x, y)/var(y) against the training median;
-* width: narrow / wide, the intensity-weighted horizontal spread against the training median.
+* stroke: thin / thick, the number of inked interior pixels against the training median (a subtle attribute);
+* ink: bold / faint, the brightest interior pixel against the midpoint;
+* frame: framed / unframed, whether every border pixel is lit.
 
 A statement is *hallucinated* when it asserts a value the image does not have; a statement matching none of the
 patterns is *malformed* (counted separately: it asserts nothing checkable).
@@ -25,56 +25,51 @@ import numpy as np
 
 ATTRIBUTES: dict[str, tuple[str, str]] = {
     "stroke": ("thin", "thick"),
-    "slant": ("left", "right"),
-    "width": ("narrow", "wide"),
+    "ink": ("bold", "faint"),
+    "frame": ("framed", "unframed"),
 }
 FIELDS = ("digit", *ATTRIBUTES)
 DESCRIBE_PROMPT = "describe the digit."
 _STATEMENT = {
     "digit": (re.compile(r"^digit (\d)$"), "digit {}"),
     "stroke": (re.compile(r"^(thin|thick) stroke$"), "{} stroke"),
-    "slant": (re.compile(r"^leans (left|right)$"), "leans {}"),
-    "width": (re.compile(r"^(narrow|wide)$"), "{}"),
+    "ink": (re.compile(r"^(bold|faint) ink$"), "{} ink"),
+    "frame": (re.compile(r"^(framed|unframed)$"), "{}"),
 }
 _PROBE = {
     "digit": "is it a {}?",
     "stroke": "is the stroke {}?",
-    "slant": "does it lean {}?",
-    "width": "is it {}?",
+    "ink": "is the ink {}?",
+    "frame": "is it {}?",
 }
 
 Facts = Mapping[str, object]
 
 
-def measurements(image8: np.ndarray) -> dict[str, float]:
-    """Ink, slant and horizontal spread of one 8×8 intensity image (scikit-learn digits, values 0..16)."""
-    w = np.asarray(image8, dtype=np.float64)
-    total = w.sum()
-    if total <= 0:
+def measurements(rgb: np.ndarray) -> dict[str, float]:
+    """Inked interior pixels, brightest interior pixel and darkest border pixel of an [H, W, 3] image, in [0, 1]."""
+    gray = np.asarray(rgb, dtype=np.float64).mean(axis=-1) / 255.0
+    inner = gray[1:-1, 1:-1]
+    peak = inner.max()
+    if peak <= 0:
         raise ValueError("an empty image has no measurable stroke")
-    ys, xs = np.mgrid[0 : w.shape[0], 0 : w.shape[1]]
-    mx, my = (w * xs).sum() / total, (w * ys).sum() / total
-    cov = (w * (xs - mx) * (ys - my)).sum() / total
-    var_y = (w * (ys - my) ** 2).sum() / total
-    var_x = (w * (xs - mx) ** 2).sum() / total
-    # y grows downwards, so a top that sits right of the bottom has negative covariance: a right lean
-    return {"ink": float(total), "slant": float(-cov / var_y), "spread": float(np.sqrt(var_x))}
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    return {"ink": float((inner > 0.5 * peak).sum()), "peak": float(peak), "border": float(border.min())}
 
 
-def thresholds(images8: np.ndarray) -> dict[str, float]:
-    """Medians of the measurements over a set of images: the cut between the two values of each attribute."""
-    m = [measurements(img) for img in images8]
-    return {k: float(np.median([x[k] for x in m])) for k in ("ink", "slant", "spread")}
+def thresholds(images: np.ndarray) -> dict[str, float]:
+    """The training median of inked pixels: the cut between thin and thick strokes."""
+    return {"ink": float(np.median([measurements(img)["ink"] for img in images]))}
 
 
-def facts_of(image8: np.ndarray, digit: int, cuts: Mapping[str, float]) -> dict[str, object]:
-    """The ground truth of one image: its digit and each attribute's value."""
-    m = measurements(image8)
+def facts_of(rgb: np.ndarray, digit: int, cuts: Mapping[str, float]) -> dict[str, object]:
+    """The ground truth of one rendered image: its digit and each attribute's value, measured from pixels."""
+    m = measurements(rgb)
     return {
         "digit": int(digit),
         "stroke": "thick" if m["ink"] > cuts["ink"] else "thin",
-        "slant": "right" if m["slant"] > cuts["slant"] else "left",
-        "width": "wide" if m["spread"] > cuts["spread"] else "narrow",
+        "ink": "bold" if m["peak"] > 0.75 else "faint",
+        "frame": "framed" if m["border"] >= 0.7 else "unframed",
     }
 
 
@@ -83,7 +78,7 @@ def statement(field: str, value: object) -> str:
 
 
 def describe(facts: Facts) -> str:
-    """The canonical description of a set of facts (digit first, then stroke, slant, width)."""
+    """The canonical description of a set of facts (digit first, then stroke, ink, frame)."""
     return " ".join(statement(f, facts[f]) + "." for f in FIELDS)
 
 

@@ -1,15 +1,19 @@
 """The offline digits vision-language world: a tiny LLaVA that describes handwritten digits and hallucinates.
 
-scikit-learn's digits (16×16 RGB, as in the image world) are described with checkable statements: the digit and
-three attributes measured from the pixels (see `mmalign.vision.vlm_digits`). The base model is a real
+scikit-learn's 1797 digits are rendered at 16×16 (gray, bold or faint ink, with or without a one-pixel frame) and
+described with checkable statements: the digit and three attributes measured from the rendered pixels (stroke
+thickness, ink, frame; see `mmalign.vision.vlm_digits`). Each digit has a usual ink and frame (drawn 75% of the
+time), which is what makes a language prior possible. The base model is a real
 `LlavaForConditionalGeneration` (tiny CLIP vision tower + projector + tiny Llama over the character tokenizer)
 with a `LlavaProcessor`, trained from scratch on descriptions and yes/no probes.
 
 Its hallucinations are made the way real ones arise, from a language prior: in the training captions, an
 attribute whose true value is not the most common one for that digit is replaced, with probability
 `prior_noise`, by that most common value (annotators writing what a "7" usually looks like). The model therefore
-learns to say what the digit usually looks like instead of what the image shows; preference data built from
-ground truth can correct that, and the metrics measure how much.
+learns to say what the digit usually looks like instead of what the image shows. The yes/no probes of the same
+images are answered from the true facts, so (as with real VLMs that answer "is the ink faint?" better than they
+describe) the vision side carries the attributes and the free-form descriptions do not use them; preference
+data built from ground truth can re-align the descriptions, and the metrics measure how much.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -46,15 +51,40 @@ IMAGE_SIZE = 16
 PATCH = 4
 
 
-def load_digit_images() -> tuple[torch.Tensor, torch.Tensor]:
-    """All 1797 digits as [N, 3, 16, 16] in [−1, 1] (bilinear upsampling, the image world's pixels), and labels.
+FAINT = 0.5  # ink intensity of a faint digit (bold = 1)
+FRAME = 0.8  # intensity of the one-pixel frame of a framed image
+USUAL_SHARE = 0.75  # how often a digit is drawn with its usual ink and frame
 
-    Kept here rather than imported from the image world so the VLM world does not need diffusers.
-    """
+
+def usual(digit: int) -> dict[str, str]:
+    """Each digit's usual rendering: even digits bold, odd faint; 0-4 framed, 5-9 unframed."""
+    return {"ink": "bold" if digit % 2 == 0 else "faint", "frame": "framed" if digit < 5 else "unframed"}
+
+
+def render(image8: torch.Tensor | np.ndarray, ink: str, frame: str) -> Image.Image:
+    """One 8×8 digit (values 0..16) upsampled to 16×16 (the image world's pixels), bold or faint, framed or not."""
+    x = torch.as_tensor(np.asarray(image8), dtype=torch.float32)[None, None] / 16
+    gray = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)[0, 0]
+    gray = gray.clamp(0, 1) * (1.0 if ink == "bold" else FAINT)
+    if frame == "framed":
+        for edge in (gray[0], gray[-1], gray[:, 0], gray[:, -1]):
+            edge.clamp_(min=FRAME)
+    pixels = (gray * 255).round().to(torch.uint8)[..., None].expand(-1, -1, 3).contiguous().numpy()
+    return Image.fromarray(pixels, "RGB")
+
+
+def render_all(seed: int) -> tuple[list[Image.Image], list[int]]:
+    """Every scikit-learn digit rendered with a seeded ink and frame (its usual ones with `USUAL_SHARE`)."""
     digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 8 - 1
-    images = F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
-    return images.expand(-1, 3, -1, -1).contiguous(), torch.tensor(digits.target)
+    rng = random.Random(seed)
+    images = []
+    for image8, digit in zip(digits.images, digits.target, strict=True):
+        look = usual(int(digit))
+        for attr, (a, b) in (("ink", ("bold", "faint")), ("frame", ("framed", "unframed"))):
+            if rng.random() >= USUAL_SHARE:
+                look[attr] = b if look[attr] == a else a
+        images.append(render(image8, look["ink"], look["frame"]))
+    return images, [int(d) for d in digits.target]
 
 
 @dataclass
@@ -71,7 +101,7 @@ class VLMWorldSpec:
     lr: float = 3e-3
     describe_share: float = 0.5  # the rest of each batch are yes/no probes
     prior_noise: float = 0.6
-    noisy_attributes: tuple[str, ...] = ("slant", "width")
+    noisy_attributes: tuple[str, ...] = ("ink", "frame")
     eval_fraction: float = 0.2
     max_images: int | None = None
     eval_probes_per_image: int = 2
@@ -147,12 +177,6 @@ def build_model(processor: LlavaProcessor, spec: VLMWorldSpec) -> LlavaForCondit
     return LlavaForConditionalGeneration(config)
 
 
-def _pil(image: torch.Tensor) -> Image.Image:
-    """A [3, H, W] tensor in [−1, 1] as an 8-bit RGB image."""
-    pixels = ((image.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-    return Image.fromarray(pixels, "RGB")
-
-
 def prior_facts(facts: list[dict], train: list[int]) -> dict[int, dict[str, str]]:
     """Each digit's most common value of each attribute on the training images (the language prior)."""
     out = {}
@@ -173,13 +197,15 @@ def caption_facts(
     return out
 
 
-def train_base(policy: VisionLanguagePolicy, pixels: torch.Tensor, captions: list[dict], spec, log) -> None:
-    """Teacher-forced training on descriptions and yes/no probes of the (biased) caption facts."""
+def train_base(
+    policy: VisionLanguagePolicy, pixels: torch.Tensor, captions: list[dict], truth: list[dict], spec, log
+) -> None:
+    """Teacher-forced training on descriptions of the (biased) caption facts and yes/no probes of the truth."""
     rng = random.Random(spec.seed)
     model = policy.module
     model.train()
     prompt_cache: dict[str, list[int]] = {}
-    dummy = _pil(torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE))
+    dummy = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE))
 
     def prompt_ids(text: str) -> list[int]:
         if text not in prompt_cache:
@@ -198,7 +224,7 @@ def train_base(policy: VisionLanguagePolicy, pixels: torch.Tensor, captions: lis
             if rng.random() < spec.describe_share:
                 question, answer = D.DESCRIBE_PROMPT, D.describe(captions[i])
             else:
-                question, answer = rng.choice(D.probes(captions[i], rng))
+                question, answer = rng.choice(D.probes(truth[i], rng))
             seqs.append((prompt_ids(question), response_ids(answer), pixels[i]))
         lp = policy.sequence_logprobs(policy.collate(seqs))
         loss = -(lp.token_logps.sum() / lp.mask.sum())
@@ -245,18 +271,17 @@ def build_vlm_world(out_dir: str | Path, spec: VLMWorldSpec | None = None, log=p
     rng = random.Random(spec.seed)
     started = time.perf_counter()
 
-    digits = load_digits()
-    images, labels = load_digit_images()
-    n = len(images) if spec.max_images is None else min(spec.max_images, len(images))
-    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(spec.seed))[:n].tolist()
+    rendered, labels = render_all(spec.seed)
+    n = len(rendered) if spec.max_images is None else min(spec.max_images, len(rendered))
+    perm = torch.randperm(len(rendered), generator=torch.Generator().manual_seed(spec.seed))[:n].tolist()
     n_eval = int(n * spec.eval_fraction)
     held_out, train = perm[:n_eval], perm[n_eval:]
-    cuts = D.thresholds(digits.images[train])
-    facts = {i: D.facts_of(digits.images[i], int(labels[i]), cuts) for i in perm}
-    pil = {i: _pil(images[i]) for i in perm}
+    cuts = D.thresholds(np.stack([np.asarray(rendered[i]) for i in train]))
+    facts = {i: D.facts_of(np.asarray(rendered[i]), labels[i], cuts) for i in perm}
+    pil = {i: rendered[i] for i in perm}
     for i in perm:
         pil[i].save(out / "images" / f"{i:04d}.png")
-    prior = prior_facts([facts.get(i) for i in range(len(images))], train)
+    prior = prior_facts([facts.get(i) for i in range(len(rendered))], train)
 
     processor = world_processor()
     torch.manual_seed(spec.seed)
@@ -271,7 +296,7 @@ def build_vlm_world(out_dir: str | Path, spec: VLMWorldSpec | None = None, log=p
     captions = [caption_facts(facts[i], prior, spec, rng) for i in train]
     noise_share = sum(c != facts[i] for c, i in zip(captions, train, strict=True)) / len(train)
     log(f"[zoo vlm] {len(train)} train / {len(held_out)} held-out images; {noise_share:.1%} captions biased")
-    train_base(policy, pixels, captions, spec, log)
+    train_base(policy, pixels, captions, [facts[i] for i in train], spec, log)
     policy.module.save_pretrained(out / "base")
     processor.save_pretrained(out / "base")
     sft_s = time.perf_counter() - started
