@@ -193,3 +193,14 @@ def test_vocoder_output_and_report_files(world, tmp_path):
     assert [s["wav"] for s in stored] == ["samples_after_0.wav", "samples_after_1.wav"]
     assert read_wav(tmp_path / "samples_after_1.wav", 8000).shape == (policy.mel_config.num_samples,)
     assert (tmp_path / "mels_after.png").stat().st_size > 0
+
+
+def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
+    from mmalign.speech.evaluate import frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 3, generator=g) * torch.tensor([1.0, 2.0, 0.5])
+    b = torch.randn(4000, 3, generator=g) * torch.tensor([2.0, 1.0, 0.5]) + torch.tensor([1.0, 0.0, 0.0])
+    # diagonal covariances: ‖Δμ‖² + Σ (σa − σb)²  = 1 + (1−2)² + (2−1)² + 0
+    assert frechet_distance(a, b) == pytest.approx(3.0, abs=0.2)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)

@@ -52,7 +52,13 @@ def test_speech_recipe_trains_and_reports(speech_tiny, tmp_path, name):
     policy, algorithm, train_cfg, evaluator, report = build_run(recipe)
     train_cfg.progress = False
     summary = Trainer(policy, algorithm, train_cfg, tmp_path, evaluator=evaluator, report=report).train()
-    keys = ["intelligibility", "intelligibility_agreement", "tonality", "heldout_denoising_loss"]
+    keys = [
+        "intelligibility",
+        "intelligibility_agreement",
+        "tonality",
+        "heldout_denoising_loss",
+        "frechet_to_real",
+    ]
     for key in keys + (["dnsmos_ovrl", "kl_to_base"] if full else []):
         assert key in summary["after"], key
     text = (tmp_path / "report.md").read_text()

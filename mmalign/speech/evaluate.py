@@ -14,12 +14,30 @@ from mmalign.core.reward import Reward
 from mmalign.vision.evaluate import ImageEvaluator
 
 
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖μ_a − μ_b‖² + Tr(Σ_a + Σ_b − 2(Σ_a Σ_b)^½) between two feature sets (FID / FAD, Heusel et al. 2017)."""
+    import numpy as np
+    from scipy import linalg
+
+    a64, b64 = a.double().numpy(), b.double().numpy()
+    mu_a, mu_b = a64.mean(0), b64.mean(0)
+    cov_a, cov_b = np.cov(a64, rowvar=False), np.cov(b64, rowvar=False)
+    root = linalg.sqrtm(cov_a @ cov_b)
+    root = root.real if np.iscomplexobj(root) else root
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+
+
 class SpeechEvaluator(ImageEvaluator):
-    """`ImageEvaluator` metrics on generated mels, plus `heldout_denoising_loss`.
+    """`ImageEvaluator` metrics on generated mels, plus `heldout_denoising_loss` and `frechet_to_real`.
 
     `heldout_denoising_loss`: mean ‖ε − ε_θ(x_t, t, c)‖² on real held-out recordings with their prompts, at
     `noise_draws` fixed (noise, t) draws per recording (the same draws at every evaluation, so before/after and
     runs compare exactly). Lower = the fine-tuned model still models real speech.
+
+    `frechet_to_real`: Fréchet distance between the recogniser's penultimate features of generated speech and of
+    the real held-out recordings (an FAD with the world's recogniser as the embedding; needs an `intelligibility`
+    reward). Lower = generated speech is distributed more like real speech; a reward-hacked model that fools the
+    recogniser with unnatural mels moves away from it.
     """
 
     def __init__(
@@ -39,6 +57,7 @@ class SpeechEvaluator(ImageEvaluator):
         )
         self.real_speech, self.noise_draws = list(real_speech), noise_draws
         self._real: tuple[list[str], torch.Tensor] | None = None
+        self._last: torch.Tensor | None = None
 
     def prepare(self, policy: Any) -> None:
         """Read and check the held-out recordings (named errors) before any training starts."""
@@ -78,11 +97,33 @@ class SpeechEvaluator(ImageEvaluator):
                 total, count = total + loss.sum().item(), count + len(loss)
         return total / count
 
+    def _images(self, policy: Any, jobs, *, kl: bool):
+        """The parent's sampling; the first call of an evaluation (the policy's own mels) is kept for FAD."""
+        images, kls = super()._images(policy, jobs, kl=kl)
+        if self._last is None:
+            self._last = images
+        return images, kls
+
+    @torch.no_grad()
+    def frechet_to_real(self, generated: torch.Tensor) -> float | None:
+        classifier = next((r.classifier for r in self.rewards if hasattr(r, "classifier")), None)
+        if classifier is None or self._real is None:
+            return None
+
+        def features(x: torch.Tensor) -> torch.Tensor:
+            return classifier.head[:-1](classifier.features(x.float()))
+
+        return frechet_distance(features(generated), features(self._real[1]))
+
     def evaluate(self, policy: Any) -> dict[str, float]:
+        self._last = None
         metrics = super().evaluate(policy)
         metrics["n_clips"] = metrics.pop("n_images")
         if self.real_speech:
             metrics["heldout_denoising_loss"] = self.heldout_denoising_loss(policy)
+            fad = self.frechet_to_real(self._last)
+            if fad is not None:
+                metrics["frechet_to_real"] = fad
         return metrics
 
     def samples(self, policy: Any) -> list[dict[str, Any]]:

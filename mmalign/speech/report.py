@@ -22,7 +22,7 @@ def mel_figure(mels: torch.Tensor, titles: list[str], out: Path) -> None:
     fig, axes = plt.subplots(1, n, figsize=(1.6 * n, 1.9), squeeze=False)
     for ax, mel, title in zip(axes.flat, mels, titles, strict=True):
         ax.imshow(
-            mel.squeeze(0).float().numpy(), origin="lower", aspect="auto", cmap="magma", vmin=-2.5, vmax=2.5
+            mel.squeeze(0).float().numpy(), origin="lower", aspect="auto", cmap="magma", vmin=-1.2, vmax=2.2
         )
         ax.set_title(title, fontsize=7)
         ax.axis("off")
