@@ -143,6 +143,17 @@ def test_per_prompt_stat_tracker_hand_walk() -> None:
     assert resumed.state_dict() == tracker.state_dict()
 
 
+def test_stat_tracker_batch_scale_uses_prompt_mean_and_batch_std() -> None:
+    tracker = PerPromptStatTracker(buffer_size=4, min_count=2, scale="batch")
+    rewards = [0.999, 0.998, 0.1, 0.9]  # "easy" is saturated: its own std (5e-4) would inflate its noise
+    advantages = tracker.update(["easy", "easy", "hard", "hard"], torch.tensor(rewards))
+    batch_std = torch.tensor(rewards, dtype=torch.float64).std(correction=0)
+    expected = [0.0005, -0.0005, -0.4, 0.4]
+    assert_close(advantages, (torch.tensor(expected, dtype=torch.float64) / (batch_std + 1e-6)).float())
+    with pytest.raises(ValueError, match="scale"):
+        PerPromptStatTracker(4, 2, scale="group")
+
+
 @pytest.mark.parametrize(
     ("buffer_size", "min_count", "name"), [(0, 1, "buffer_size"), (4, 5, "min_count"), (4, 0, "min_count")]
 )

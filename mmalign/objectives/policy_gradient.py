@@ -143,10 +143,15 @@ class PerPromptStatTracker:
         A_i = (R_i − mean_p) / (std_p + 1e-6)
 
     with the population mean/std of p's buffer, or of the whole batch while p has fewer than ``min_count``
-    rewards.
+    rewards. ``scale="batch"`` divides by the batch's std instead of p's: with a saturating reward (a classifier
+    probability) an easy prompt's buffer has std ≈ 0 and per-prompt scaling would turn its noise into ±1
+    advantages (the mean-only baseline of Dr. GRPO, Liu et al. 2025, with the batch scale kept).
     """
 
-    def __init__(self, buffer_size: int, min_count: int) -> None:
+    def __init__(self, buffer_size: int, min_count: int, scale: str = "prompt") -> None:
+        if scale not in ("prompt", "batch"):
+            raise ValueError(f"scale must be 'prompt' or 'batch', got {scale!r}")
+        self.scale = scale
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
         if not 1 <= min_count <= buffer_size:
@@ -167,7 +172,8 @@ class PerPromptStatTracker:
             reference = torch.tensor(list(buffer), dtype=torch.float64)
             if len(buffer) < self.min_count:
                 reference = values
-            mean, std = reference.mean(), reference.std(correction=0)
+            mean = reference.mean()
+            std = (reference if self.scale == "prompt" else values).std(correction=0)
             advantages[index] = (values[index] - mean) / (std + 1e-6)
         return advantages.to(dtype=rewards.dtype, device=rewards.device).view_as(rewards)
 

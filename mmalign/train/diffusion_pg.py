@@ -40,6 +40,9 @@ class DiffusionPGConfig:
     stat_buffer: int = 32  # per-prompt reward history kept by the stat tracker
     stat_min_count: int = 16  # fewer rewards than this for a prompt: normalise with batch statistics
     per_prompt_stats: bool = True
+    advantage_scale: str = (
+        "prompt"  # prompt: DDPO's per-prompt std | batch: the batch's std (saturating rewards)
+    )
     kl_coef: float = 0.0  # DPOK's β
     reward_coef: float = 1.0  # DPOK/DLPO's α on the policy-gradient term
     diffusion_loss_coef: float = 0.0  # DLPO's β on the denoising loss
@@ -59,7 +62,9 @@ class DiffusionPolicyGradient:
     def __init__(self, policy: Any, prompts: Sequence[Row], reward: Reward, config: DiffusionPGConfig):
         self.policy, self.prompts, self.reward, self.config = policy, list(prompts), reward, config
         self.samples_per_prompt = config.samples_per_prompt
-        self.tracker = PG.PerPromptStatTracker(config.stat_buffer, config.stat_min_count)
+        self.tracker = PG.PerPromptStatTracker(
+            config.stat_buffer, config.stat_min_count, config.advantage_scale
+        )
 
     @torch.no_grad()
     def rollout(self, rows: Sequence[Row]) -> tuple[list[dict[str, Any]], dict[str, float]]:
