@@ -204,3 +204,10 @@ def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
     # diagonal covariances: ‖Δμ‖² + Σ (σa − σb)²  = 1 + (1−2)² + (2−1)² + 0
     assert frechet_distance(a, b) == pytest.approx(3.0, abs=0.2)
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_tonality_is_finite_on_extreme_mels():
+    cfg = MelConfig(mean=-3.0, std=2.0)
+    mels = torch.full((2, 1, 32, 32), 60.0)
+    mels[1, :, :, ::2] = -60.0
+    assert torch.isfinite(Tonality(cfg)(["x", "x"], mels)).all()

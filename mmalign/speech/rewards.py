@@ -6,6 +6,7 @@ rewards that need audio vocode them with the model's own Griffin-Lim settings.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,9 +47,10 @@ class Tonality:
 
     def __call__(self, prompts: Sequence[Any], mels: torch.Tensor) -> torch.Tensor:
         logmel = mels.float().squeeze(1) * self.mel.std + self.mel.mean  # [B, M, F]
-        flat = (logmel.mean(1).exp() / logmel.exp().mean(1)).clamp(0, 1)  # [B, F]
-        energy = logmel.exp().mean(1)
-        voiced = (energy >= energy.mean(1, keepdim=True)).float()
+        # log(arithmetic mean) through logsumexp, so extreme (e.g. reward-hacked) mels cannot overflow
+        log_mean = torch.logsumexp(logmel, 1) - math.log(logmel.shape[1])  # [B, F]
+        flat = (logmel.mean(1) - log_mean).exp().clamp(0, 1)
+        voiced = (log_mean >= log_mean.mean(1, keepdim=True)).float()
         return 1 - (flat * voiced).sum(1) / voiced.sum(1).clamp_min(1)
 
 
