@@ -83,12 +83,11 @@ def prepare(work: Path, n_pairs: int) -> dict:
     model.save_pretrained(work / "model")
     processor.save_pretrained(work / "model")
     rendered, labels = W.render_all(0)
-    cuts = D.thresholds(np.stack([np.asarray(im) for im in rendered[:n_pairs]]))
     (work / "images").mkdir(exist_ok=True)
     records = []
     for i in range(n_pairs):
         rendered[i].save(work / "images" / f"{i}.png")
-        facts = D.facts_of(np.asarray(rendered[i]), labels[i], cuts)
+        facts = D.facts_of(np.asarray(rendered[i]), labels[i])
         records.append({"image": f"images/{i}.png", "prompt": D.DESCRIBE_PROMPT, "facts": facts})
     rows = B.dpo_rows(records, seed=0)
     random.Random(0).shuffle(rows)

@@ -25,7 +25,7 @@ from mmalign.vision.vlm_policy import VisionLanguagePolicy
 from mmalign.zoo import vlm_world as W
 
 IMAGE_TOKENS = (16 // W.PATCH) ** 2
-TRUTH = {"digit": 7, "stroke": "thick", "ink": "bold", "frame": "framed"}
+TRUTH = {"digit": 7, "ink": "bold", "frame": "framed"}
 
 
 @pytest.fixture(scope="module")
@@ -96,27 +96,27 @@ def test_token_weighted_logps_match_hand_computation():
 # ---------------------------------------------------------------------------------------- digits language
 def test_describe_parse_and_injection():
     text = D.describe(TRUTH)
-    assert text == "digit 7. thick stroke. bold ink. framed."
+    assert text == "digit 7. bold ink. framed."
     assert [(s.field, s.value) for s in D.parse(text)] == [(f, TRUTH[f]) for f in D.FIELDS]
     bad = D.SwapRewriter().rewrite(text, TRUTH, random.Random(1))
     wrong = [s for s in D.parse(bad) if D.is_hallucinated(s, TRUTH)]
     assert len(wrong) == 1 and bad != text
-    response = "digit 1. thick stroke. bold inkk. framed."
+    response = "digit 1. bold inkk. framed."
     corrections = D.corrections_for(response, TRUTH)
     assert corrections == [
         {"start": 0, "original": "digit 1", "corrected": "digit 7"},
-        {"start": 23, "original": "bold inkk", "corrected": "bold ink"},
+        {"start": 9, "original": "bold inkk", "corrected": "bold ink"},
     ]
     row = Row("mem", 1, {"response": response, "corrections": corrections})
     assert apply_corrections(row).chosen == text
 
 
 def test_hallucination_metrics_by_hand():
-    responses = [D.describe(TRUTH), "digit 1. thick stroke. faint ink.", "digit 7. purple."]
+    responses = [D.describe(TRUTH), "digit 1. faint ink.", "digit 7. purple."]
     m = description_metrics(responses, [TRUTH] * 3)
     assert m["chair_s"] == pytest.approx(1 / 3)  # only the second response asserts something false
-    assert m["chair_i"] == pytest.approx(2 / 8)  # 4 + 3 + 1 checkable statements, 2 false
-    assert m["malformed_rate"] == pytest.approx(1 / 9)
+    assert m["chair_i"] == pytest.approx(2 / 6)  # 3 + 2 + 1 checkable statements, 2 false
+    assert m["malformed_rate"] == pytest.approx(1 / 7)
     assert m["digit_accuracy"] == pytest.approx(2 / 3) and m["correct"] == pytest.approx(1 / 3)
     assert pope_metrics(["yes", "No.", "maybe"], ["yes", "no", "no"]) == {
         "pope_accuracy": pytest.approx(2 / 3),
@@ -264,7 +264,7 @@ def test_noisy_response_is_scored_under_the_clean_image(tiny_dir):
 
 def test_dense_dpo_weights_changed_tokens_by_hand(tiny_dir):
     policy = _policy(tiny_dir)
-    response = "digit 1. thick stroke. bold ink. framed."
+    response = "digit 1. bold ink. framed."
     data = {
         "image": "images/0.png",
         "prompt": D.DESCRIBE_PROMPT,
@@ -335,7 +335,18 @@ def test_world_facts_are_measured_from_pixels():
         for frame in ("framed", "unframed"):
             rgb = np.asarray(W.render(bar, ink, frame))
             assert rgb.shape == (16, 16, 3)
-            facts = D.facts_of(rgb, 1, {"ink": 1.0})
-            assert facts == {"digit": 1, "stroke": "thick", "ink": ink, "frame": frame}
-    assert D.facts_of(np.asarray(W.render(bar, "bold", "framed")), 1, {"ink": 1e6})["stroke"] == "thin"
-    assert json.dumps(D.facts_of(np.asarray(W.render(bar, "faint", "unframed")), 7, {"ink": 1.0}))
+            assert D.facts_of(rgb, 1) == {"digit": 1, "ink": ink, "frame": frame}
+    assert json.dumps(D.facts_of(np.asarray(W.render(bar, "faint", "unframed")), 7))
+
+
+def test_sft_weight_adds_the_mean_token_nll_of_the_preferred_response(tiny_dir):
+    policy = _policy(tiny_dir)
+    rows = validate_vlm_preference_rows(read_rows(tiny_dir / "pairs.jsonl"), noisy=True)
+    plain = POVIDAlgorithm(policy, rows, POVIDConfig())
+    anchored = POVIDAlgorithm(policy, rows, POVIDConfig(sft_weight=0.5))
+    ex = plain.train_examples[:2]
+    with torch.no_grad():
+        diff = anchored.loss(ex)[0] - plain.loss(ex)[0]
+        chosen = policy.sequence_logprobs(policy.collate_pairs(ex)).split(2)[0]
+    nll = -(chosen.token_logps.sum(-1) / chosen.mask.sum(-1))
+    assert torch.allclose(diff, 0.5 * nll, atol=1e-6)

@@ -35,6 +35,9 @@ class POVIDConfig:
     beta1: float = 0.1
     beta2: float = 0.1
     noisy_context: str = "clean"
+    sft_weight: float = (
+        0.0  # λ of an optional NLL term on the preferred response (see `nll_term`); 0 = the seed
+    )
 
     def __post_init__(self) -> None:
         if self.noisy_context not in NOISY_CONTEXTS:
@@ -45,6 +48,18 @@ class POVIDConfig:
 
 def _scores(lp, weights: torch.Tensor | None = None, normalize: bool = False) -> torch.Tensor:
     return sequence_logps(lp.token_logps, lp.mask, weights, normalize)
+
+
+def nll_term(lp, n: int, weight: float) -> torch.Tensor:
+    """λ · mean-token NLL of the first n sequences (the preferred ones), added per sample to a preference loss.
+
+    Keeps DPO-style losses from lowering the preferred response's likelihood on small-edit pairs (where the
+    shared tokens' gradients nearly cancel and the policy drifts), as RPO does (Pang et al., 2024: DPO + NLL).
+    """
+    if weight < 0:
+        raise ValueError(f"sft_weight must be >= 0, got {weight}")
+    chosen = lp.split(n)[0]
+    return -weight * sequence_logps(chosen.token_logps, chosen.mask, normalize=True)
 
 
 class POVIDAlgorithm:
@@ -92,7 +107,8 @@ class POVIDAlgorithm:
     def loss(self, examples: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg, n = self.config, len(examples)
         batch, noisy = self._batch(examples)
-        scores = _scores(self.policy.sequence_logprobs(batch))
+        lp = self.policy.sequence_logprobs(batch)
+        scores = _scores(lp)
         with torch.no_grad(), self.policy.reference():
             ref = _scores(self.policy.sequence_logprobs(batch))
         ratios = scores - ref
@@ -104,6 +120,8 @@ class POVIDAlgorithm:
             h_n = h_n.index_put((idx,), ratios[2 * n :])
             mask = mask.index_put((idx,), torch.ones(len(noisy), device=h_w.device, dtype=h_w.dtype))
         losses = P.povid_loss(h_w, h_t, h_n, cfg.alpha, cfg.beta1, cfg.beta2, noisy_mask=mask)
+        if cfg.sft_weight:
+            losses = losses + nll_term(lp, n, cfg.sft_weight)
         metrics = P.preference_metrics(cfg.alpha * h_w.detach(), cfg.beta1 * h_t.detach())
         if noisy:
             metrics["rewards/noisy"] = (cfg.beta2 * h_n.detach()[mask.bool()]).mean()
@@ -127,6 +145,7 @@ class DenseDPOConfig:
     beta: float = 0.5
     gamma: float = 5.0
     length_normalize: bool = True
+    sft_weight: float = 0.0  # λ of an optional NLL term on the corrected response (see `nll_term`); 0 = paper
 
 
 def changed_tokens(tokenizer: Any, text: str, spans: Sequence[tuple[int, int]], ids: list[int]) -> list[int]:
@@ -188,6 +207,8 @@ class DenseDPOAlgorithm:
         ratios = scores - ref
         h_w, h_l = ratios[:n], ratios[n:]
         losses = P.dpo_loss(h_w, h_l, cfg.beta)
+        if cfg.sft_weight:
+            losses = losses + nll_term(lp, n, cfg.sft_weight)
         metrics = P.preference_metrics(cfg.beta * h_w.detach(), cfg.beta * h_l.detach())
         metrics["logps/chosen"] = scores[:n].detach().mean()
         metrics["logps/rejected"] = scores[n:].detach().mean()

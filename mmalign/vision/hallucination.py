@@ -84,7 +84,7 @@ def pope_metrics(answers: Sequence[str], truth: Sequence[str]) -> dict[str, floa
 class HallucinationEvaluator:
     """Greedy descriptions and yes/no probes on held-out images; the same dict before and after training.
 
-    `describe` rows: image, prompt and the ground truth (digit, stroke, ink, frame); `probes` rows: image,
+    `describe` rows: image, prompt and the ground truth (digit, ink, frame); `probes` rows: image,
     prompt (a yes/no question) and answer ("yes"/"no"). Both are checked when the evaluator is built.
     """
 

@@ -61,18 +61,21 @@ def povid_rows(
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """POVID rows: chosen = the ground-truth description, rejected = its hallucination-injected rewrite,
     rejected_noisy = the policy's greedy description of the diffusion-noised image (null when it equals the
-    ground truth, counted in the stats). The noisy response is scored against the CLEAN image in training.
+    ground truth or is empty, both counted in the stats). The noisy response is scored against the CLEAN image in training.
     """
     rewriter = rewriter or D.SwapRewriter()
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
     noisy_images = [diffusion_noise(img, noise_step, generator) for img in images]
     noisy = _greedy(policy, [r["prompt"] for r in records], noisy_images, batch_size)
-    rows, identical, hallucinating = [], 0, 0
+    rows, identical, empty, hallucinating = [], 0, 0, 0
     for rec, response in zip(records, noisy, strict=True):
         chosen = D.describe(rec["facts"])
         rejected = rewriter.rewrite(chosen, rec["facts"], rng)
         if response == chosen:
             identical += 1
+            response = None
+        elif not response.strip():  # the model ended at once: nothing asserted, nothing to disprefer
+            empty += 1
             response = None
         else:
             hallucinating += any(D.is_hallucinated(s, rec["facts"]) for s in D.parse(response))
@@ -86,7 +89,12 @@ def povid_rows(
             }
         )
     n = len(records)
-    return rows, {"noisy_identical_to_truth": identical / n, "noisy_hallucinating": hallucinating / n, "n": n}
+    stats = {
+        "noisy_identical_to_truth": identical / n,
+        "noisy_empty": empty / n,
+        "noisy_hallucinating": hallucinating / n,
+    }
+    return rows, {**stats, "n": n}
 
 
 def dpo_rows(

@@ -2,10 +2,9 @@
 
 A description is a few statements, each checkable against facts measured from the rendered RGB image itself:
 
-    "digit 7. thick stroke. bold ink. framed."
+    "digit 7. bold ink. framed."
 
 * digit: the scikit-learn label;
-* stroke: thin / thick, the number of inked interior pixels against the training median (a subtle attribute);
 * ink: bold / faint, the brightest interior pixel against the midpoint;
 * frame: framed / unframed, whether every border pixel is lit.
 
@@ -24,7 +23,6 @@ from typing import Protocol
 import numpy as np
 
 ATTRIBUTES: dict[str, tuple[str, str]] = {
-    "stroke": ("thin", "thick"),
     "ink": ("bold", "faint"),
     "frame": ("framed", "unframed"),
 }
@@ -32,13 +30,11 @@ FIELDS = ("digit", *ATTRIBUTES)
 DESCRIBE_PROMPT = "describe the digit."
 _STATEMENT = {
     "digit": (re.compile(r"^digit (\d)$"), "digit {}"),
-    "stroke": (re.compile(r"^(thin|thick) stroke$"), "{} stroke"),
     "ink": (re.compile(r"^(bold|faint) ink$"), "{} ink"),
     "frame": (re.compile(r"^(framed|unframed)$"), "{}"),
 }
 _PROBE = {
     "digit": "is it a {}?",
-    "stroke": "is the stroke {}?",
     "ink": "is the ink {}?",
     "frame": "is it {}?",
 }
@@ -47,27 +43,21 @@ Facts = Mapping[str, object]
 
 
 def measurements(rgb: np.ndarray) -> dict[str, float]:
-    """Inked interior pixels, brightest interior pixel and darkest border pixel of an [H, W, 3] image, in [0, 1]."""
+    """Brightest interior pixel and darkest border pixel of an [H, W, 3] image, in [0, 1]."""
     gray = np.asarray(rgb, dtype=np.float64).mean(axis=-1) / 255.0
     inner = gray[1:-1, 1:-1]
     peak = inner.max()
     if peak <= 0:
-        raise ValueError("an empty image has no measurable stroke")
+        raise ValueError("an empty image has no digit")
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    return {"ink": float((inner > 0.5 * peak).sum()), "peak": float(peak), "border": float(border.min())}
+    return {"peak": float(peak), "border": float(border.min())}
 
 
-def thresholds(images: np.ndarray) -> dict[str, float]:
-    """The training median of inked pixels: the cut between thin and thick strokes."""
-    return {"ink": float(np.median([measurements(img)["ink"] for img in images]))}
-
-
-def facts_of(rgb: np.ndarray, digit: int, cuts: Mapping[str, float]) -> dict[str, object]:
+def facts_of(rgb: np.ndarray, digit: int) -> dict[str, object]:
     """The ground truth of one rendered image: its digit and each attribute's value, measured from pixels."""
     m = measurements(rgb)
     return {
         "digit": int(digit),
-        "stroke": "thick" if m["ink"] > cuts["ink"] else "thin",
         "ink": "bold" if m["peak"] > 0.75 else "faint",
         "frame": "framed" if m["border"] >= 0.7 else "unframed",
     }
@@ -78,7 +68,7 @@ def statement(field: str, value: object) -> str:
 
 
 def describe(facts: Facts) -> str:
-    """The canonical description of a set of facts (digit first, then stroke, ink, frame)."""
+    """The canonical description of a set of facts (digit first, then ink, frame)."""
     return " ".join(statement(f, facts[f]) + "." for f in FIELDS)
 
 

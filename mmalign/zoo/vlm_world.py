@@ -1,8 +1,8 @@
 """The offline digits vision-language world: a tiny LLaVA that describes handwritten digits and hallucinates.
 
 scikit-learn's 1797 digits are rendered at 16×16 (gray, bold or faint ink, with or without a one-pixel frame) and
-described with checkable statements: the digit and three attributes measured from the rendered pixels (stroke
-thickness, ink, frame; see `mmalign.vision.vlm_digits`). Each digit has a usual ink and frame (drawn 75% of the
+described with checkable statements: the digit and two attributes measured from the rendered pixels (ink, frame;
+see `mmalign.vision.vlm_digits`). Each digit has a usual ink and frame (drawn 75% of the
 time), which is what makes a language prior possible. The base model is a real
 `LlavaForConditionalGeneration` (tiny CLIP vision tower + projector + tiny Llama over the character tokenizer)
 with a `LlavaProcessor`, trained from scratch on descriptions and yes/no probes.
@@ -96,11 +96,11 @@ class VLMWorldSpec:
     text_hidden: int = 64
     text_layers: int = 2
     heads: int = 4
-    sft_steps: int = 800
+    sft_steps: int = 1200
     batch_size: int = 32
     lr: float = 3e-3
     describe_share: float = 0.5  # the rest of each batch are yes/no probes
-    prior_noise: float = 0.6
+    prior_noise: float = 0.85
     noisy_attributes: tuple[str, ...] = ("ink", "frame")
     eval_fraction: float = 0.2
     max_images: int | None = None
@@ -276,8 +276,7 @@ def build_vlm_world(out_dir: str | Path, spec: VLMWorldSpec | None = None, log=p
     perm = torch.randperm(len(rendered), generator=torch.Generator().manual_seed(spec.seed))[:n].tolist()
     n_eval = int(n * spec.eval_fraction)
     held_out, train = perm[:n_eval], perm[n_eval:]
-    cuts = D.thresholds(np.stack([np.asarray(rendered[i]) for i in train]))
-    facts = {i: D.facts_of(np.asarray(rendered[i]), labels[i], cuts) for i in perm}
+    facts = {i: D.facts_of(np.asarray(rendered[i]), labels[i]) for i in perm}
     pil = {i: rendered[i] for i in perm}
     for i in perm:
         pil[i].save(out / "images" / f"{i:04d}.png")
@@ -335,7 +334,6 @@ def build_vlm_world(out_dir: str | Path, spec: VLMWorldSpec | None = None, log=p
     world = {
         "world": "vlm",
         **asdict(spec),
-        "attribute_cuts": cuts,
         "prior": {str(k): v for k, v in prior.items()},
         "biased_caption_share": noise_share,
         "n_train_images": len(train),
