@@ -214,3 +214,14 @@ def test_diffusion_dpo_recipe_reads_image_pairs_and_names_bad_rows(pipeline_dir,
     (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=r"pairs\.jsonl.*line 3.*image_l"):
         build_run(recipe)
+
+
+def test_train_step_range_keeps_training_off_the_last_low_noise_steps(pipeline_dir):
+    policy = _policy(pipeline_dir)  # 4 DDIM steps
+    rows = rows_from_records([{"prompt": p} for p in PROMPTS])
+    cfg = DiffusionPGConfig(per_prompt_stats=False, train_step_range=(0.0, 0.5))
+    examples, _ = DiffusionPolicyGradient(policy, rows, Brightness(), cfg).rollout(rows)
+    policy.scheduler.set_timesteps(4)
+    assert examples[0]["timesteps"].tolist() == policy.scheduler.timesteps[:2].tolist()
+    with pytest.raises(ValueError, match="train_step_range"):
+        DiffusionPGConfig(train_step_range=(0.5, 0.5))

@@ -36,6 +36,10 @@ class DiffusionPGConfig:
     clip_range: float = 1e-4
     max_abs_advantage: float = 5.0
     timestep_fraction: float = 1.0  # share of the stochastic steps trained on per sample
+    # Which part of the sampler's steps (fractions of the trajectory, in sampling order) may be trained on. The
+    # log-prob gradient scales as 1/σ_t, so the last low-noise steps, which no longer decide what is drawn, can
+    # dominate the update with noise; (0, 0.8) leaves out the last fifth.
+    train_step_range: tuple[float, float] = (0.0, 1.0)
     samples_per_prompt: int = 1
     stat_buffer: int = 32  # per-prompt reward history kept by the stat tracker
     stat_min_count: int = 16  # fewer rewards than this for a prompt: normalise with batch statistics
@@ -52,6 +56,11 @@ class DiffusionPGConfig:
             raise ValueError(f"loss_type must be ppo or reinforce, got {self.loss_type!r}")
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+        lo, hi = self.train_step_range
+        if not 0 <= lo < hi <= 1:
+            raise ValueError(
+                f"train_step_range must be (lo, hi) with 0 <= lo < hi <= 1, got {self.train_step_range}"
+            )
 
 
 class DiffusionPolicyGradient:
@@ -86,7 +95,13 @@ class DiffusionPolicyGradient:
 
         # One random subset of the stochastic steps per rollout, shared by its samples so that every trained
         # step is a single scheduler step with one timestep for the whole micro-batch.
-        usable = trajectory.conditioning["stochastic"].nonzero().flatten()
+        n_total = len(trajectory.timesteps)
+        lo, hi = (round(f * n_total) for f in cfg.train_step_range)
+        stochastic = trajectory.conditioning["stochastic"].clone()
+        stochastic[:lo], stochastic[hi:] = False, False
+        usable = stochastic.nonzero().flatten()
+        if len(usable) == 0:
+            raise ValueError(f"train_step_range {cfg.train_step_range} leaves no stochastic step to train on")
         n_train = max(1, round(cfg.timestep_fraction * len(usable)))
         steps = usable[torch.randperm(len(usable))[:n_train]].sort().values
         examples = []
