@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import inspect
 import os
 import shutil
 from pathlib import Path
@@ -86,21 +88,37 @@ def world_dir(name: str) -> Path:
     return zoo_home() / name
 
 
+def fingerprint(name: str) -> str:
+    """Hash of a world's builder source and spec: a cached world built by other code is rebuilt, not reused."""
+    module_name = WORLDS[name][0]
+    _, spec = _builder(name)
+    source = Path(inspect.getsourcefile(importlib.import_module(module_name)) or "").read_bytes()
+    return hashlib.sha256(source + repr(spec()).encode()).hexdigest()[:16]
+
+
+def _is_current(out: Path, name: str) -> bool:
+    stamp = out / "fingerprint.txt"
+    return (out / "world.json").exists() and stamp.exists() and stamp.read_text().strip() == fingerprint(name)
+
+
 def build(name: str, force: bool = False, log=print) -> Path:
     """Build a world into the cache (atomically: a half-built world is never used)."""
     if name not in WORLDS:
         raise ValueError(f"unknown world {name!r}; known: {', '.join(sorted(WORLDS))}")
     out = world_dir(name)
-    if (out / "world.json").exists() and not force:
+    if not force and _is_current(out, name):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):  # a second process asking for the same world waits, then reuses it
-        if (out / "world.json").exists() and not force:
+        if not force and _is_current(out, name):
             return out
+        if (out / "world.json").exists():
+            log(f"[zoo] {name}: the cached world was built by other code or settings; rebuilding")
         builder, spec = _builder(name)
         tmp = out.with_name(out.name + ".building")
         shutil.rmtree(tmp, ignore_errors=True)
         builder(tmp, spec(), log=log)
+        (tmp / "fingerprint.txt").write_text(fingerprint(name) + "\n")
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     return out
