@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 EXTRAS := vision,speech,speech-world,speech-mos,tracking,parquet,dev
 
-.PHONY: setup demo test test-all lint zoo bench clean
+.PHONY: setup demo demo-text test test-all lint zoo bench clean
 
 setup: $(VENV)/.installed
 
@@ -16,7 +16,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
 
-demo: setup  ## build the offline text world (first time only) and align it with DPO
+demo: setup  ## build the offline digits image world (first time only) and align it with DDPO
+	$(BIN)/mmalign train vision/ddpo_digits.yaml --output-dir runs/demo-ddpo
+	@echo "before/after grids: runs/demo-ddpo/samples_before.png runs/demo-ddpo/samples_after.png"
+	@echo "report: runs/demo-ddpo/report.md   summary: runs/demo-ddpo/summary.json"
+
+demo-text: setup  ## build the offline text world (first time only) and align it with DPO
 	$(BIN)/mmalign train text/dpo.yaml --output-dir runs/demo-dpo
 	@echo "report: runs/demo-dpo/report.md   summary: runs/demo-dpo/summary.json"
 

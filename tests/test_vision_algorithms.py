@@ -225,3 +225,18 @@ def test_train_step_range_keeps_training_off_the_last_low_noise_steps(pipeline_d
     assert examples[0]["timesteps"].tolist() == policy.scheduler.timesteps[:2].tolist()
     with pytest.raises(ValueError, match="train_step_range"):
         DiffusionPGConfig(train_step_range=(0.5, 0.5))
+
+
+@pytest.mark.parametrize("name", ["ddpo_digits", "dpok_digits", "ddpo_compressibility"])
+def test_diffusion_policy_gradient_recipes_parse(name):
+    from pathlib import Path
+
+    from mmalign.build import model_config
+    from mmalign.config import load_recipe, to_dataclass
+
+    recipe = load_recipe(str(Path(__file__).resolve().parents[1] / "vision" / f"{name}.yaml"), [])
+    model_config(recipe["model"])
+    section = {k: v for k, v in recipe["algorithm"].items() if k != "reward"}
+    cfg = to_dataclass(DiffusionPGConfig, section, "algorithm")
+    TrainConfig(**recipe["train"])
+    assert cfg.train_step_range[1] < 1.0
