@@ -28,6 +28,30 @@ def _load_trained(policy, run_dir: Path) -> None:
     load_trainable(policy.module, load_state(last, "policy"))
 
 
+def _check_same_run(recipe: dict, out: Path) -> None:
+    """Resuming continues the run in `out`: refuse if its checkpoints come from another recipe (only a longer
+    `train.max_steps` may differ), instead of silently mixing two runs."""
+    import yaml
+
+    from mmalign.train.checkpoint import latest_checkpoint
+
+    previous = out / "recipe.yaml"
+    resume = (recipe.get("train") or {}).get("resume", True)
+    if not resume or not previous.exists() or latest_checkpoint(out) is None:
+        return
+
+    def comparable(r: dict) -> dict:
+        r = yaml.safe_load(yaml.safe_dump(r))
+        (r.get("train") or {}).pop("max_steps", None)
+        return r
+
+    if comparable(yaml.safe_load(previous.read_text())) != comparable(recipe):
+        raise RecipeError(
+            f"{out} holds checkpoints of a different recipe ({previous}); resuming would mix two runs: "
+            "use another --output-dir, or --set train.resume=false to start over there"
+        )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
@@ -39,6 +63,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     with state.main_process_first():  # the main process builds any zoo world first; the others then load it
         policy, algorithm, train_cfg, evaluator, report = build_run(recipe)
     out = Path(args.output_dir)
+    _check_same_run(recipe, out)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         dump_recipe(recipe, out / "recipe.yaml")

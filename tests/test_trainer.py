@@ -184,3 +184,16 @@ def test_bf16_autocast_and_tensorboard_tracker(tiny_recipe, tmp_path):
     assert trainer.accelerator.mixed_precision == "bf16"
     assert all(math.isfinite(x) for x in _losses(tmp_path / "bf16"))
     assert list((tmp_path / "bf16").rglob("events.out.tfevents.*")), "no TensorBoard event file written"
+
+
+def test_cli_refuses_to_resume_a_run_directory_of_another_recipe(tiny_recipe, tmp_path):
+    from mmalign.cli import main
+
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(tiny_recipe))
+    out = tmp_path / "run"
+    assert main(["train", str(recipe_file), "-o", str(out), "--set", "train.max_steps=2"]) == 0
+    # a longer run of the same recipe resumes; a changed recipe is refused before anything is overwritten
+    assert main(["train", str(recipe_file), "-o", str(out), "--set", "train.max_steps=3"]) == 0
+    assert main(["train", str(recipe_file), "-o", str(out), "--set", "train.lr=0.5"]) == 2
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["train"]["max_steps"] == 3
