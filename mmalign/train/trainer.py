@@ -248,9 +248,7 @@ class Trainer:
         DeepSpeed counts every backward as a micro-step, so there the terms are summed into one backward.
         """
         terms = getattr(self.algorithm, "loss_terms", None)
-        if terms is None:
-            return [lambda: self.algorithm.loss(batch)]
-        if self.accelerator.distributed_type.value == "DEEPSPEED":
+        if terms is None or self.accelerator.distributed_type.value == "DEEPSPEED":
             return [lambda: self.algorithm.loss(batch)]
         return terms(batch)
 
