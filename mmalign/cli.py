@@ -33,6 +33,7 @@ def _check_same_run(recipe: dict, out: Path) -> None:
     `train.max_steps` may differ), instead of silently mixing two runs."""
     import yaml
 
+    from mmalign.config import load_yaml
     from mmalign.train.checkpoint import latest_checkpoint
 
     previous = out / "recipe.yaml"
@@ -41,11 +42,11 @@ def _check_same_run(recipe: dict, out: Path) -> None:
         return
 
     def comparable(r: dict) -> dict:
-        r = yaml.safe_load(yaml.safe_dump(r))
+        r = load_yaml(yaml.safe_dump(r))
         (r.get("train") or {}).pop("max_steps", None)
         return r
 
-    if comparable(yaml.safe_load(previous.read_text())) != comparable(recipe):
+    if comparable(load_yaml(previous.read_text())) != comparable(recipe):
         raise RecipeError(
             f"{out} holds checkpoints of a different recipe ({previous}); resuming would mix two runs: "
             "use another --output-dir, or --set train.resume=false to start over there"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -14,6 +15,29 @@ import yaml
 T = TypeVar("T")
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.2 floats: `1e-4` and `5E3` are numbers (PyYAML's 1.1 resolver reads them as strings)."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse recipe YAML the way users write numbers (`lr: 1e-4` is a float)."""
+    return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
 class RecipeError(ValueError):
     """A recipe (or an override) that cannot describe a run; the message names the key."""
 
@@ -22,7 +46,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict[st
     """Read a recipe file and apply `section.key=value` overrides (values parsed as YAML)."""
     path = Path(path)
     try:
-        recipe = yaml.safe_load(path.read_text())
+        recipe = load_yaml(path.read_text())
     except OSError as err:
         raise RecipeError(f"cannot read recipe {path}: {err}") from err
     except yaml.YAMLError as err:
@@ -39,7 +63,7 @@ def apply_overrides(recipe: dict[str, Any], overrides: list[str]) -> dict[str, A
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise RecipeError(f"override {item!r} is not of the form section.key=value")
-        value = yaml.safe_load(raw) if raw else None
+        value = load_yaml(raw) if raw else None
         node = out
         parts = key.split(".")
         for part in parts[:-1]:

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from mmalign.build import build_run
-from mmalign.config import RecipeError, apply_overrides
+from mmalign.config import RecipeError, apply_overrides, load_recipe
 from mmalign.train import checkpoint as ckpt
 from mmalign.train.trainer import Trainer, TrainingError
 
@@ -168,6 +168,22 @@ def test_recipe_errors_name_the_key(tiny_recipe):
     assert build_run(recipe)[2].lr == 5e-4
 
 
+def test_recipe_numbers_parse_as_users_write_them(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("train: {lr: 1e-4, eps: 5E3, beta: 1.0e-4, steps: 10, name: 1e, range: [0.0, .8]}\n")
+    train = load_recipe(path, ["train.wd=3e-2"])["train"]
+    assert train == {
+        "lr": 1e-4,
+        "eps": 5e3,
+        "beta": 1e-4,
+        "steps": 10,
+        "name": "1e",
+        "range": [0.0, 0.8],
+        "wd": 3e-2,
+    }
+    assert isinstance(train["steps"], int) and isinstance(train["lr"], float)
+
+
 def test_bf16_autocast_and_tensorboard_tracker(tiny_recipe, tmp_path):
     pytest.importorskip("tensorboard")
     recipe = apply_overrides(
@@ -195,5 +211,10 @@ def test_cli_refuses_to_resume_a_run_directory_of_another_recipe(tiny_recipe, tm
     assert main(["train", str(recipe_file), "-o", str(out), "--set", "train.max_steps=2"]) == 0
     # a longer run of the same recipe resumes; a changed recipe is refused before anything is overwritten
     assert main(["train", str(recipe_file), "-o", str(out), "--set", "train.max_steps=3"]) == 0
+    # the same number spelled another way (`1e-3` vs `0.001`) is the same recipe
+    spelled = recipe_file.read_text().replace("lr: 0.001", "lr: 1e-3")
+    assert spelled != recipe_file.read_text()
+    (tmp_path / "spelled.yaml").write_text(spelled)
+    assert main(["train", str(tmp_path / "spelled.yaml"), "-o", str(out), "--set", "train.max_steps=3"]) == 0
     assert main(["train", str(recipe_file), "-o", str(out), "--set", "train.lr=0.5"]) == 2
     assert yaml.safe_load((out / "recipe.yaml").read_text())["train"]["max_steps"] == 3
