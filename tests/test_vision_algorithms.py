@@ -183,17 +183,39 @@ def test_offline_diffusion_dpo_learns_the_preference(pipeline_dir, tmp_path):
     assert margin() > start + 0.05
 
 
-def test_image_evaluator_reports_win_rate_and_kl(pipeline_dir):
-    policy = _policy(pipeline_dir)
-    evaluator = ImageEvaluator(rows_from_records([{"prompt": p} for p in PROMPTS]), [Brightness()], seeds=2)
+class BrightAgreement(Brightness):
+    """Brightness with a pass/fail reading (above `threshold`), like the digit classifier's agreement."""
+
+    threshold = 0.0
+
+    def agreement(self, prompts, images):
+        return self(prompts, images) > self.threshold
+
+
+def test_image_evaluator_reports_win_rate_kl_and_paired_gain(pipeline_dir):
+    policy, reward = _policy(pipeline_dir), BrightAgreement()
+    evaluator = ImageEvaluator(rows_from_records([{"prompt": p} for p in PROMPTS]), [reward], seeds=2)
+    jobs = evaluator._jobs()
+    reward.threshold = evaluator._images(policy, jobs, kl=False)[0].mean(dim=(1, 2, 3)).median().item()
     base = evaluator.evaluate(policy)
     assert base["win_rate_vs_base"] == 0.5 and base["kl_to_base"] == pytest.approx(0.0, abs=1e-8)
     assert base["n_images"] == 8
+    assert base["brightness_agreement_gain"] == 0 and base["brightness_agreement_gain_se"] == 0
     with torch.no_grad():
         for p in policy.trainable_parameters():
             p.add_(0.3 * torch.randn_like(p))
     moved = evaluator.evaluate(policy)
     assert moved["kl_to_base"] > 0 and moved["win_rate_vs_base"] != 0.5
+    # the paired gain over the same-noise base images, and its standard error, by hand
+    ours = reward.agreement(None, evaluator._images(policy, jobs, kl=False)[0]).float()
+    with policy.reference():
+        theirs = reward.agreement(None, evaluator._images(policy, jobs, kl=False)[0]).float()
+    diff = (ours - theirs).tolist()
+    mean = sum(diff) / 8
+    se = (sum((d - mean) ** 2 for d in diff) / 7) ** 0.5 / 8**0.5
+    assert moved["brightness_agreement"] - base["brightness_agreement"] == pytest.approx(mean)
+    assert moved["brightness_agreement_gain"] == pytest.approx(mean)
+    assert moved["brightness_agreement_gain_se"] == pytest.approx(se) and se > 0
 
 
 def test_diffusion_dpo_recipe_reads_image_pairs_and_names_bad_rows(pipeline_dir, tmp_path):

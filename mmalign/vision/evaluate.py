@@ -16,6 +16,8 @@ class ImageEvaluator:
 
     - `<reward>`: the mean of each reward (a reward with an `agreement` method also reports it, e.g. the digit
       classifier's share of images showing the prompted digit);
+    - `<reward>_agreement_gain` and `<reward>_agreement_gain_se`: the paired change in agreement over the base
+      model's image from the same noise, and its standard error (std of the per-image differences / √n);
     - `win_rate_vs_base`: share of (prompt, seed) where the policy's image outscores the base model's image from
       the same initial noise under the first reward (ties count ½; exactly 0.5 for the base itself);
     - `kl_to_base`: mean over images of Σ_steps KL(p_θ(x_{t−1}|x_t) ‖ p_base(x_{t−1}|x_t)) along the policy's own
@@ -85,7 +87,11 @@ class ImageEvaluator:
             values = score(reward, prompts, images).float()
             metrics[reward.name] = values.mean().item()
             if hasattr(reward, "agreement"):
-                metrics[f"{reward.name}_agreement"] = reward.agreement(prompts, images).float().mean().item()
+                agree = reward.agreement(prompts, images).float()
+                gain = agree - reward.agreement(prompts, base_images).float()
+                metrics[f"{reward.name}_agreement"] = agree.mean().item()
+                metrics[f"{reward.name}_agreement_gain"] = gain.mean().item()
+                metrics[f"{reward.name}_agreement_gain_se"] = (gain.std() / len(gain) ** 0.5).item()
         first = self.rewards[0]
         ours, base = score(first, prompts, images).float(), score(first, prompts, base_images).float()
         metrics["win_rate_vs_base"] = ((ours > base).float() + 0.5 * (ours == base).float()).mean().item()
