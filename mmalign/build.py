@@ -427,7 +427,11 @@ def build_algorithm(
             from mmalign.train.diffusion_pg import DiffusionPGConfig, DiffusionPolicyGradient
 
             return DiffusionPolicyGradient(
-                policy, prompts, reward, to_dataclass(DiffusionPGConfig, section, "algorithm")
+                policy,
+                prompts,
+                reward,
+                to_dataclass(DiffusionPGConfig, section, "algorithm"),
+                targets=_rows(data.get("targets"), validate_prompt_rows),  # DLPO's real outputs
             )
         from mmalign.train.online import PolicyGradientConfig, SequencePolicyGradient
 

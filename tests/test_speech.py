@@ -77,6 +77,57 @@ def test_dlpo_penalty_is_the_noise_regression_to_the_final_sample(world):
     torch.testing.assert_close(got, ((eps - eps_tilde) ** 2).mean((1, 2, 3)), atol=1e-5, rtol=1e-5)
 
 
+def test_dlpo_data_penalty_is_the_pretraining_loss_on_real_speech(world):
+    """DLPO's data term, recomputed by hand: the recording's mel noised at (ε, t), the ε-error of the denoiser
+    under the prompt and under the empty prompt, averaged."""
+    policy = _policy(world)
+    rows = read_rows(world / "train_speech.jsonl")[:3]
+    targets = [policy.encode_target(r) for r in rows]
+    x0 = torch.stack([t["latents"] for t in targets])
+    wave = read_wav(world / rows[0].data["audio"], 8000)
+    torch.testing.assert_close(x0[0], policy.frontend(wave)[0])
+    embeds = policy.encode_prompts([t["prompt"] for t in targets])
+    torch.manual_seed(5)
+    got = policy.data_denoising_loss({"target": x0, "prompt_embeds": embeds})
+    torch.manual_seed(5)
+    noise, t = torch.randn(x0.shape), torch.randint(0, 1000, (3,))
+    abar = policy.train_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    with torch.no_grad():
+        cond = policy.module(x_t, t, encoder_hidden_states=embeds).sample
+        empty = policy.module(x_t, t, encoder_hidden_states=policy.encode_prompts([""] * 3)).sample
+    expected = 0.5 * (((cond - noise) ** 2).mean((1, 2, 3)) + ((empty - noise) ** 2).mean((1, 2, 3)))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dlpo_data_loss_checks_its_recordings_before_training(world, tmp_path):
+    from mmalign.train.diffusion_pg import DiffusionPGConfig, DiffusionPolicyGradient
+
+    policy, reward = _policy(world, num_steps=2), Intelligibility.from_pretrained(str(world / "recogniser"))
+    prompts = rows_from_records([{"prompt": "seven"}, {"prompt": "7!"}])
+    data = DiffusionPGConfig(diffusion_loss_coef=1.0, diffusion_loss_on="data")
+    with pytest.raises(ValueError, match=r"needs real outputs of the prompts in data\.targets"):
+        DiffusionPolicyGradient(policy, prompts, reward, data)
+    good = str(world / "heldout_speech" / "0000_zero.wav")
+    sf.write(tmp_path / "rate.wav", np.zeros(100, dtype=np.float32), 16000)
+    (tmp_path / "t.jsonl").write_text(
+        json.dumps({"prompt": "seven", "audio": good})
+        + "\n"
+        + json.dumps({"prompt": "7!", "audio": "rate.wav"})
+    )
+    with pytest.raises(AudioError, match="16000 Hz") as err:
+        DiffusionPolicyGradient(policy, prompts, reward, data, targets=read_rows(tmp_path / "t.jsonl"))
+    assert err.value.line == 2 and err.value.field == "audio"
+    (tmp_path / "t.jsonl").write_text(json.dumps({"prompt": "seven", "audio": good}) + "\n")
+    with pytest.raises(DataError, match="no real output for this prompt") as err:
+        DiffusionPolicyGradient(policy, prompts, reward, data, targets=read_rows(tmp_path / "t.jsonl"))
+    assert err.value.line == 2 and err.value.field == "prompt"
+    with pytest.raises(ValueError, match="only used by DLPO's data loss"):
+        DiffusionPolicyGradient(
+            policy, prompts, reward, DiffusionPGConfig(), targets=read_rows(tmp_path / "t.jsonl")
+        )
+
+
 def test_wav_round_trip_and_mel_shape(tmp_path):
     rate = 8000
     wave = 0.5 * torch.sin(2 * math.pi * 440 * torch.arange(4000) / rate)

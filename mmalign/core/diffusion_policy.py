@@ -4,7 +4,7 @@ An adapter (text-to-image, text-to-speech) subclasses `DenoisingPolicy` and supp
 become conditioning (`encode_prompts`), how final latents become outputs (`decode`), how a preference pair's files
 become latents (`encode_pair`) and how trained weights are saved. Everything the algorithms call on a diffusion
 policy (`sample`, `conditioning_of`, `step_batch`, `step_distribution`, `trajectory_denoising_loss`,
-`collate_pairs`, `sequence_logprobs`) lives here once, shape-generic over the latent layout.
+`data_denoising_loss`, `collate_pairs`, `sequence_logprobs`) lives here once, shape-generic over the latent layout.
 """
 
 from __future__ import annotations
@@ -174,6 +174,11 @@ class DenoisingPolicy(TrainableModule, ABC):
                 self.device
             ),
             "final": torch.stack([e["conditioning"]["final"] for e in examples]).to(self.device),
+            **(
+                {"target": torch.stack([e["target"] for e in examples]).to(self.device)}
+                if "target" in examples[0]
+                else {}
+            ),
         }
 
     def step_distribution(self, step: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,12 +189,36 @@ class DenoisingPolicy(TrainableModule, ABC):
         return step_distribution(self.scheduler, self.predict(x, t, step["prompt_embeds"]), t, x, self.eta)
 
     def trajectory_denoising_loss(self, step: dict[str, torch.Tensor]) -> torch.Tensor:
-        """DLPO's penalty: ‖ε̃ − ε_θ(x_t, c, t)‖² with ε̃ the noise that takes the final sample to the recorded x_t."""
+        """DLPO's penalty read literally on the sampled trajectory: ‖ε̃ − ε_θ(x_t, c, t)‖², ε̃ the noise that takes the
+        final sample to the recorded x_t. It regresses the model onto its own (guided) samples, whatever they are."""
         x, t, x0 = step["latents"], step["timestep"], step["final"]
         abar = self.train_scheduler.alphas_cumprod.to(x.device)[t]
         target = ((x - abar.sqrt() * x0) / (1 - abar).sqrt()).detach()
         output = self.predict(x, t.expand(len(x)), step["prompt_embeds"], guidance=1.0)
         return ((output - target) ** 2).flatten(1).mean(1)
+
+    def data_denoising_loss(self, step: dict[str, torch.Tensor]) -> torch.Tensor:
+        """DLPO's penalty on real data: the pretraining ε-loss of the step's target outputs (seed 004 §4.5.6).
+
+        ‖ε − ε_θ(x_t, c, t)‖² with x_t = sqrt(ᾱ_t)·x_0 + sqrt(1 − ᾱ_t)·ε, x_0 a real output for the prompt, fresh ε
+        and t ~ U{0, T−1}, as DLPO's reference implementation noises the prompt's recording. The sampler guides
+        with the empty prompt too, so its branch gets the same loss: per sample ½(‖ε − ε_θ(x_t, c)‖² +
+        ‖ε − ε_θ(x_t, ∅)‖²), both on the same (ε, t).
+        """
+        x0 = step["target"]
+        n = len(x0)
+        noise = torch.randn(x0.shape, dtype=x0.dtype).to(x0.device)
+        t = torch.randint(0, self.train_scheduler.config.num_train_timesteps, (n,)).to(x0.device)
+        embeds = torch.cat([step["prompt_embeds"], self._negative_embeds(n)])
+        loss = denoising_loss(
+            lambda x, tt: self._denoise(self._net(), x, tt, embeds),
+            self.train_scheduler,
+            torch.cat([x0, x0]),
+            torch.cat([noise, noise]),
+            torch.cat([t, t]),
+        )
+        cond, uncond = loss.chunk(2)
+        return 0.5 * (cond + uncond)
 
     # ---------------------------------------------------------------------- preference (Diffusion-DPO)
     def collate_pairs(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -3,7 +3,7 @@
 The shared `DenoisingPolicy` does sampling, per-step log-probs, DLPO's denoising penalty and Diffusion-DPO scores;
 this adapter adds what is specific to speech: prompts checked against the encoder's alphabet, final latents that
 *are* standardised log-mels (`decode` returns them, so recogniser rewards stay differentiable on the mel),
-`to_waveform` through Griffin-Lim, and preference pairs read from WAV files.
+`to_waveform` through Griffin-Lim, and preference pairs and DLPO's real recordings read from WAV files.
 """
 
 from __future__ import annotations
@@ -99,19 +99,30 @@ class DiffusionSpeechPolicy(DenoisingPolicy):
         """Audio `[B, samples]` at `sample_rate` from mels, through the Griffin-Lim vocoder."""
         return self.vocoder(mels.detach().cpu())
 
-    # ---------------------------------------------------------------------- preference (Diffusion-DPO)
-    def encode_pair(self, row: Row) -> dict[str, Any]:
-        """Read a pair's WAVs (`audio_w`, `audio_l`; validated rate, non-empty) and turn them into mels once."""
+    # ------------------------------------------------------------------------------- recordings as mels
+    def _mel_of(self, row: Row, field: str) -> torch.Tensor:
+        """The mel `[1, n_mels, frames]` of the WAV named in `field` (relative to the row's file; validated)."""
         base = Path(row.source).parent if row.source and not row.source.startswith("<") else Path(".")
-        mels = []
-        for field in ("audio_w", "audio_l"):
-            value = row.data.get(field)
-            if not isinstance(value, str) or not value.strip():
-                raise row.error(field, f"expected an audio file path, got {type(value).__name__}")
-            path = Path(value) if Path(value).is_absolute() else base / value
-            mels.append(self.frontend(read_wav(path, self.sample_rate, row=row, field=field))[0])
+        value = row.data.get(field)
+        if not isinstance(value, str) or not value.strip():
+            raise row.error(field, f"expected an audio file path, got {type(value).__name__}")
+        path = Path(value) if Path(value).is_absolute() else base / value
+        return self.frontend(read_wav(path, self.sample_rate, row=row, field=field))[0]
+
+    def _check_prompt(self, row: Row) -> None:
         try:
             self.chars.check(row.data.get("prompt"))
         except AlphabetError as err:
             raise row.error("prompt", str(err)) from None
+
+    def encode_target(self, row: Row) -> dict[str, Any]:
+        """A real recording of a prompt (`audio`) as its mel: DLPO's pretraining data (`data.targets`)."""
+        mel = self._mel_of(row, "audio")
+        self._check_prompt(row)
+        return {"prompt": row.data["prompt"], "latents": mel}
+
+    def encode_pair(self, row: Row) -> dict[str, Any]:
+        """Read a pair's WAVs (`audio_w`, `audio_l`; validated rate, non-empty) and turn them into mels once."""
+        mels = [self._mel_of(row, field) for field in ("audio_w", "audio_l")]
+        self._check_prompt(row)
         return {"prompt": row.data["prompt"], "latents_w": mels[0], "latents_l": mels[1]}

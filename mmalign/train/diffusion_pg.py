@@ -8,8 +8,11 @@ re-scores a random subset of the recorded steps under the current weights:
   plain score function (`loss_type: reinforce`, DDPO-SF);
 - DPOK (Fan et al. 2023; seed 004 §4.5.1): adds `kl_coef` × KL(p_θ(x_{t-1}|x_t) ‖ p_ref(x_{t-1}|x_t)), the KL
   between the two step Gaussians (same σ, so ‖μ_θ − μ_ref‖²/2σ², averaged over dimensions);
-- DLPO (seed 004 §4.5.6): adds `diffusion_loss_coef` × the model's own denoising loss at the recorded x_t,
-  keeping the fine-tuned model a good denoiser.
+- DLPO (seed 004 §4.5.6): adds `diffusion_loss_coef` (β) × the diffusion model's own denoising loss, keeping the
+  fine-tuned model a good denoiser. `diffusion_loss_on: data` computes it as DLPO's reference implementation
+  does: the pretraining ε-loss on real outputs of the rollout's prompts (`data.targets`), freshly noised;
+  `samples` on the recorded trajectory itself (x_t and the noise implied by the policy's own final sample),
+  which pulls the model towards its own samples, reward-hacked or not.
 """
 
 from __future__ import annotations
@@ -50,12 +53,15 @@ class DiffusionPGConfig:
     kl_coef: float = 0.0  # DPOK's β
     reward_coef: float = 1.0  # DPOK/DLPO's α on the policy-gradient term
     diffusion_loss_coef: float = 0.0  # DLPO's β on the denoising loss
+    diffusion_loss_on: str = "samples"  # samples: the recorded trajectory | data: real outputs (data.targets)
 
     def __post_init__(self) -> None:
         if self.loss_type not in ("ppo", "reinforce"):
             raise ValueError(f"loss_type must be ppo or reinforce, got {self.loss_type!r}")
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+        if self.diffusion_loss_on not in ("samples", "data"):
+            raise ValueError(f"diffusion_loss_on must be samples or data, got {self.diffusion_loss_on!r}")
         lo, hi = self.train_step_range
         if not 0 <= lo < hi <= 1:
             raise ValueError(
@@ -68,12 +74,44 @@ class DiffusionPolicyGradient:
 
     online = True
 
-    def __init__(self, policy: Any, prompts: Sequence[Row], reward: Reward, config: DiffusionPGConfig):
+    def __init__(
+        self,
+        policy: Any,
+        prompts: Sequence[Row],
+        reward: Reward,
+        config: DiffusionPGConfig,
+        targets: Sequence[Row] = (),
+    ):
         self.policy, self.prompts, self.reward, self.config = policy, list(prompts), reward, config
         self.samples_per_prompt = config.samples_per_prompt
         self.tracker = PG.PerPromptStatTracker(
             config.stat_buffer, config.stat_min_count, config.advantage_scale
         )
+        self.targets = self._read_targets(targets)
+
+    def _read_targets(self, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
+        """Real outputs per prompt for DLPO's data loss, read (named errors) before training; {} if unused."""
+        cfg = self.config
+        used = cfg.diffusion_loss_coef != 0 and cfg.diffusion_loss_on == "data"
+        if not used:
+            if rows:
+                raise ValueError(
+                    "data.targets is only used by DLPO's data loss (diffusion_loss_on: data with "
+                    "diffusion_loss_coef != 0); remove it or enable that loss"
+                )
+            return {}
+        if not rows:
+            raise ValueError("diffusion_loss_on: data needs real outputs of the prompts in data.targets")
+        if not hasattr(self.policy, "encode_target"):
+            raise TypeError(f"{type(self.policy).__name__} cannot read real outputs (data.targets)")
+        pools: dict[str, list[torch.Tensor]] = {}
+        for row in rows:
+            encoded = self.policy.encode_target(row)
+            pools.setdefault(encoded["prompt"], []).append(encoded["latents"])
+        for row in self.prompts:
+            if row.data["prompt"] not in pools:
+                raise row.error("prompt", "no real output for this prompt in data.targets (DLPO's data loss)")
+        return {prompt: torch.stack(latents) for prompt, latents in pools.items()}
 
     @torch.no_grad()
     def rollout(self, rows: Sequence[Row]) -> tuple[list[dict[str, Any]], dict[str, float]]:
@@ -117,6 +155,9 @@ class DiffusionPolicyGradient:
                     "advantage": advantages[i],
                 }
             )
+            if self.targets:  # one real output of the prompt, drawn per sample (DLPO's data loss)
+                pool = self.targets[prompts[i]]
+                examples[-1]["target"] = pool[int(torch.randint(len(pool), ()))]
         metrics = {
             "rollout/reward": all_rewards.mean().item(),
             "rollout/reward_std": all_rewards.std().item(),
@@ -167,7 +208,10 @@ class DiffusionPolicyGradient:
             losses = losses + cfg.kl_coef * kl
             metrics = {**metrics, "kl": kl.detach().mean()}
         if cfg.diffusion_loss_coef:
-            dloss = self.policy.trajectory_denoising_loss(step)
+            if cfg.diffusion_loss_on == "data":
+                dloss = self.policy.data_denoising_loss(step)
+            else:
+                dloss = self.policy.trajectory_denoising_loss(step)
             losses = losses + cfg.diffusion_loss_coef * dloss
             metrics = {**metrics, "diffusion_loss": dloss.detach().mean()}
         metrics = {k: v.detach() / n_steps for k, v in metrics.items()}

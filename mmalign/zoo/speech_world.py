@@ -5,7 +5,8 @@ to 8 kHz and turned into standardised 32×32 log-mels. A spoken-digit recogniser
 1-channel 32×32 inputs) learns them, tested on voices held out from everything else. A character CLIP text encoder
 is pretrained to tell the digits apart and frozen; a small 1-D convolutional denoiser with cross-attention (`MelDenoiser`) learns to denoise mels given the
 text, and is stopped early on purpose: its speech is recognised only part of the time, which is the room the
-alignment recipes in speech/ have to gain.
+alignment recipes in speech/ have to gain. The training recordings (`train_speech.jsonl`) and the held-out-voice
+recordings (`heldout_speech.jsonl`) are written as WAV files with their prompts.
 """
 
 from __future__ import annotations
@@ -250,7 +251,7 @@ def build_speech_world(out_dir: str | Path, spec: SpeechWorldSpec | None = None,
     started = time.perf_counter()
 
     mel = MelConfig(**spec.mel)
-    train_w, train_d, _train_meta = render(spec, spec.train_variants, spec.train_per_digit, mel, rng)
+    train_w, train_d, train_meta = render(spec, spec.train_variants, spec.train_per_digit, mel, rng)
     held_w, held_d, held_meta = render(spec, spec.heldout_variants, spec.heldout_per_digit, mel, rng)
     raw = MelFrontend(mel).log_mel(train_w)
     mel.mean, mel.std = raw.mean().item(), raw.std().item()
@@ -299,6 +300,9 @@ def build_speech_world(out_dir: str | Path, spec: SpeechWorldSpec | None = None,
     write_jsonl(out / "train_prompts.jsonl", [{"prompt": p, "digit": digit_of(p)} for p in train_prompts()])
     write_jsonl(out / "eval_prompts.jsonl", [{"prompt": p, "digit": digit_of(p)} for p in eval_prompts()])
     _write_split(out, "heldout_speech", held_w, held_d, held_meta, EVAL_TEMPLATES, mel)
+    # The TTS's own training recordings with the prompt spellings they were trained under: DLPO's pretraining
+    # data (its diffusion-loss term is the ε-loss on these, as in its reference implementation).
+    _write_split(out, "train_speech", train_w, train_d, train_meta, TRAIN_TEMPLATES, mel)
 
     tts = MelTTS.from_pretrained(out / "base")
     accuracy = {
