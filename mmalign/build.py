@@ -55,6 +55,25 @@ class DiffusionModelConfig:
 
 
 @dataclass
+class AudioLDM2ModelConfig:
+    """`model:` for kind diffusion_audioldm2: an AudioLDM 2 speech pipeline (hub id or directory), its sampler."""
+
+    kind: str = "diffusion_audioldm2"
+    name_or_path: str = ""
+    lora: dict[str, Any] | None = None  # LoRA on the UNet attention projections; null = full UNet fine-tuning
+    dtype: str = "float32"
+    sampler: str = "ddim"  # ddim | ddpm
+    num_steps: int = 50
+    eta: float = 1.0
+    guidance_scale: float = 3.5
+    description: str = (
+        "A person is speaking."  # CLAP prompt: how it sounds; prompt rows are the transcriptions
+    )
+    audio_length_in_s: float | None = None  # null = the pipeline's default
+    max_new_tokens: int | None = None  # GPT-2 prior length; null = the language model config's
+
+
+@dataclass
 class ImageRewardModelConfig:
     """`model:` for kind image_reward_model: a saved scorer to start from, or the shape of a fresh one."""
 
@@ -83,6 +102,7 @@ MODEL_CONFIGS = {
     "reward_model": TextModelConfig,
     "diffusion_image": DiffusionModelConfig,
     "diffusion_speech": DiffusionModelConfig,  # mel TTS (mmalign.speech); same sampler fields
+    "diffusion_audioldm2": AudioLDM2ModelConfig,  # AudioLDM 2 speech checkpoints (GPU users)
     "image_reward_model": ImageRewardModelConfig,
     "vlm": VLMModelConfig,
 }
@@ -136,6 +156,10 @@ def build_policy(cfg: TextModelConfig | DiffusionModelConfig) -> Any:
         return RewardModel.from_pretrained(
             path, trust_remote_code=cfg.trust_remote_code, max_length=cfg.max_length
         )
+    if cfg.kind == "diffusion_audioldm2":
+        from mmalign.speech import audioldm2_policy
+
+        return audioldm2_policy.build_policy(cfg, _lora(cfg.lora))
     if cfg.kind == "diffusion_speech":
         from mmalign.speech.build import build_speech_policy
 
@@ -176,6 +200,7 @@ REWARDS = (
     "intelligibility",
     "tonality",
     "dnsmos",
+    "dnsmos_waveform",
     "clip_score",
     "aesthetic",
     "image_reward_model",
@@ -209,6 +234,10 @@ def build_reward(spec: Any, answers: dict[str, str]) -> Any:
                 if name == "jpeg_compressibility"
                 else rewards.JpegIncompressibility()
             )
+        if name == "dnsmos_waveform":
+            from mmalign.speech import audioldm2_policy
+
+            return audioldm2_policy.build_reward(spec)
         if name in ("intelligibility", "tonality", "dnsmos"):
             from mmalign.speech.build import build_speech_reward
 
@@ -265,6 +294,12 @@ def build_run(recipe: dict[str, Any]) -> tuple[Any, Any, TrainConfig, Any, Any]:
     import torch
 
     torch.manual_seed(train_cfg.seed)  # LoRA initialisation and any fresh heads follow the recipe seed
+    if (
+        model_cfg.kind == "diffusion_audioldm2"
+    ):  # waveform outputs: refuse mel rewards before loading the model
+        from mmalign.speech import audioldm2_policy
+
+        audioldm2_policy.check_recipe(recipe)
     policy = build_policy(model_cfg)
 
     image_rm = model_cfg.kind == "image_reward_model"  # its pairs are image files, validated below
@@ -275,6 +310,13 @@ def build_run(recipe: dict[str, Any]) -> tuple[Any, Any, TrainConfig, Any, Any]:
     rewards = [build_reward(r, answers) for r in eval_cfg.rewards]
     algorithm = build_algorithm(algo.get("name", "dpo"), algo, policy, model_cfg.kind, data, answers)
 
+    if model_cfg.kind == "diffusion_audioldm2":
+        from mmalign.speech import audioldm2_policy
+
+        evaluator, report = audioldm2_policy.evaluation(
+            policy, eval_cfg, eval_prompts, train_prompts, rewards, algorithm
+        )
+        return policy, algorithm, train_cfg, evaluator, report
     if model_cfg.kind == "diffusion_speech":
         from mmalign.speech.build import speech_evaluation
 
@@ -356,7 +398,7 @@ def build_algorithm(
     name: str, algo: dict[str, Any], policy: Any, kind: str, data: dict[str, Any], answers: dict[str, str]
 ):
     """The algorithm a recipe names, with its training data read and validated."""
-    diffusion = kind in ("diffusion_image", "diffusion_speech")
+    diffusion = kind in ("diffusion_image", "diffusion_speech", "diffusion_audioldm2")
     if kind == "vlm":
         from mmalign.vision.vlm_build import build_vlm_algorithm
 

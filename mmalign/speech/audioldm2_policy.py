@@ -1,0 +1,422 @@
+"""AudioLDM 2 text-to-speech (diffusers `AudioLDM2Pipeline`) as a diffusion policy, for GPU users.
+
+The shared `DenoisingPolicy` does sampling, per-step log-probs, DLPO's penalty and Diffusion-DPO scores; this
+adapter supplies what is specific to AudioLDM 2's speech checkpoints (a VITS text encoder as `text_encoder_2`):
+
+- conditioning is the pipeline's own `encode_prompt`: CLAP(description) + VITS(transcription) → projection →
+  GPT-2 prior → generated embeddings, plus the VITS states and their attention mask. A prompt row's `prompt` is
+  the *transcription* (what is said); the CLAP description (how it sounds) is one fixed string per policy.
+  The unconditional branch of classifier-free guidance is the pipeline's too (CLAP("") and all-masked zero VITS
+  states), so guided sampling is `AudioLDM2Pipeline.__call__`'s;
+- the UNet is called with both cross-attention streams (`encoder_hidden_states` = generated embeddings,
+  `encoder_hidden_states_1` + `encoder_attention_mask_1` = VITS states), as the pipeline calls it;
+- `decode` = VAE → mel → SpeechT5 HiFi-GAN: waveforms `[B, samples]` at `sample_rate` (16 kHz for the released
+  checkpoints). Rewards therefore take waveforms: `WaveformDNSMOS` (`dnsmos_waveform` in recipes) works; the
+  mel rewards of `mmalign.speech.rewards` (intelligibility, tonality, dnsmos) score the spoken-digits world's
+  8 kHz standardised mels and do not apply (`check_recipe` refuses them before loading anything).
+
+`DenoisingPolicy` carries the conditioning of a sample as one batch-first tensor (stacked, concatenated with the
+unconditional branch, indexed per sample); the three UNet inputs are packed into it (`_pack`) and unpacked in
+`_denoise`. T5 checkpoints (text-to-audio `cvssp/audioldm2`) are refused: there the pipeline pads the
+unconditional branch to each batch's prompt length, which changes the GPT-2 prior's positions, so one cached
+unconditional conditioning would not reproduce the pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.loaders.peft import PeftAdapterMixin
+from diffusers.pipelines.audioldm2.modeling_audioldm2 import AudioLDM2UNet2DConditionModel
+
+from mmalign.core.data import Row
+from mmalign.core.diffusion_policy import DenoisingPolicy
+from mmalign.core.params import LoraSpec
+from mmalign.train.report import RunReport
+
+LORA_FILE = "unet_lora.safetensors"
+WAVEFORM_REWARDS = ("dnsmos_waveform",)
+MEL_REWARDS = ("intelligibility", "tonality", "dnsmos")
+
+
+class PeftAudioLDM2UNet(PeftAdapterMixin, AudioLDM2UNet2DConditionModel):
+    """AudioLDM 2's UNet with diffusers' peft mixin (`add_adapter`, `disable_adapters`), which the stock class lacks."""
+
+
+def _generation_capable(language_model: torch.nn.Module) -> torch.nn.Module:
+    """The GPT-2 prior as `GPT2LMHeadModel` (same weights, same hidden states).
+
+    Speech checkpoints such as `anhnct/audioldm2_gigaspeech` store a bare `GPT2Model`, which has no generation
+    helpers in current transformers, so `AudioLDM2Pipeline.generate_language_model` fails on it (diffusers issue
+    #12630). The head is tied to the input embeddings and unused: only hidden states are read.
+    """
+    if hasattr(language_model, "_update_model_kwargs_for_generation"):
+        return language_model
+    from transformers import GPT2LMHeadModel
+
+    lm = GPT2LMHeadModel(language_model.config).to(language_model.dtype)
+    lm.transformer.load_state_dict(language_model.state_dict())
+    return lm.to(language_model.device).eval()
+
+
+class AudioLDM2SpeechPolicy(DenoisingPolicy):
+    """AudioLDM 2 (speech checkpoint) whose UNet is the policy; outputs are HiFi-GAN waveforms."""
+
+    def __init__(
+        self,
+        pipeline: Any,
+        *,
+        lora: LoraSpec | None = None,
+        sampler: str = "ddim",
+        num_steps: int = 50,
+        eta: float = 1.0,
+        guidance_scale: float = 3.5,
+        description: str = "A person is speaking.",
+        audio_length_in_s: float | None = None,
+        max_new_tokens: int | None = None,
+    ):
+        from transformers import VitsModel
+
+        if not isinstance(pipeline.text_encoder_2, VitsModel):
+            raise ValueError(
+                f"AudioLDM 2 policy needs a speech checkpoint (text_encoder_2 = VitsModel), got "
+                f"{type(pipeline.text_encoder_2).__name__}: T5 (text-to-audio) checkpoints are not supported"
+            )
+        if lora is not None and not hasattr(pipeline.unet, "add_adapter"):
+            raise ValueError(
+                "LoRA needs the peft-capable UNet: load with AudioLDM2SpeechPolicy.from_pretrained"
+            )
+        pipeline.register_modules(language_model=_generation_capable(pipeline.language_model))
+        self.pipeline = pipeline
+        for name in (
+            "vae",
+            "text_encoder",
+            "text_encoder_2",
+            "projection_model",
+            "language_model",
+            "vocoder",
+        ):
+            getattr(pipeline, name).requires_grad_(False).eval()
+        self.description, self.max_new_tokens = description, max_new_tokens
+        vocoder, unet = pipeline.vocoder.config, pipeline.unet
+        hop = math.prod(vocoder.upsample_rates)  # waveform samples per mel frame
+        scale = pipeline.vae_scale_factor
+        if audio_length_in_s is None:  # the pipeline's default length
+            audio_length_in_s = unet.config.sample_size * scale * hop / vocoder.sampling_rate
+        if audio_length_in_s <= 0:
+            raise ValueError(f"audio_length_in_s must be > 0, got {audio_length_in_s}")
+        frames = math.ceil(int(audio_length_in_s * vocoder.sampling_rate / hop) / scale) * scale
+        self.num_samples = int(audio_length_in_s * vocoder.sampling_rate)  # the pipeline's cut
+        self._layout: tuple[tuple[int, ...], ...] | None = None
+        super().__init__(
+            unet,
+            pipeline.scheduler.config,
+            (unet.config.in_channels, frames // scale, vocoder.model_in_dim // scale),
+            lora=lora,
+            sampler=sampler,
+            num_steps=num_steps,
+            eta=eta,
+            guidance_scale=guidance_scale,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str, *, dtype: str = "float32", lora: LoraSpec | None = None, **kwargs: Any
+    ) -> AudioLDM2SpeechPolicy:
+        """A hub id or local pipeline directory; safetensors weights only (a pickled checkpoint is an error)."""
+        from diffusers import AudioLDM2Pipeline
+
+        torch_dtype = getattr(torch, dtype)
+        extra = {}
+        if lora is not None:
+            extra["unet"] = PeftAudioLDM2UNet.from_pretrained(
+                name_or_path, subfolder="unet", dtype=torch_dtype, use_safetensors=True
+            )
+        pipe = AudioLDM2Pipeline.from_pretrained(
+            name_or_path, dtype=torch_dtype, use_safetensors=True, **extra
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, lora=lora, **kwargs)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.pipeline.vocoder.config.sampling_rate
+
+    # ------------------------------------------------------------------------------------- conditioning
+    def check_prompts(self, rows: Sequence[Row], field: str = "prompt") -> None:
+        """Fail before training on a transcription the VITS tokenizer would drop characters of or truncate."""
+        tok = self.pipeline.tokenizer_2
+        for row in rows:
+            text = row.data.get(field)
+            if not isinstance(text, str) or not text.strip():
+                raise row.error(field, "expected a non-empty transcription")
+            if tok.phonemize:  # phonemes come from espeak at encoding time: nothing to check here
+                continue
+            normal = tok.normalize_text(text) if tok.normalize else text
+            dropped = sorted({c for c in normal if c not in tok.encoder})
+            if dropped:
+                raise row.error(field, f"characters {dropped} are not in the VITS tokenizer's vocabulary")
+            n = len(tok(text).input_ids)
+            if n >= tok.model_max_length:  # the pipeline also needs one slot for its end token
+                raise row.error(field, f"{n} tokens; the VITS tokenizer takes < {tok.model_max_length}")
+
+    def _pack(self, generated: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The three UNet conditioning inputs as one `[B, D]` tensor (see the module docstring)."""
+        layout = (tuple(generated.shape[1:]), tuple(embeds.shape[1:]), tuple(mask.shape[1:]))
+        if self._layout is None:
+            self._layout = layout
+        elif layout != self._layout:
+            raise ValueError(f"conditioning shapes {layout} differ from this policy's {self._layout}")
+        dtype = self.module.dtype
+        parts = [generated.to(dtype), embeds.to(dtype), mask.to(dtype)]
+        return torch.cat([p.flatten(1) for p in parts], 1)
+
+    def _unpack(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        sizes = [math.prod(s) for s in self._layout]
+        parts = torch.split(packed, sizes, dim=1)
+        generated, embeds, mask = (
+            p.reshape(len(packed), *s) for p, s in zip(parts, self._layout, strict=True)
+        )
+        return generated, embeds, mask
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """`AudioLDM2Pipeline.encode_prompt(description, transcription=prompt)` for each prompt, packed."""
+        texts = list(prompts)
+        embeds, mask, generated = self.pipeline.encode_prompt(
+            [self.description] * len(texts),
+            self.device,
+            1,
+            False,
+            transcription=texts,
+            max_new_tokens=self.max_new_tokens,
+        )
+        return self._pack(generated, embeds, mask)
+
+    def _negative_embeds(self, n: int) -> torch.Tensor:
+        """The pipeline's unconditional branch: CLAP("") and zero, fully masked VITS states through the prior."""
+        if self._negative is None:
+            with torch.no_grad():
+                embeds, mask, generated = self.pipeline.encode_prompt(
+                    [self.description],
+                    self.device,
+                    1,
+                    True,
+                    transcription=[""],
+                    max_new_tokens=self.max_new_tokens,
+                )
+            self._negative = self._pack(generated[:1], embeds[:1], mask[:1])  # first half = unconditional
+        return self._negative.expand(n, -1)
+
+    def _denoise(self, net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor):
+        generated, states, mask = self._unpack(embeds)
+        return net(
+            x,
+            t,
+            encoder_hidden_states=generated,
+            encoder_hidden_states_1=states,
+            encoder_attention_mask_1=mask,
+            return_dict=False,
+        )[0]
+
+    def trajectory_denoising_loss(self, step: dict[str, torch.Tensor]) -> torch.Tensor:
+        """DLPO's penalty; written for ε-prediction, so a v-prediction scheduler is refused."""
+        kind = self.train_scheduler.config.prediction_type
+        if kind != "epsilon":
+            raise ValueError(f"DLPO's denoising penalty needs an epsilon-prediction model, got {kind!r}")
+        return super().trajectory_denoising_loss(step)
+
+    # ------------------------------------------------------------------------------------------ outputs
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Waveforms `[B, num_samples]` (float32, CPU): VAE → mel → HiFi-GAN, cut to the requested length."""
+        vae = self.pipeline.vae
+        mel = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        return self.pipeline.mel_spectrogram_to_waveform(mel)[:, : self.num_samples]
+
+    def to_waveform(self, latents: torch.Tensor) -> torch.Tensor:
+        """Audio `[B, samples]` at `sample_rate` (what `mmalign sample` writes)."""
+        with torch.no_grad():
+            return self.decode(latents)
+
+    def encode_pair(self, row: Row) -> dict[str, Any]:
+        """Offline audio pairs need AudioLDM 2's waveform → mel frontend, which the pipeline does not ship."""
+        raise row.error(
+            "prompt",
+            "offline Diffusion-DPO on audio files is not supported for AudioLDM 2 (no waveform-to-mel frontend "
+            "in AudioLDM2Pipeline); use online_diffusion_dpo, which ranks the policy's own samples",
+        )
+
+    # ------------------------------------------------------------------------------------------ weights
+    def save_pretrained(self, path: str) -> None:
+        """LoRA: `unet_lora.safetensors` (diffusers key format, `unet.` prefix); full fine-tuning: the pipeline."""
+        if self.lora is None:
+            self.pipeline.save_pretrained(path)
+            return
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        Path(path).mkdir(parents=True, exist_ok=True)
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.module))
+        save_file({f"unet.{k}": v.contiguous() for k, v in layers.items()}, str(Path(path) / LORA_FILE))
+
+    def load_lora(self, path: str) -> None:
+        """Load a `save_pretrained` LoRA directory into this policy's adapter (same rank and targets)."""
+        from diffusers.utils import convert_unet_state_dict_to_peft
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        if self.lora is None:
+            raise ValueError(
+                "this policy has no LoRA adapter; build it with the LoRA settings of the saved run"
+            )
+        state = load_file(str(Path(path) / LORA_FILE))
+        state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
+        result = set_peft_model_state_dict(self.module, state)
+        if result.unexpected_keys:
+            raise ValueError(f"{path}: LoRA keys not in this model: {result.unexpected_keys[:5]}")
+
+
+class WaveformDNSMOS:
+    """DNSMOS P.835 OVRL of generated waveforms: the MOS reward for policies whose outputs are audio.
+
+    Scores with `mmalign.speech.rewards.DNSMOS.audio_mos` (offline ONNX, not differentiable, ~0.1–0.7 s per clip
+    on one CPU thread); the mel settings that DNSMOS's own `__call__` vocodes with are not used here.
+    """
+
+    differentiable = False
+    name = "dnsmos_ovrl"
+
+    def __init__(self, sample_rate: int = 16000, batch_size: int = 16):
+        from mmalign.speech.audio import MelConfig
+        from mmalign.speech.rewards import DNSMOS
+
+        self.sample_rate = sample_rate
+        self.scorer = DNSMOS(MelConfig(), batch_size=batch_size)
+
+    def __call__(self, prompts: Sequence[Any], waves: torch.Tensor) -> torch.Tensor:
+        if waves.dim() != 2:
+            raise ValueError(
+                f"dnsmos_waveform takes waveforms [batch, samples], got shape {tuple(waves.shape)} "
+                "(mel outputs of the spoken-digits policy go to the `dnsmos` reward)"
+            )
+        return self.scorer.audio_mos(waves, self.sample_rate)
+
+
+# ------------------------------------------------------------------------------------------- recipes
+def check_recipe(recipe: dict[str, Any]) -> None:
+    """Refuse, before any model loads, rewards and algorithms that cannot take this policy's waveforms."""
+    from mmalign.config import RecipeError
+
+    algo = recipe.get("algorithm") or {}
+    if algo.get("name") == "diffusion_dpo":
+        raise RecipeError(
+            "algorithm diffusion_dpo (offline audio pairs) is not supported for model.kind diffusion_audioldm2; "
+            "use online_diffusion_dpo"
+        )
+    specs = [("eval.rewards", r) for r in (recipe.get("eval") or {}).get("rewards") or []]
+    if "reward" in algo:
+        specs.append(("algorithm.reward", algo["reward"]))
+    for where, spec in specs:
+        name = spec if isinstance(spec, str) else (spec or {}).get("name")
+        if name not in WAVEFORM_REWARDS:
+            why = " takes the spoken-digits world's mels," if name in MEL_REWARDS else ""
+            raise RecipeError(
+                f"{where}: reward {name!r}{why} but model.kind diffusion_audioldm2 outputs waveforms; "
+                f"rewards for it: {', '.join(WAVEFORM_REWARDS)}"
+            )
+
+
+def build_policy(cfg: Any, lora: LoraSpec | None) -> AudioLDM2SpeechPolicy:
+    """`model.kind: diffusion_audioldm2`: a hub id or local directory of an AudioLDM 2 speech checkpoint."""
+    from mmalign.config import RecipeError
+    from mmalign.zoo.registry import resolve
+
+    path = resolve(cfg.name_or_path)
+    if not path:
+        raise RecipeError("model.name_or_path is required")
+    return AudioLDM2SpeechPolicy.from_pretrained(
+        path,
+        dtype=cfg.dtype,
+        lora=lora,
+        sampler=cfg.sampler,
+        num_steps=cfg.num_steps,
+        eta=cfg.eta,
+        guidance_scale=cfg.guidance_scale,
+        description=cfg.description,
+        audio_length_in_s=cfg.audio_length_in_s,
+        max_new_tokens=cfg.max_new_tokens,
+    )
+
+
+def build_reward(spec: dict[str, Any]) -> WaveformDNSMOS:
+    """`dnsmos_waveform {sample_rate: 16000, batch_size: 16}`."""
+    return WaveformDNSMOS(**spec)
+
+
+def evaluation(
+    policy: AudioLDM2SpeechPolicy,
+    eval_cfg: Any,
+    eval_prompts: list[Row],
+    train_prompts: list[Row],
+    rewards: list[Any],
+    algorithm: Any,
+) -> tuple[Any, Any]:
+    """Check transcriptions and reward sample rates, then the evaluator (the image one: rewards, win rate, KL)."""
+    from mmalign.config import RecipeError
+    from mmalign.vision.evaluate import ImageEvaluator
+
+    policy.check_prompts([*train_prompts, *eval_prompts])
+    for reward in [*rewards, getattr(algorithm, "reward", None)]:
+        rate = getattr(reward, "sample_rate", None)
+        if rate is not None and rate != policy.sample_rate:
+            raise RecipeError(
+                f"reward {reward.name!r} is set to {rate} Hz but the model's vocoder outputs {policy.sample_rate} Hz"
+            )
+    evaluator = None
+    if eval_prompts:
+        evaluator = ImageEvaluator(
+            eval_prompts,
+            rewards,
+            seeds=eval_cfg.seeds,
+            batch_size=eval_cfg.batch_size,
+            grid_prompts=eval_cfg.n_samples,
+            kl=eval_cfg.kl,
+        )
+    return evaluator, WaveformReport(policy.sample_rate)
+
+
+class WaveformReport(RunReport):
+    """Run report with before/after WAV files of the evaluator's fixed-seed samples."""
+
+    def __init__(self, sample_rate: int):
+        self.sample_rate = sample_rate
+
+    def store_samples(self, run_dir: Path, tag: str, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from mmalign.speech.audio import write_wav
+
+        out = []
+        for i, s in enumerate(samples):
+            name = f"samples_{tag}_{i}.wav"
+            write_wav(run_dir / name, s["image"], self.sample_rate)
+            out.append({"prompt": s["prompt"], "wav": name})
+        return out
+
+    def sample_lines(self, samples: dict[str, list[dict[str, Any]]]) -> list[str]:
+        before, after = samples.get("before", []), samples.get("after", [])
+        if not before or not after:
+            return []
+        lines = [
+            "",
+            "## Samples (held-out prompts, same seed)",
+            "",
+            "| prompt | before | after |",
+            "|---|---|---|",
+        ]
+        for b, a in zip(before, after, strict=False):
+            lines.append(f"| {a['prompt']} | [{b['wav']}]({b['wav']}) | [{a['wav']}]({a['wav']}) |")
+        return lines

@@ -1,0 +1,372 @@
+"""AudioLDM 2 speech adapter on a tiny `AudioLDM2Pipeline` built from configs (offline tokenizers, random weights).
+
+The pipeline mirrors the layout of the speech checkpoints: CLAP + a VITS text encoder, a bare `GPT2Model` prior
+(as `anhnct/audioldm2_gigaspeech` stores it), the two-stream AudioLDM 2 UNet, a 1-channel VAE and a SpeechT5
+HiFi-GAN; it is saved to disk and loaded through the adapter by path, as a hub id would be.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmalign.config import RecipeError, load_recipe
+from mmalign.core.data import DataError, read_rows, rows_from_records
+from mmalign.core.params import LoraSpec
+from mmalign.speech.audioldm2_policy import AudioLDM2SpeechPolicy, check_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ["seven eight", "call me at nine", "zero", "one two"]
+DESCRIPTION = "A person is speaking."
+
+
+def _tokenizers(tmp: Path):
+    """A byte-level BPE Roberta tokenizer (no merges) and a character VITS tokenizer, built without downloads."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import RobertaTokenizer, VitsTokenizer
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<mask>": 4}
+    for ch in sorted(ByteLevel.alphabet()):
+        vocab.setdefault(ch, len(vocab))
+    roberta = RobertaTokenizer(vocab=vocab, merges=[], model_max_length=24)
+    # pad id 0 and >= 183 ids: the pipeline writes VITS end token 182 over the first pad
+    chars = {"<pad>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(" abcdefghijklmnopqrstuvwxyz'")}}
+    chars.update({f"<unused{i}>": i for i in range(len(chars), 190)})
+    (tmp / "vits_vocab.json").write_text(json.dumps(chars))
+    vits = VitsTokenizer(
+        vocab_file=str(tmp / "vits_vocab.json"),
+        add_blank=False,
+        normalize=True,
+        phonemize=False,
+        model_max_length=40,
+    )
+    return roberta, vits, len(vocab)
+
+
+def tiny_audioldm2(tmp: Path):
+    from diffusers import (
+        AudioLDM2Pipeline,
+        AudioLDM2ProjectionModel,
+        AudioLDM2UNet2DConditionModel,
+        AutoencoderKL,
+        DDIMScheduler,
+    )
+    from transformers import (
+        ClapConfig,
+        ClapFeatureExtractor,
+        ClapModel,
+        GPT2Config,
+        GPT2Model,
+        SpeechT5HifiGan,
+        SpeechT5HifiGanConfig,
+        VitsConfig,
+        VitsModel,
+    )
+
+    torch.manual_seed(0)
+    tokenizer, tokenizer_2, n_vocab = _tokenizers(tmp)
+    clap = ClapModel(
+        ClapConfig(
+            text_config={
+                "bos_token_id": 0,
+                "eos_token_id": 2,
+                "pad_token_id": 1,
+                "vocab_size": n_vocab,
+                "hidden_size": 16,
+                "intermediate_size": 24,
+                "num_attention_heads": 2,
+                "num_hidden_layers": 1,
+                "projection_dim": 16,
+                "max_position_embeddings": 32,
+            },
+            audio_config={
+                "spec_size": 64,
+                "window_size": 4,
+                "num_mel_bins": 64,
+                "intermediate_size": 24,
+                "depths": [1, 1],
+                "num_attention_heads": [2, 2],
+                "num_hidden_layers": 2,
+                "hidden_size": 32,
+                "projection_dim": 16,
+                "patch_size": 2,
+                "patch_stride": 2,
+                "patch_embed_input_channels": 4,
+            },
+            projection_dim=16,
+        )
+    )
+    vits = VitsModel(
+        VitsConfig(
+            vocab_size=190,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            ffn_dim=24,
+            flow_size=8,
+            spectrogram_bins=9,
+            upsample_initial_channel=16,
+            upsample_rates=[2, 2],
+            upsample_kernel_sizes=[4, 4],
+            resblock_kernel_sizes=[3],
+            resblock_dilation_sizes=[[1, 3]],
+            prior_encoder_num_flows=1,
+            prior_encoder_num_wavenet_layers=1,
+            posterior_encoder_num_wavenet_layers=1,
+            duration_predictor_num_flows=1,
+            duration_predictor_filter_channels=8,
+            depth_separable_num_layers=1,
+            window_size=4,
+        )
+    )
+    language_model = GPT2Model(GPT2Config(n_embd=16, n_head=2, n_layer=1, vocab_size=8, n_positions=64))
+    language_model.config.max_new_tokens = 4
+    projection = AudioLDM2ProjectionModel(
+        text_encoder_dim=16,
+        text_encoder_1_dim=16,
+        langauge_model_dim=16,
+        use_learned_position_embedding=True,
+        max_seq_length=40,
+    )
+    unet = AudioLDM2UNet2DConditionModel(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=([None, 16, 16], [None, 16, 16]),
+        norm_num_groups=8,
+        attention_head_dim=4,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[8, 16],
+        in_channels=1,
+        out_channels=1,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+    )
+    vocoder = SpeechT5HifiGan(
+        SpeechT5HifiGanConfig(
+            model_in_dim=16,
+            sampling_rate=16000,
+            upsample_initial_channel=16,
+            upsample_rates=[2, 2],
+            upsample_kernel_sizes=[4, 4],
+            resblock_kernel_sizes=[3],
+            resblock_dilation_sizes=[[1, 3]],
+            normalize_before=False,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return AudioLDM2Pipeline(
+        vae=vae,
+        text_encoder=clap,
+        text_encoder_2=vits,
+        projection_model=projection,
+        language_model=language_model,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        feature_extractor=ClapFeatureExtractor(feature_size=64, sampling_rate=16000),
+        unet=unet,
+        scheduler=scheduler,
+        vocoder=vocoder,
+    )
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-audioldm2")
+    tiny_audioldm2(path).save_pretrained(str(path / "pipe"))
+    return path / "pipe"
+
+
+def _policy(pipeline_dir, **kwargs) -> AudioLDM2SpeechPolicy:
+    torch.manual_seed(0)
+    kwargs = {"num_steps": 3, "eta": 1.0, "guidance_scale": 3.0, "description": DESCRIPTION, **kwargs}
+    return AudioLDM2SpeechPolicy.from_pretrained(str(pipeline_dir), **kwargs)
+
+
+class Loudness:
+    """RMS of the waveform: a cheap reward on this policy's outputs."""
+
+    name = "loudness"
+    differentiable = False
+
+    def __call__(self, prompts, waves):
+        return waves.float().pow(2).mean(1).sqrt()
+
+
+def test_sampling_is_the_pipelines_own_and_decodes_to_a_waveform(pipeline_dir):
+    policy = _policy(pipeline_dir, audio_length_in_s=0.01)
+    assert (
+        type(policy.pipeline.language_model).__name__ == "GPT2LMHeadModel"
+    )  # the saved prior is a GPT2Model
+    traj = policy.sample(PROMPTS[:2], generator=torch.Generator().manual_seed(0))
+    waves = policy.decode(traj.final)
+    assert waves.shape == (2, 160) and policy.sample_rate == 16000  # 0.01 s at 16 kHz
+    # AudioLDM2Pipeline.__call__ draws the same noise from the same generator (initial latents, then each DDIM
+    # step's variance noise), so with η = 1 its audio is exactly the policy's decoded sample
+    audio = policy.pipeline(
+        [DESCRIPTION] * 2,
+        transcription=PROMPTS[:2],
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        eta=1.0,
+        audio_length_in_s=0.01,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).audios
+    torch.testing.assert_close(waves, audio, atol=1e-5, rtol=1e-4)
+
+
+def test_step_logprob_is_the_schedulers_gaussian(pipeline_dir):
+    policy = _policy(pipeline_dir)
+    traj = policy.sample(PROMPTS[:2], generator=torch.Generator().manual_seed(1))
+    pipe, sched, w = policy.pipeline, policy.scheduler, 3.0
+    with torch.no_grad():  # conditioning straight from the pipeline, unconditional half first
+        embeds, mask, generated = pipe.encode_prompt(
+            [DESCRIPTION] * 2, "cpu", 1, True, transcription=PROMPTS[:2]
+        )
+    for i, t in enumerate(traj.timesteps):
+        x, x_next = traj.latents[:, i], traj.next_latents[:, i]
+        with torch.no_grad():
+            both = pipe.unet(
+                torch.cat([x, x]),
+                t,
+                encoder_hidden_states=generated,
+                encoder_hidden_states_1=embeds,
+                encoder_attention_mask_1=mask,
+            ).sample
+        uncond, cond = both.chunk(2)
+        eps = uncond + w * (cond - uncond)
+        # DDIM (Song et al. 2021, Eq. 12/16) written out from ᾱ, independently of scheduler.step
+        a_t = sched.alphas_cumprod[int(t)]
+        prev = int(t) - sched.config.num_train_timesteps // sched.num_inference_steps
+        a_prev = sched.alphas_cumprod[prev] if prev >= 0 else sched.final_alpha_cumprod
+        sigma = math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        mean = a_prev.sqrt() * x0 + math.sqrt(1 - a_prev - sigma**2) * eps
+        expected = torch.distributions.Normal(mean, sigma).log_prob(x_next).flatten(1).mean(1)
+        torch.testing.assert_close(traj.logprobs[:, i], expected, atol=1e-4, rtol=1e-4)
+        # the recorded x_{t-1} is what the scheduler's own step gives from that noise
+        z = (x_next - mean) / sigma
+        stepped = sched.step(eps, t, x, eta=1.0, variance_noise=z).prev_sample
+        torch.testing.assert_close(stepped, x_next, atol=1e-5, rtol=1e-5)
+
+
+def test_dlpo_with_lora_trains_only_lora_and_the_saved_lora_loads_back(pipeline_dir, tmp_path):
+    from mmalign.train.diffusion_pg import DiffusionPGConfig, DiffusionPolicyGradient
+    from mmalign.train.trainer import TrainConfig, Trainer
+
+    policy = _policy(pipeline_dir, lora=LoraSpec(r=4, alpha=4))
+    modules = {n: getattr(policy.pipeline, n) for n in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    modules.update(language_model=policy.pipeline.language_model, vocoder=policy.pipeline.vocoder)
+    before = {f"{m}.{n}": p.detach().clone() for m, mod in modules.items() for n, p in mod.named_parameters()}
+    rows = rows_from_records([{"prompt": p} for p in PROMPTS])
+    cfg = DiffusionPGConfig(name="dlpo", clip_range=0.2, per_prompt_stats=False, diffusion_loss_coef=1.0)
+    Trainer(
+        policy,
+        DiffusionPolicyGradient(policy, rows, Loudness(), cfg),
+        TrainConfig(max_steps=1, batch_size=4, lr=1e-2, progress=False),
+        tmp_path / "run",
+    ).train()
+    log = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert "diffusion_loss" in log and "rollout/reward" in log
+    changed = {
+        k
+        for m, mod in modules.items()
+        for n, p in mod.named_parameters()
+        if not torch.equal(p.detach(), before[(k := f"{m}.{n}")])
+    }
+    assert changed and all(".lora_" in k and k.startswith("unet.") for k in changed), sorted(changed)[:5]
+
+    policy.save_pretrained(str(tmp_path / "lora"))
+    reloaded = _policy(pipeline_dir, lora=LoraSpec(r=4, alpha=4))
+    reloaded.load_lora(str(tmp_path / "lora"))
+    for p in (policy, reloaded):
+        p.module.eval()
+    samples = [
+        p.sample(PROMPTS[:2], generator=torch.Generator().manual_seed(3), record=False).final
+        for p in (policy, reloaded)
+    ]
+    torch.testing.assert_close(samples[0], samples[1], atol=1e-6, rtol=1e-5)
+    with reloaded.reference():  # the reference is the base UNet, which the trained LoRA moved away from
+        base = reloaded.sample(PROMPTS[:2], generator=torch.Generator().manual_seed(3), record=False).final
+    assert not torch.allclose(base, samples[1])
+
+
+def test_recipe_path_on_a_local_tiny_audioldm2(pipeline_dir, tmp_path):
+    from mmalign.build import build_run
+    from mmalign.train.trainer import Trainer
+
+    recipe_path = ROOT / "speech" / "audioldm2_dlpo.yaml"
+    eval_prompts = tmp_path / "eval.jsonl"  # one held-out prompt: DNSMOS takes ~1 s per clip here
+    eval_prompts.write_text(json.dumps({"prompt": "good morning everyone"}) + "\n")
+    assert load_recipe(recipe_path)["model"]["name_or_path"] == "anhnct/audioldm2_gigaspeech"
+    recipe = load_recipe(
+        recipe_path,
+        [
+            f"model.name_or_path={pipeline_dir}",
+            "model.num_steps=2",
+            "model.audio_length_in_s=0.01",
+            "model.max_new_tokens=4",
+            f"data.prompts={ROOT / 'speech' / 'audioldm2_train_prompts.jsonl'}",
+            f"eval.prompts={eval_prompts}",
+            "eval.seeds=1",
+            "eval.n_samples=1",
+            "algorithm.samples_per_prompt=1",
+            "train.max_steps=1",
+            "train.batch_size=2",
+            "train.ppo_epochs=1",
+            "train.mixed_precision=no",
+            "train.progress=false",
+        ],
+    )
+    policy, algorithm, train_cfg, evaluator, report = build_run(recipe)
+    assert isinstance(policy, AudioLDM2SpeechPolicy) and policy.lora is not None
+    summary = Trainer(
+        policy, algorithm, train_cfg, tmp_path / "run", evaluator=evaluator, report=report
+    ).train()
+    assert summary["steps"] == 1 and "dnsmos_ovrl" in summary["after"]
+    assert (tmp_path / "run" / "final" / "unet_lora.safetensors").exists()
+    assert "samples_after_0.wav" in (tmp_path / "run" / "report.md").read_text()
+    # the recipe's own prompt files pass the transcription check
+    policy.check_prompts(read_rows(ROOT / "speech" / "audioldm2_eval_prompts.jsonl"))
+
+
+def test_mel_rewards_and_offline_pairs_are_refused_before_loading():
+    recipe = load_recipe(ROOT / "speech" / "audioldm2_dlpo.yaml")
+    recipe["algorithm"]["reward"] = {"name": "intelligibility", "path": "zoo://speech/recogniser"}
+    with pytest.raises(RecipeError, match=r"algorithm.reward: reward 'intelligibility' takes .* mels"):
+        check_recipe(recipe)
+    recipe = load_recipe(ROOT / "speech" / "audioldm2_dlpo.yaml")
+    recipe["eval"]["rewards"] = [{"name": "tonality", "model": "zoo://speech/base"}]
+    with pytest.raises(RecipeError, match=r"eval.rewards: reward 'tonality'"):
+        check_recipe(recipe)
+    with pytest.raises(RecipeError, match="online_diffusion_dpo"):
+        check_recipe({"algorithm": {"name": "diffusion_dpo"}})
+
+
+def test_transcriptions_the_vits_tokenizer_cannot_spell_are_named_errors(pipeline_dir):
+    policy = _policy(pipeline_dir)
+    rows = rows_from_records([{"prompt": "seven"}, {"prompt": "call 555-0199"}])
+    with pytest.raises(DataError, match=r"row 2.*'prompt'.*\['-', '0', '1', '5', '9'\]"):
+        policy.check_prompts(rows)
+    with pytest.raises(DataError, match=r"'prompt'.*tokens"):
+        policy.check_prompts(rows_from_records([{"prompt": "a" * 50}]))
