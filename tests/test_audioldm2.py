@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import pytest
+import soundfile as sf
 import torch
 
 from mmalign.config import RecipeError, load_recipe
@@ -271,8 +272,10 @@ def test_step_logprob_is_the_schedulers_gaussian(pipeline_dir):
 
 
 def test_dlpo_with_lora_trains_only_lora_and_the_saved_lora_loads_back(pipeline_dir, tmp_path):
+    from mmalign.speech.audioldm2_policy import WaveformReport
     from mmalign.train.diffusion_pg import DiffusionPGConfig, DiffusionPolicyGradient
     from mmalign.train.trainer import TrainConfig, Trainer
+    from mmalign.vision.evaluate import ImageEvaluator
 
     policy = _policy(pipeline_dir, lora=LoraSpec(r=4, alpha=4))
     modules = {n: getattr(policy.pipeline, n) for n in ("unet", "vae", "text_encoder", "text_encoder_2")}
@@ -285,9 +288,13 @@ def test_dlpo_with_lora_trains_only_lora_and_the_saved_lora_loads_back(pipeline_
         DiffusionPolicyGradient(policy, rows, Loudness(), cfg),
         TrainConfig(max_steps=1, batch_size=4, lr=1e-2, progress=False),
         tmp_path / "run",
+        evaluator=ImageEvaluator(rows[:1], [Loudness()], seeds=1, grid_prompts=1, kl=False),
+        report=WaveformReport(policy.sample_rate),
     ).train()
     log = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert "diffusion_loss" in log and "rollout/reward" in log
+    assert "samples_after_0.wav" in (tmp_path / "run" / "report.md").read_text()
+    assert sf.info(str(tmp_path / "run" / "samples_after_0.wav")).samplerate == 16000
     changed = {
         k
         for m, mod in modules.items()
@@ -316,8 +323,6 @@ def test_recipe_path_on_a_local_tiny_audioldm2(pipeline_dir, tmp_path):
     from mmalign.train.trainer import Trainer
 
     recipe_path = ROOT / "speech" / "audioldm2_dlpo.yaml"
-    eval_prompts = tmp_path / "eval.jsonl"  # one held-out prompt: DNSMOS takes ~1 s per clip here
-    eval_prompts.write_text(json.dumps({"prompt": "good morning everyone"}) + "\n")
     assert load_recipe(recipe_path)["model"]["name_or_path"] == "anhnct/audioldm2_gigaspeech"
     recipe = load_recipe(
         recipe_path,
@@ -327,9 +332,7 @@ def test_recipe_path_on_a_local_tiny_audioldm2(pipeline_dir, tmp_path):
             "model.audio_length_in_s=0.01",
             "model.max_new_tokens=4",
             f"data.prompts={ROOT / 'speech' / 'audioldm2_train_prompts.jsonl'}",
-            f"eval.prompts={eval_prompts}",
-            "eval.seeds=1",
-            "eval.n_samples=1",
+            "eval.prompts=null",  # the evaluator and WAV report run in the DLPO test (DNSMOS takes ~1 s a clip here)
             "algorithm.samples_per_prompt=1",
             "train.max_steps=1",
             "train.batch_size=2",
@@ -343,9 +346,9 @@ def test_recipe_path_on_a_local_tiny_audioldm2(pipeline_dir, tmp_path):
     summary = Trainer(
         policy, algorithm, train_cfg, tmp_path / "run", evaluator=evaluator, report=report
     ).train()
-    assert summary["steps"] == 1 and "dnsmos_ovrl" in summary["after"]
+    assert summary["steps"] == 1 and evaluator is None
+    assert "rollout/reward" in (tmp_path / "run" / "metrics.jsonl").read_text()  # DNSMOS of the rollout
     assert (tmp_path / "run" / "final" / "unet_lora.safetensors").exists()
-    assert "samples_after_0.wav" in (tmp_path / "run" / "report.md").read_text()
     # the recipe's own prompt files pass the transcription check
     policy.check_prompts(read_rows(ROOT / "speech" / "audioldm2_eval_prompts.jsonl"))
 
@@ -361,6 +364,8 @@ def test_mel_rewards_and_offline_pairs_are_refused_before_loading():
         check_recipe(recipe)
     with pytest.raises(RecipeError, match="online_diffusion_dpo"):
         check_recipe({"algorithm": {"name": "diffusion_dpo"}})
+    with pytest.raises(RecipeError, match="diffusion_loss_on: data"):
+        check_recipe({"algorithm": {"name": "dlpo", "diffusion_loss_on": "data"}})
 
 
 def test_transcriptions_the_vits_tokenizer_cannot_spell_are_named_errors(pipeline_dir):

@@ -318,6 +318,11 @@ def check_recipe(recipe: dict[str, Any]) -> None:
             "algorithm diffusion_dpo (offline audio pairs) is not supported for model.kind diffusion_audioldm2; "
             "use online_diffusion_dpo"
         )
+    if algo.get("diffusion_loss_on") == "data":
+        raise RecipeError(
+            "algorithm.diffusion_loss_on: data needs real recordings as AudioLDM 2 latents (no waveform-to-mel "
+            "frontend in AudioLDM2Pipeline); use the default (samples)"
+        )
     specs = [("eval.rewards", r) for r in (recipe.get("eval") or {}).get("rewards") or []]
     if "reward" in algo:
         specs.append(("algorithm.reward", algo["reward"]))
