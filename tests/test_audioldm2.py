@@ -33,7 +33,7 @@ def _tokenizers(tmp: Path):
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<mask>": 4}
     for ch in sorted(ByteLevel.alphabet()):
         vocab.setdefault(ch, len(vocab))
-    roberta = RobertaTokenizer(vocab=vocab, merges=[], model_max_length=24)
+    roberta = RobertaTokenizer(vocab=vocab, merges=[], model_max_length=64)  # bytes: a token per char
     # pad id 0 and >= 183 ids: the pipeline writes VITS end token 182 over the first pad
     chars = {"<pad>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(" abcdefghijklmnopqrstuvwxyz'")}}
     chars.update({f"<unused{i}>": i for i in range(len(chars), 190)})
@@ -82,7 +82,7 @@ def tiny_audioldm2(tmp: Path):
                 "num_attention_heads": 2,
                 "num_hidden_layers": 1,
                 "projection_dim": 16,
-                "max_position_embeddings": 32,
+                "max_position_embeddings": 72,
             },
             audio_config={
                 "spec_size": 64,
@@ -316,6 +316,49 @@ def test_dlpo_with_lora_trains_only_lora_and_the_saved_lora_loads_back(pipeline_
     with reloaded.reference():  # the reference is the base UNet, which the trained LoRA moved away from
         base = reloaded.sample(PROMPTS[:2], generator=torch.Generator().manual_seed(3), record=False).final
     assert not torch.allclose(base, samples[1])
+
+
+def test_full_fine_tuning_trains_the_unet_against_a_frozen_copy_and_saves_the_pipeline(
+    pipeline_dir, tmp_path
+):
+    from mmalign.train.diffusion_pg import DiffusionPGConfig, DiffusionPolicyGradient
+    from mmalign.train.trainer import TrainConfig, Trainer
+
+    policy = _policy(pipeline_dir)
+    reference = {n: p.detach().clone() for n, p in policy._reference_model.named_parameters()}
+    vae = {n: p.detach().clone() for n, p in policy.pipeline.vae.named_parameters()}
+    rows = rows_from_records([{"prompt": p} for p in PROMPTS])
+    cfg = DiffusionPGConfig(
+        clip_range=0.2, per_prompt_stats=False, kl_coef=0.1
+    )  # DPOK: reference in the loss
+    Trainer(
+        policy,
+        DiffusionPolicyGradient(policy, rows, Loudness(), cfg),
+        TrainConfig(max_steps=1, batch_size=4, lr=1e-3, progress=False),
+        tmp_path / "run",
+    ).train()
+    assert "kl" in (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert any(not torch.equal(p, reference[n]) for n, p in policy.module.named_parameters())
+    for n, p in policy._reference_model.named_parameters():
+        assert torch.equal(p, reference[n]), n
+    for n, p in policy.pipeline.vae.named_parameters():
+        assert torch.equal(p, vae[n]), n
+    reloaded = AudioLDM2SpeechPolicy.from_pretrained(
+        str(tmp_path / "run" / "final"), num_steps=3, guidance_scale=3.0, description=DESCRIPTION
+    )
+    policy.module.eval()
+    samples = [
+        p.sample(PROMPTS[:2], generator=torch.Generator().manual_seed(3), record=False).final
+        for p in (policy, reloaded)
+    ]
+    torch.testing.assert_close(samples[0], samples[1], atol=1e-6, rtol=1e-5)
+
+
+def test_text_to_audio_checkpoints_are_refused():
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match=r"T5EncoderModel.*not supported"):
+        AudioLDM2SpeechPolicy(SimpleNamespace(text_encoder_2=type("T5EncoderModel", (), {})()))
 
 
 def test_recipe_path_on_a_local_tiny_audioldm2(pipeline_dir, tmp_path):

@@ -41,6 +41,7 @@ from mmalign.train.report import RunReport
 LORA_FILE = "unet_lora.safetensors"
 WAVEFORM_REWARDS = ("dnsmos_waveform",)
 MEL_REWARDS = ("intelligibility", "tonality", "dnsmos")
+FROZEN = ("vae", "text_encoder", "text_encoder_2", "projection_model", "language_model", "vocoder")
 
 
 class PeftAudioLDM2UNet(PeftAdapterMixin, AudioLDM2UNet2DConditionModel):
@@ -90,28 +91,28 @@ class AudioLDM2SpeechPolicy(DenoisingPolicy):
             raise ValueError(
                 "LoRA needs the peft-capable UNet: load with AudioLDM2SpeechPolicy.from_pretrained"
             )
+        clap_tokens = len(pipeline.tokenizer(description).input_ids)
+        if clap_tokens > pipeline.tokenizer.model_max_length:  # the pipeline would cut it with a warning
+            raise ValueError(
+                f"description is {clap_tokens} CLAP tokens; the tokenizer takes {pipeline.tokenizer.model_max_length}"
+            )
         pipeline.register_modules(language_model=_generation_capable(pipeline.language_model))
         self.pipeline = pipeline
-        for name in (
-            "vae",
-            "text_encoder",
-            "text_encoder_2",
-            "projection_model",
-            "language_model",
-            "vocoder",
-        ):
+        for name in FROZEN:
             getattr(pipeline, name).requires_grad_(False).eval()
         self.description, self.max_new_tokens = description, max_new_tokens
         vocoder, unet = pipeline.vocoder.config, pipeline.unet
-        hop = math.prod(vocoder.upsample_rates)  # waveform samples per mel frame
+        # the latent length as AudioLDM2Pipeline.__call__ computes it (seconds per mel frame, then round up)
+        upsample = math.prod(vocoder.upsample_rates) / vocoder.sampling_rate
         scale = pipeline.vae_scale_factor
-        if audio_length_in_s is None:  # the pipeline's default length
-            audio_length_in_s = unet.config.sample_size * scale * hop / vocoder.sampling_rate
+        if audio_length_in_s is None:
+            audio_length_in_s = unet.config.sample_size * scale * upsample
         if audio_length_in_s <= 0:
             raise ValueError(f"audio_length_in_s must be > 0, got {audio_length_in_s}")
-        frames = math.ceil(int(audio_length_in_s * vocoder.sampling_rate / hop) / scale) * scale
+        frames = math.ceil(int(audio_length_in_s / upsample) / scale) * scale
         self.num_samples = int(audio_length_in_s * vocoder.sampling_rate)  # the pipeline's cut
         self._layout: tuple[tuple[int, ...], ...] | None = None
+        self._frozen_device: torch.device | None = None
         super().__init__(
             unet,
             pipeline.scheduler.config,
@@ -141,6 +142,23 @@ class AudioLDM2SpeechPolicy(DenoisingPolicy):
         )
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, lora=lora, **kwargs)
+
+    def _follow_device(self) -> torch.device:
+        """Move the frozen pipeline parts (and a full fine-tuning reference copy) to the UNet's device.
+
+        The trainer places only the trained UNet (`accelerator.prepare(policy.module)`); encoding and decoding
+        run wherever it went.
+        """
+        device = self.device
+        if device != self._frozen_device:
+            for name in FROZEN:
+                getattr(self.pipeline, name).to(device)
+            if self._reference_model is not None:
+                self._reference_model.to(device)
+            if self._negative is not None:
+                self._negative = self._negative.to(device)
+            self._frozen_device = device
+        return device
 
     @property
     def sample_rate(self) -> int:
@@ -189,7 +207,7 @@ class AudioLDM2SpeechPolicy(DenoisingPolicy):
         texts = list(prompts)
         embeds, mask, generated = self.pipeline.encode_prompt(
             [self.description] * len(texts),
-            self.device,
+            self._follow_device(),
             1,
             False,
             transcription=texts,
@@ -203,7 +221,7 @@ class AudioLDM2SpeechPolicy(DenoisingPolicy):
             with torch.no_grad():
                 embeds, mask, generated = self.pipeline.encode_prompt(
                     [self.description],
-                    self.device,
+                    self._follow_device(),
                     1,
                     True,
                     transcription=[""],
@@ -233,6 +251,7 @@ class AudioLDM2SpeechPolicy(DenoisingPolicy):
     # ------------------------------------------------------------------------------------------ outputs
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Waveforms `[B, num_samples]` (float32, CPU): VAE → mel → HiFi-GAN, cut to the requested length."""
+        self._follow_device()
         vae = self.pipeline.vae
         mel = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
         return self.pipeline.mel_spectrogram_to_waveform(mel)[:, : self.num_samples]
