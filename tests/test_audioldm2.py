@@ -272,10 +272,9 @@ def test_step_logprob_is_the_schedulers_gaussian(pipeline_dir):
 
 
 def test_dlpo_with_lora_trains_only_lora_and_the_saved_lora_loads_back(pipeline_dir, tmp_path):
-    from mmalign.speech.audioldm2_policy import WaveformReport
+    from mmalign.speech.audioldm2_policy import WaveformEvaluator, WaveformReport
     from mmalign.train.diffusion_pg import DiffusionPGConfig, DiffusionPolicyGradient
     from mmalign.train.trainer import TrainConfig, Trainer
-    from mmalign.vision.evaluate import ImageEvaluator
 
     policy = _policy(pipeline_dir, lora=LoraSpec(r=4, alpha=4))
     modules = {n: getattr(policy.pipeline, n) for n in ("unet", "vae", "text_encoder", "text_encoder_2")}
@@ -288,12 +287,13 @@ def test_dlpo_with_lora_trains_only_lora_and_the_saved_lora_loads_back(pipeline_
         DiffusionPolicyGradient(policy, rows, Loudness(), cfg),
         TrainConfig(max_steps=1, batch_size=4, lr=1e-2, progress=False),
         tmp_path / "run",
-        evaluator=ImageEvaluator(rows[:1], [Loudness()], seeds=1, grid_prompts=1, kl=False),
+        evaluator=WaveformEvaluator(rows[:1], [Loudness()], seeds=1, grid_prompts=1, kl=False),
         report=WaveformReport(policy.sample_rate),
     ).train()
     log = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert "diffusion_loss" in log and "rollout/reward" in log
     assert "samples_after_0.wav" in (tmp_path / "run" / "report.md").read_text()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["after"]["n_clips"] == 1
     assert sf.info(str(tmp_path / "run" / "samples_after_0.wav")).samplerate == 16000
     changed = {
         k
@@ -352,6 +352,31 @@ def test_full_fine_tuning_trains_the_unet_against_a_frozen_copy_and_saves_the_pi
         for p in (policy, reloaded)
     ]
     torch.testing.assert_close(samples[0], samples[1], atol=1e-6, rtol=1e-5)
+
+
+def test_diffusion_dpo_scores_run_on_the_packed_conditioning(pipeline_dir):
+    """Online Diffusion-DPO's path: pairs of the policy's own latents, shared (noise, t), unguided scores."""
+    policy = _policy(pipeline_dir)
+    final = policy.sample(PROMPTS[:4], generator=torch.Generator().manual_seed(0), record=False).final
+    pairs = [{"prompt": PROMPTS[i], "latents_w": final[i], "latents_l": final[i + 2]} for i in range(2)]
+    torch.manual_seed(0)
+    batch = policy.collate_pairs(pairs)
+    with torch.no_grad():
+        scores = policy.sequence_logprobs(batch).token_logps[:, 0]
+        # −½‖ε − ε_θ(x_t, c, t)‖² written out with the UNet and the pipeline's own conditioning
+        embeds, mask, generated = policy.pipeline.encode_prompt(
+            [DESCRIPTION] * 4, "cpu", 1, False, transcription=[PROMPTS[0], PROMPTS[1]] * 2
+        )
+        noisy = policy.train_scheduler.add_noise(batch["latents"], batch["noise"], batch["timesteps"])
+        eps = policy.pipeline.unet(
+            noisy,
+            batch["timesteps"],
+            encoder_hidden_states=generated,
+            encoder_hidden_states_1=embeds,
+            encoder_attention_mask_1=mask,
+        ).sample
+    expected = -0.5 * ((eps - batch["noise"]) ** 2).flatten(1).mean(1)
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_text_to_audio_checkpoints_are_refused():

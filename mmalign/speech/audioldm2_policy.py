@@ -37,6 +37,7 @@ from mmalign.core.data import Row
 from mmalign.core.diffusion_policy import DenoisingPolicy
 from mmalign.core.params import LoraSpec
 from mmalign.train.report import RunReport
+from mmalign.vision.evaluate import ImageEvaluator
 
 LORA_FILE = "unet_lora.safetensors"
 WAVEFORM_REWARDS = ("dnsmos_waveform",)
@@ -390,9 +391,8 @@ def evaluation(
     rewards: list[Any],
     algorithm: Any,
 ) -> tuple[Any, Any]:
-    """Check transcriptions and reward sample rates, then the evaluator (the image one: rewards, win rate, KL)."""
+    """Check transcriptions and reward sample rates, then the evaluator (rewards, win rate vs base, path KL)."""
     from mmalign.config import RecipeError
-    from mmalign.vision.evaluate import ImageEvaluator
 
     policy.check_prompts([*train_prompts, *eval_prompts])
     for reward in [*rewards, getattr(algorithm, "reward", None)]:
@@ -403,7 +403,7 @@ def evaluation(
             )
     evaluator = None
     if eval_prompts:
-        evaluator = ImageEvaluator(
+        evaluator = WaveformEvaluator(
             eval_prompts,
             rewards,
             seeds=eval_cfg.seeds,
@@ -412,6 +412,16 @@ def evaluation(
             kl=eval_cfg.kl,
         )
     return evaluator, WaveformReport(policy.sample_rate)
+
+
+class WaveformEvaluator(ImageEvaluator):
+    """`ImageEvaluator`'s held-out metrics (every reward, win rate vs the base from the same noise, path KL to the
+    base) on decoded waveforms; samples carry the waveform under `image`, as the report reads them."""
+
+    def evaluate(self, policy: Any) -> dict[str, float]:
+        metrics = super().evaluate(policy)
+        metrics["n_clips"] = metrics.pop("n_images")
+        return metrics
 
 
 class WaveformReport(RunReport):
