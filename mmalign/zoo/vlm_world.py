@@ -5,7 +5,10 @@ described with checkable statements: the digit and two attributes measured from 
 see `mmalign.vision.vlm_digits`). Each digit has a usual ink and frame (drawn 75% of the
 time), which is what makes a language prior possible. The base model is a real
 `LlavaForConditionalGeneration` (tiny CLIP vision tower + projector + tiny Llama over the character tokenizer)
-with a `LlavaProcessor`, trained from scratch on descriptions and yes/no probes.
+with a `LlavaProcessor`, trained in LLaVA's two stages: the vision tower is first trained alone to see the digit,
+ink and frame (a pretrained encoder, as CLIP is for LLaVA), then frozen while the projector and language model
+learn from descriptions and yes/no probes. The base therefore reads the digit reliably; its errors are not a
+capability gap.
 
 Its hallucinations are made the way real ones arise, from a language prior: in the training captions, an
 attribute whose true value is not the most common one for that digit is replaced, with probability
@@ -54,6 +57,7 @@ PATCH = 4
 FAINT = 0.5  # ink intensity of a faint digit (bold = 1)
 FRAME = 0.8  # intensity of the one-pixel frame of a framed image
 USUAL_SHARE = 0.75  # how often a digit is drawn with its usual ink and frame
+ATTR_INK, ATTR_FRAME = D.ATTRIBUTES["ink"], D.ATTRIBUTES["frame"]
 
 
 def usual(digit: int) -> dict[str, str]:
@@ -96,6 +100,9 @@ class VLMWorldSpec:
     text_hidden: int = 64
     text_layers: int = 2
     heads: int = 4
+    vision_pretrain_steps: int = 1000  # stage 1: the vision tower learns to see (digit, ink, frame); 0 = skip
+    vision_pretrain_lr: float = 3e-3
+    freeze_vision: bool = True  # stage 2 trains projector + language model only (as LLaVA does)
     sft_steps: int = 1200
     batch_size: int = 32
     lr: float = 3e-3
@@ -118,6 +125,7 @@ class VLMWorldSpec:
             text_hidden=32,
             text_layers=1,
             heads=2,
+            vision_pretrain_steps=20,
             sft_steps=30,
             batch_size=16,
             max_images=80,
@@ -197,6 +205,64 @@ def caption_facts(
     return out
 
 
+def pretrain_vision(
+    model: LlavaForConditionalGeneration,
+    images8: list[np.ndarray],
+    labels: list[int],
+    held_out: tuple[list[Image.Image], list[int]],
+    spec,
+    log,
+) -> dict[str, float]:
+    """Stage 1, the pretrained-encoder stage of a real LLaVA: the vision tower learns to classify the digit, ink
+    and frame of the training images (each rendered in all four looks), through a linear head on its mean patch
+    feature (the features the projector will read). Returns the digit head's accuracy on the held-out images.
+
+    Without it, the tower trained jointly with the captions does not learn to read the digit reliably (the
+    digit was wrong in 38% of descriptions), so most base errors were a capability gap rather than the
+    language-prior hallucinations POVID and RLHF-V are made to fix.
+    """
+    looks = [(ink, frame) for ink in ATTR_INK for frame in ATTR_FRAME]
+    pil, targets = [], []
+    for image8, digit in zip(images8, labels, strict=True):
+        for ink, frame in looks:
+            pil.append(render(image8, ink, frame))
+            targets.append((digit, float(ink == "bold"), float(frame == "framed")))
+    processor = world_processor()
+    pixels = processor.image_processor(pil, return_tensors="pt")["pixel_values"]
+    y = torch.tensor(targets)
+    tower = model.model.vision_tower
+    head = torch.nn.Linear(spec.vision_hidden, 12)
+    params = [*tower.parameters(), *head.parameters()]
+    optim = torch.optim.AdamW(params, lr=spec.vision_pretrain_lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        optim, spec.vision_pretrain_lr, total_steps=spec.vision_pretrain_steps, pct_start=0.1
+    )
+    gen = torch.Generator().manual_seed(spec.seed)
+    tower.train()
+    for step in range(spec.vision_pretrain_steps):
+        idx = torch.randint(0, len(pixels), (64,), generator=gen)
+        feats = tower(pixel_values=pixels[idx]).last_hidden_state[:, 1:].mean(1)
+        out, t = head(feats), y[idx]
+        loss = (
+            F.cross_entropy(out[:, :10], t[:, 0].long())
+            + F.binary_cross_entropy_with_logits(out[:, 10], t[:, 1])
+            + F.binary_cross_entropy_with_logits(out[:, 11], t[:, 2])
+        )
+        loss.backward()
+        optim.step()
+        sched.step()
+        optim.zero_grad()
+        if step % 250 == 0 or step == spec.vision_pretrain_steps - 1:
+            log(f"[zoo vlm] vision step {step + 1}/{spec.vision_pretrain_steps} loss {loss.item():.4f}")
+    tower.eval()
+    with torch.no_grad():
+        held_pixels = processor.image_processor(held_out[0], return_tensors="pt")["pixel_values"]
+        guess = head(tower(pixel_values=held_pixels).last_hidden_state[:, 1:].mean(1))[:, :10].argmax(1)
+    acc = (guess == torch.tensor(held_out[1])).float().mean().item()
+    log(f"[zoo vlm] vision tower: held-out digit accuracy of its linear head {acc:.3f}")
+    return {"held_out_digit_accuracy": acc}
+
+
 def train_base(
     policy: VisionLanguagePolicy, pixels: torch.Tensor, captions: list[dict], truth: list[dict], spec, log
 ) -> None:
@@ -215,7 +281,10 @@ def train_base(
     def response_ids(text: str) -> list[int]:
         return policy.tokenizer(text, add_special_tokens=False)["input_ids"] + [policy.tokenizer.eos_token_id]
 
-    optim = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
+    if spec.freeze_vision:
+        model.model.vision_tower.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(optim, spec.lr, total_steps=spec.sft_steps, pct_start=0.1)
     for step in range(spec.sft_steps):
         seqs = []
@@ -229,12 +298,13 @@ def train_base(
         lp = policy.sequence_logprobs(policy.collate(seqs))
         loss = -(lp.token_logps.sum() / lp.mask.sum())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optim.step()
         sched.step()
         optim.zero_grad()
         if step % 200 == 0 or step == spec.sft_steps - 1:
             log(f"[zoo vlm] sft step {step + 1}/{spec.sft_steps} loss {loss.item():.4f}")
+    model.requires_grad_(True)
     model.eval()
 
 
@@ -291,6 +361,15 @@ def build_vlm_world(out_dir: str | Path, spec: VLMWorldSpec | None = None, log=p
         max_new_tokens=spec.max_new_tokens,
         image_size=IMAGE_SIZE,
     )
+    digits8 = load_digits().images
+    vision = pretrain_vision(
+        policy.module,
+        [digits8[i] for i in train],
+        [labels[i] for i in train],
+        ([pil[i] for i in held_out], [labels[i] for i in held_out]),
+        spec,
+        log,
+    )
     pixels = policy.pixel_values([pil[i] for i in train])
     captions = [caption_facts(facts[i], prior, spec, rng) for i in train]
     noise_share = sum(c != facts[i] for c, i in zip(captions, train, strict=True)) / len(train)
@@ -339,6 +418,7 @@ def build_vlm_world(out_dir: str | Path, spec: VLMWorldSpec | None = None, log=p
         "n_train_images": len(train),
         "n_held_out_images": len(held_out),
         "image_tokens": policy._image_tokens,
+        "vision_pretrain": vision,
         "base_held_out": base_metrics,
         "base_train_subset": train_metrics,
         "povid_data": povid_stats,
