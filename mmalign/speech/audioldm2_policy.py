@@ -14,6 +14,9 @@ adapter supplies what is specific to AudioLDM 2's speech checkpoints (a VITS tex
   checkpoints). Rewards therefore take waveforms: `WaveformDNSMOS` (`dnsmos_waveform` in recipes) works; the
   mel rewards of `mmalign.speech.rewards` (intelligibility, tonality, dnsmos) score the spoken-digits world's
   8 kHz standardised mels and do not apply (`check_recipe` refuses them before loading anything).
+- only the UNet trains: LoRA through peft (the stock UNet has no peft mixin, so `from_pretrained` loads it as
+  `PeftAudioLDM2UNet`; reference = adapters disabled) or full fine-tuning (reference = frozen copy). The frozen
+  parts follow the UNet to whatever device the trainer puts it on.
 
 `DenoisingPolicy` carries the conditioning of a sample as one batch-first tensor (stacked, concatenated with the
 unconditional branch, indexed per sample); the three UNet inputs are packed into it (`_pack`) and unpacked in
