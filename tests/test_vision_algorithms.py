@@ -147,6 +147,32 @@ def test_online_diffusion_dpo_learns_its_own_preferences(pipeline_dir, tmp_path)
     assert margin() > start + 0.05
 
 
+def test_best_and_worst_of_k_by_hand():
+    from mmalign.train.online import OnlineDPOConfig, best_and_worst
+
+    rewards = torch.tensor([[0.1, 0.9, 0.5, 0.2], [0.3, 0.3, 0.3, 0.3], [0.5, 0.5, 0.2, 0.2]])
+    assert best_and_worst(rewards) == [(1, 0, 1.0), (0, 3, 0.0), (0, 3, 1.0)]
+    with pytest.raises(ValueError, match="samples_per_prompt"):
+        OnlineDPOConfig(samples_per_prompt=1)
+
+
+def test_online_diffusion_dpo_pairs_the_best_and_worst_of_k(pipeline_dir):
+    from mmalign.train.online_diffusion import OnlineDiffusionDPO, OnlineDPOConfig
+
+    policy, reward = _policy(pipeline_dir), Brightness()
+    rows = rows_from_records([{"prompt": p} for p in PROMPTS])
+    algo = OnlineDiffusionDPO(policy, rows, reward, OnlineDPOConfig(samples_per_prompt=4))
+    torch.manual_seed(0)
+    pairs, metrics = algo.rollout(rows)
+    torch.manual_seed(0)  # the same draw, all four samples per prompt
+    final = policy.sample([p for p in PROMPTS for _ in range(4)], record=False).final
+    groups = reward(None, policy.decode(final)).view(4, 4)
+    assert len(pairs) == 4 and metrics["rollout/reward"] == pytest.approx(groups.mean().item())
+    for pair, group in zip(pairs, groups, strict=True):
+        torch.testing.assert_close(reward(None, policy.decode(pair["latents_w"][None]))[0], group.max())
+        torch.testing.assert_close(reward(None, policy.decode(pair["latents_l"][None]))[0], group.min())
+
+
 def _bright_dark_pairs(tmp_path, n=8):
     rng = np.random.default_rng(0)
     records = []

@@ -36,39 +36,56 @@ def _gather_responses(tensor: torch.Tensor, mask: torch.Tensor) -> list[list[flo
 class OnlineDPOConfig:
     name: str = "online_dpo"
     preference: dict[str, Any] = field(default_factory=dict)  # any PreferenceConfig fields (loss, beta, ...)
+    samples_per_prompt: int = 2  # the pair is the best and the worst of these (2: OAIF's pair)
+
+    def __post_init__(self) -> None:
+        if self.samples_per_prompt < 2:
+            raise ValueError(f"samples_per_prompt must be ≥ 2 to form a pair, got {self.samples_per_prompt}")
+
+
+def best_and_worst(rewards: torch.Tensor) -> list[tuple[int, int, float]]:
+    """Per group (a row of `rewards`): (best index, worst index, weight); weight 0 when all rewards tie.
+
+    The first of equal maxima wins and the last of equal minima loses, so two samples always form a pair.
+    """
+    out = []
+    for group in rewards.tolist():
+        best = max(range(len(group)), key=lambda j: (group[j], -j))
+        worst = min(range(len(group)), key=lambda j: (group[j], -j))
+        out.append((best, worst, float(group[best] != group[worst])))
+    return out
 
 
 class OnlineDPO:
-    """Sample two responses per prompt, prefer the higher-reward one, apply a preference loss.
+    """Sample `samples_per_prompt` responses per prompt, prefer the highest-reward one over the lowest, apply a
+    preference loss (OAIF with two samples; best-vs-worst of k as in rejection-sampling DPO variants).
 
     Pairs whose rewards tie carry no preference: they get weight 0 (counted in `rollout/tie_fraction`) so every
     process keeps the same number of examples.
     """
 
     online = True
-    samples_per_prompt = 2
 
     def __init__(self, policy: Any, prompts: Sequence[Row], reward: Reward, config: OnlineDPOConfig):
         self.policy, self.prompts, self.reward, self.config = policy, list(prompts), reward, config
+        self.samples_per_prompt = config.samples_per_prompt
         self.preference = PreferenceAlgorithm(policy, [], PreferenceConfig(**config.preference))
 
     @torch.no_grad()
     def rollout(self, rows: Sequence[Row]) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        k = self.samples_per_prompt
         prompts = [r.data["prompt"] for r in rows]
-        outputs = self.policy.generate(prompts, num_samples=2)
-        rewards = score(self.reward, [p for p in prompts for _ in range(2)], outputs).view(-1, 2)
-        examples = []
-        for i, pair in enumerate(rewards):
-            a, b = outputs[2 * i], outputs[2 * i + 1]
-            win, lose = (a, b) if pair[0] >= pair[1] else (b, a)
-            examples.append(
-                {
-                    "prompt_ids": a["prompt_ids"],
-                    "chosen_ids": win["response_ids"],
-                    "rejected_ids": lose["response_ids"],
-                    "weight": float(pair[0] != pair[1]),
-                }
-            )
+        outputs = self.policy.generate(prompts, num_samples=k)
+        rewards = score(self.reward, [p for p in prompts for _ in range(k)], outputs).float().view(-1, k)
+        examples = [
+            {
+                "prompt_ids": outputs[k * i]["prompt_ids"],
+                "chosen_ids": outputs[k * i + win]["response_ids"],
+                "rejected_ids": outputs[k * i + lose]["response_ids"],
+                "weight": weight,
+            }
+            for i, (win, lose, weight) in enumerate(best_and_worst(rewards))
+        ]
         ties = sum(e["weight"] == 0 for e in examples) / len(examples)
         return examples, {"rollout/reward": rewards.mean().item(), "rollout/tie_fraction": ties}
 

@@ -1,5 +1,5 @@
-"""Online Diffusion-DPO: two samples per prompt from the policy itself, ranked by a reward, trained with the
-Diffusion-DPO objective (seed 004 §5.2.1 applied online, as OAIF does for text in §4.2.1)."""
+"""Online Diffusion-DPO: samples from the policy itself, the best and worst of each prompt's by a reward, trained
+with the Diffusion-DPO objective (seed 004 §5.2.1 applied online, as OAIF does for text in §4.2.1)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from mmalign.core.data import Row
 from mmalign.core.reward import score
-from mmalign.train.online import OnlineDPO, OnlineDPOConfig
+from mmalign.train.online import OnlineDPO, OnlineDPOConfig, best_and_worst
 
 __all__ = ["OnlineDPOConfig", "OnlineDiffusionDPO"]
 
@@ -20,20 +20,18 @@ class OnlineDiffusionDPO(OnlineDPO):
 
     @torch.no_grad()
     def rollout(self, rows: Sequence[Row]) -> tuple[list[dict[str, Any]], dict[str, float]]:
-        prompts = [r.data["prompt"] for r in rows for _ in range(2)]
+        k = self.samples_per_prompt
+        prompts = [r.data["prompt"] for r in rows for _ in range(k)]
         final = self.policy.sample(prompts, record=False).final
-        rewards = score(self.reward, prompts, self.policy.decode(final)).float().view(-1, 2)
-        examples = []
-        for i, pair in enumerate(rewards):
-            first_wins = bool(pair[0] >= pair[1])
-            win, lose = (2 * i, 2 * i + 1) if first_wins else (2 * i + 1, 2 * i)
-            examples.append(
-                {
-                    "prompt": prompts[2 * i],
-                    "latents_w": final[win].cpu(),
-                    "latents_l": final[lose].cpu(),
-                    "weight": float(pair[0] != pair[1]),
-                }
-            )
+        rewards = score(self.reward, prompts, self.policy.decode(final)).float().view(-1, k)
+        examples = [
+            {
+                "prompt": prompts[k * i],
+                "latents_w": final[k * i + win].cpu(),
+                "latents_l": final[k * i + lose].cpu(),
+                "weight": weight,
+            }
+            for i, (win, lose, weight) in enumerate(best_and_worst(rewards))
+        ]
         ties = sum(e["weight"] == 0 for e in examples) / len(examples)
         return examples, {"rollout/reward": rewards.mean().item(), "rollout/tie_fraction": ties}
