@@ -77,6 +77,16 @@ class DenoisingPolicy(TrainableModule, ABC):
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
 
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """Modules that never train but run beside the denoiser (adapters add their encoders and decoders)."""
+        return [] if self._reference_model is None else [self._reference_model]
+
+    def move_frozen_to(self, device: torch.device | str) -> None:
+        """Put the frozen parts on the device the trainer placed the denoiser on (a GPU run moves only that)."""
+        for module in self.frozen_modules():
+            module.to(device)
+        self._negative = None
+
     # ------------------------------------------------------------------------------ modality hooks
     @abstractmethod
     def encode_prompts(self, prompts: Sequence[Any]) -> torch.Tensor:

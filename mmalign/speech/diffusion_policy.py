@@ -53,6 +53,9 @@ class DiffusionSpeechPolicy(DenoisingPolicy):
         self.frontend = MelFrontend(model.mel)
         self.vocoder = GriffinLimVocoder(model.mel)
 
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return [*super().frozen_modules(), self.text_encoder, self.frontend, self.vocoder]
+
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: str = "float32", **kwargs: Any) -> DiffusionSpeechPolicy:
         return cls(MelTTS.from_pretrained(path, dtype=getattr(torch, dtype)), **kwargs)

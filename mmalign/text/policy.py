@@ -99,6 +99,11 @@ class CausalLMPolicy(TrainableModule):
             finally:
                 self._use_reference = False
 
+    def move_frozen_to(self, device: torch.device | str) -> None:
+        """Put the frozen reference copy on the device the trainer placed the model on (a GPU run moves only that)."""
+        if self._reference_model is not None:
+            self._reference_model.to(device)
+
     def release_reference(self) -> None:
         """Free the frozen copy once reference log-probs are precomputed."""
         self._reference_model = None

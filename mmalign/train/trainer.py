@@ -153,6 +153,10 @@ class Trainer:
             cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
         )
         self.policy.model, optimizer = acc.prepare(self.policy.module, optimizer)
+        if hasattr(
+            self.policy, "move_frozen_to"
+        ):  # reference copies, encoders, VAEs follow the trained module
+            self.policy.move_frozen_to(acc.device)
         logger = MetricsLogger(self.run_dir, acc, cfg.log_with)
 
         step, elapsed_before = 0, 0.0

@@ -53,6 +53,9 @@ class DiffusionImagePolicy(DenoisingPolicy):
             guidance_scale=guidance_scale,
         )
 
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return [*super().frozen_modules(), self.vae, self.text_encoder]
+
     @classmethod
     def from_pretrained(
         cls, name_or_path: str, *, dtype: str = "float32", **kwargs: Any
