@@ -378,3 +378,22 @@ def test_world_vision_pretraining_learns_digits_and_sft_keeps_the_tower_frozen(t
     after = policy.module.model.vision_tower.state_dict()
     assert all(torch.equal(tower[k], after[k]) for k in tower)
     assert all(p.requires_grad for p in policy.module.parameters())
+
+
+def test_statement_changes_by_hand():
+    from mmalign.vision.hallucination import statement_changes
+
+    facts = [dict(TRUTH, digit=d) for d in (1, 2, 3, 4, 5)]
+    before = ["digit 1. bold ink.", "digit 2.", "digit 9.", "digit 8.", "bold ink."]
+    after = ["digit 1.", "digit 7.", "digit 3.", "zzz.", "digit 5."]
+    got = statement_changes(before, after, facts)
+    assert got == {
+        "none->right": 1,
+        "right->other wrong": 1,
+        "right->same": 1,
+        "wrong->none": 1,
+        "wrong->right": 1,
+    }
+    assert statement_changes(before, after, facts, "ink") == {"none->none": 3, "right->none": 2}
+    with pytest.raises(ValueError, match="field"):
+        statement_changes(before, after, facts, "slant")

@@ -60,6 +60,35 @@ def description_metrics(responses: Sequence[str], facts: Sequence[D.Facts]) -> d
     }
 
 
+def statement_changes(
+    before: Sequence[str], after: Sequence[str], facts: Sequence[D.Facts], field: str = "digit"
+) -> dict[str, int]:
+    """How one field's statement moved between two models' descriptions of the same images.
+
+    Tells apart a model that learned to see (wrong → right) from one that learned to avoid its own earlier answers
+    (right → other wrong as often as wrong → right). Keys: `{right,wrong,none}->{same,right,other wrong,none}`.
+    """
+    if field not in D.FIELDS:
+        raise ValueError(f"field must be one of {D.FIELDS}, got {field!r}")
+
+    def value(text: str) -> object:
+        return next((s.value for s in D.parse(text) if s.field == field), None)
+
+    out: dict[str, int] = {}
+    for b, a, truth in zip(before, after, facts, strict=True):
+        vb, va = value(b), value(a)
+        start = "none" if vb is None else "right" if vb == truth[field] else "wrong"
+        if va is None:
+            end = "none"
+        elif va == vb:
+            end = "same"
+        else:
+            end = "right" if va == truth[field] else "other wrong"
+        key = f"{start}->{end}"
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items()))
+
+
 def diversity(token_ids: Sequence[Sequence[int]]) -> dict[str, float]:
     """Mean response length and distinct-1/2 (distinct unigrams/bigrams over all, pooled across responses)."""
     unigrams = [t for ids in token_ids for t in ids]
