@@ -59,7 +59,7 @@ WORLDS: dict[str, tuple[str, str, str, str]] = {
         "mmalign.zoo.vlm_world",
         "build_vlm_world",
         "VLMWorldSpec",
-        "tiny LLaVA describing digits, hallucinating from a language prior + POVID/DPO/RLHF-V data (~3 min)",
+        "tiny LLaVA describing digits, hallucinating from a language prior + POVID/DPO/RLHF-V data (~5 min)",
     ),
     "vlm-tiny": (
         "mmalign.zoo.vlm_world",
