@@ -20,7 +20,7 @@ from mmalign.core.data import read_rows, write_jsonl
 @dataclass
 class ImagePairsSpec:
     samples_per_prompt: int = 6
-    repeats: int = 8  # passes over the training prompts (different seeds)
+    repeats: int = 32  # passes over the training prompts (different seeds)
     min_gap: float = 0.2
     seed: int = 0
     eval_repeats: int = 8  # passes over the held-out prompts for eval_pairs.jsonl
