@@ -89,6 +89,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample_prompts(policy, prompts: list[str], images: list[str]) -> list:
+    """Prompts as the policy takes them: a vision-language model gets one `--image` file per `--prompt`."""
+    if not hasattr(policy, "encode_image_prompt"):
+        if images:
+            raise RecipeError(
+                "--image is for vision-language models; this recipe's model takes text prompts only"
+            )
+        return prompts
+    from mmalign.core.data import rows_from_records
+    from mmalign.vision.images import load_image
+
+    if len(images) != len(prompts):
+        raise RecipeError(
+            f"a vision-language model needs one --image per --prompt (got {len(images)} for {len(prompts)})"
+        )
+    rows = rows_from_records(
+        [{"prompt": p, "image": i} for p, i in zip(prompts, images, strict=True)], "--image"
+    )
+    return [{"prompt": r.data["prompt"], "image": load_image(r, "image", Path.cwd())} for r in rows]
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
@@ -100,8 +121,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if run_dir is not None and not args.base:
         _load_trained(policy, run_dir)
     policy.module.eval()
+    prompts = _sample_prompts(policy, args.prompt, args.image)
     if hasattr(policy, "generate"):
-        for out in policy.generate(args.prompt, num_samples=args.num_samples, greedy=args.greedy):
+        for out in policy.generate(prompts, num_samples=args.num_samples, greedy=args.greedy):
             print(json.dumps({"response": out["text"]}))
         return 0
     out_dir = Path(args.out_dir)
@@ -155,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("sample", help="generate from a recipe's model or a trained run directory")
     p.add_argument("target")
     p.add_argument("--prompt", action="append", required=True)
+    p.add_argument(
+        "--image", action="append", default=[], help="vision-language models: an image per --prompt"
+    )
     p.add_argument("--num-samples", "-n", type=int, default=1)
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -174,6 +199,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except RecipeError as err:
         print(f"mmalign: recipe error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        from mmalign.core.data import DataError  # imported late: it loads torch, which `--help` does not need
+
+        if not isinstance(err, DataError):
+            raise
+        print(f"mmalign: data error: {err}", file=sys.stderr)
         return 2
 
 

@@ -102,3 +102,19 @@ def test_llava15_recipe_path_on_a_local_tiny_llava(vlm_tiny, tmp_path):
         DataError, match=r"povid.jsonl, line 1, field 'chosen': prompt \+ chosen is \d+ tokens"
     ):
         build_run(recipe)
+
+
+def test_cli_sample_takes_an_image_per_prompt(vlm_tiny, tmp_path, capsys):
+    from mmalign.cli import main
+
+    row = json.loads((vlm_tiny / "eval_describe.jsonl").read_text().splitlines()[0])
+    recipe = [str(ROOT / "vision" / "vlm_povid.yaml"), "--set", "model.name_or_path=zoo://vlm-tiny/base"]
+    image = str(vlm_tiny / row["image"])
+    assert main(["sample", *recipe, "--prompt", row["prompt"], "--image", image, "-n", "2", "--greedy"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 2 and lines[0] == lines[1] and lines[0]["response"]  # greedy: the same text twice
+    assert main(["sample", *recipe, "--prompt", row["prompt"]]) == 2
+    assert "one --image per --prompt" in capsys.readouterr().err
+    assert main(["sample", *recipe, "--prompt", row["prompt"], "--image", str(tmp_path / "missing.png")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.png" in err and "image" in err
