@@ -17,7 +17,7 @@ from mmalign.speech.audio import AudioError, MelConfig, MelFrontend, read_wav, w
 from mmalign.speech.diffusion_policy import DiffusionSpeechPolicy
 from mmalign.speech.rewards import Intelligibility, Tonality
 from mmalign.speech.text import AlphabetError, CharEncoder
-from mmalign.zoo.speech_world import SpeechWorldSpec, build_speech_world
+from mmalign.zoo.speech_world import SpeechWorldSpec, build_speech_world, nonspeech_mels
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +126,17 @@ def test_dlpo_data_loss_checks_its_recordings_before_training(world, tmp_path):
         DiffusionPolicyGradient(
             policy, prompts, reward, DiffusionPGConfig(), targets=read_rows(tmp_path / "t.jsonl")
         )
+
+
+def test_nonspeech_examples_keep_the_spectra_but_not_the_time_course():
+    mel = torch.linspace(-2, 2, 32).view(1, 1, 1, 32) * torch.randn(1, 1, 32, 1)  # bands that change in time
+    neg = nonspeech_mels(mel, 9, torch.Generator().manual_seed(0))
+    assert neg.shape == (9, 1, 32, 32)
+    torch.testing.assert_close(neg[:3].sort(-1).values, mel.expand(3, -1, -1, -1).sort(-1).values)  # shuffled
+    assert not torch.equal(neg[0], mel[0])
+    residual = neg[3:6] - mel.mean(-1, keepdim=True)  # stationary bands + noise
+    assert abs(residual.std().item() - 0.3) < 0.05
+    assert abs(neg[6:].std().item() - 1) < 0.15  # noise
 
 
 def test_wav_round_trip_and_mel_shape(tmp_path):

@@ -2,7 +2,7 @@
 
 Digit words ("zero" … "nine") are rendered with espeak-ng in many voices, rates, pitches and loudnesses, resampled
 to 8 kHz and turned into standardised 32×32 log-mels. A spoken-digit recogniser (the digits world's CNN on
-1-channel 32×32 inputs) learns them, tested on voices held out from everything else. A character CLIP text encoder
+1-channel 32×32 inputs; optionally with an 11th non-speech class) learns them, tested on voices held out from everything else. A character CLIP text encoder
 is pretrained to tell the digits apart and frozen; a small 1-D convolutional denoiser with cross-attention (`MelDenoiser`) learns to denoise mels given the
 text, and is stopped early on purpose: its speech is recognised only part of the time, which is the room the
 alignment recipes in speech/ have to gain. The training recordings (`train_speech.jsonl`) and the held-out-voice
@@ -48,6 +48,9 @@ class SpeechWorldSpec:
     lr: float = 2e-3
     recogniser_steps: int = 400
     recogniser_channels: tuple[int, int] = (16, 32)
+    # >0: an 11th non-speech class, this many examples per speech example (mels with speech's spectra but not its
+    # time course). Off: at 0.5 the recogniser judged 81% of the base TTS's own speech non-speech (speech/README).
+    recogniser_nonspeech: float = 0.0
     text_hidden: int = 32
     text_layers: int = 2
     text_steps: int = 300
@@ -125,6 +128,22 @@ def render(
             digits.append(digit)
             meta.append({"digit": digit, "voice": voice, "rate": rate, "pitch": pitch})
     return torch.stack(waves), torch.tensor(digits), meta
+
+
+NONSPEECH = 10  # the recogniser's extra class
+
+
+def nonspeech_mels(mels: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """`n` mels without speech's time course, from real ones: a third each with frames shuffled in time, every
+    band held at its utterance average (stationary bands, plus noise), and Gaussian noise."""
+    src = mels[torch.randint(len(mels), (n,), generator=generator)]
+    k = n // 3
+    order = torch.rand(k, src.shape[-1], generator=generator).argsort(-1)
+    shuffled = src[:k].gather(-1, order[:, None, None, :].expand(-1, *src.shape[1:3], -1))
+    held = src[k : 2 * k].mean(-1, keepdim=True).expand(-1, -1, -1, src.shape[-1])
+    stationary = held + 0.3 * torch.randn(held.shape, generator=generator)
+    noise = torch.randn(src[2 * k :].shape, generator=generator)
+    return torch.cat([shuffled, stationary, noise])
 
 
 def train_text_encoder(chars: CharEncoder, spec: SpeechWorldSpec, generator: torch.Generator, log):
@@ -260,20 +279,33 @@ def build_speech_world(out_dir: str | Path, spec: SpeechWorldSpec | None = None,
     timings["render_s"] = time.perf_counter() - started
     log(f"[zoo speech] rendered {len(train_w)} train + {len(held_w)} held-out-voice utterances")
 
+    # Non-speech examples from their own generator, so the rest of the build draws what it drew without them.
+    negatives_generator = torch.Generator().manual_seed(spec.seed + 1)
+    n_neg = round(spec.recogniser_nonspeech * len(train_mels))
+    negatives = nonspeech_mels(train_mels, n_neg, negatives_generator)
     recogniser = train_digit_classifier(
-        train_mels,
-        train_d,
+        torch.cat([train_mels, negatives]),
+        torch.cat([train_d, torch.full((n_neg,), NONSPEECH)]),
         spec.recogniser_steps,
         batch_size=spec.batch_size * 2,
         config=DigitClassifierConfig(
-            image_size=mel.n_mels, in_channels=1, channels=spec.recogniser_channels, hidden=64
+            image_size=mel.n_mels,
+            in_channels=1,
+            channels=spec.recogniser_channels,
+            hidden=64,
+            num_classes=11 if n_neg else 10,
         ),
         generator=generator,
         log=log,
     )
     recogniser.save_pretrained(out / "recogniser")
     recogniser_accuracy = recogniser.accuracy(held_mels, held_d)
-    log(f"[zoo speech] recogniser accuracy on held-out voices {recogniser_accuracy:.3f}")
+    held_negatives = nonspeech_mels(held_mels, len(held_mels), negatives_generator)
+    nonspeech_recall = recogniser.accuracy(held_negatives, torch.full((len(held_mels),), NONSPEECH))
+    log(
+        f"[zoo speech] recogniser accuracy on held-out voices {recogniser_accuracy:.3f}; "
+        f"non-speech made from them recognised as such {nonspeech_recall:.3f}"
+    )
     timings["recogniser_s"] = time.perf_counter() - started - sum(timings.values())
 
     chars = CharEncoder()
@@ -321,6 +353,7 @@ def build_speech_world(out_dir: str | Path, spec: SpeechWorldSpec | None = None,
         "n_train_utterances": len(train_w),
         "n_heldout_utterances": len(held_w),
         "recogniser_accuracy_heldout_voices": recogniser_accuracy,
+        "recogniser_nonspeech_recall_heldout_voices": nonspeech_recall if n_neg else None,
         "base_accuracy": accuracy,
         "timings": {k: round(v, 1) for k, v in timings.items()},
     }
