@@ -288,3 +288,24 @@ def test_diffusion_policy_gradient_recipes_parse(name):
     cfg = to_dataclass(DiffusionPGConfig, section, "algorithm")
     TrainConfig(**recipe["train"])
     assert cfg.train_step_range[1] < 1.0
+
+
+@pytest.mark.parametrize("stop_at", [2, 3], ids=["between-rollouts", "inside-a-rollout"])
+def test_ddpo_resume_matches_an_uninterrupted_run(pipeline_dir, tmp_path, stop_at):
+    """Per-prompt statistics, the reused rollout of PPO epochs and the RNG all come back from the checkpoint."""
+    rows = rows_from_records([{"prompt": p} for p in PROMPTS])
+    cfg = DiffusionPGConfig(clip_range=0.2, per_prompt_stats=True, stat_min_count=2)
+
+    def run(out, max_steps):
+        policy = _policy(pipeline_dir)
+        train = TrainConfig(
+            max_steps=max_steps, batch_size=8, lr=3e-3, progress=False, ppo_epochs=2, save_every=1
+        )
+        Trainer(policy, DiffusionPolicyGradient(policy, rows, Brightness(), cfg), train, out).train()
+        return policy.trainable_state_dict()
+
+    whole = run(tmp_path / "whole", 4)
+    run(tmp_path / "split", stop_at)
+    resumed = run(tmp_path / "split", 4)
+    for name, value in whole.items():
+        torch.testing.assert_close(resumed[name], value, atol=0, rtol=0)
