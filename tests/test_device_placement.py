@@ -58,3 +58,14 @@ def test_speech_policy_moves_text_encoder_frontend_and_vocoder(tmp_path):
 def test_text_policy_moves_the_reference_copy(tiny_world):
     policy = CausalLMPolicy.from_pretrained(str(tiny_world / "base"))
     _check_moved(policy, expected=1)
+
+
+def test_audioldm2_policy_moves_its_frozen_pipeline_parts_and_reference(tmp_path):
+    from test_audioldm2 import DESCRIPTION, tiny_audioldm2
+
+    from mmalign.speech.audioldm2_policy import AudioLDM2SpeechPolicy
+
+    tiny_audioldm2(tmp_path).save_pretrained(str(tmp_path / "pipe"))
+    policy = AudioLDM2SpeechPolicy.from_pretrained(str(tmp_path / "pipe"), description=DESCRIPTION)
+    # VAE, CLAP, VITS, projection, GPT-2 prior, vocoder, and the full fine-tuning reference copy
+    _check_moved(policy, expected=7)

@@ -16,7 +16,7 @@ adapter supplies what is specific to AudioLDM 2's speech checkpoints (a VITS tex
   8 kHz standardised mels and do not apply (`check_recipe` refuses them before loading anything).
 - only the UNet trains: LoRA through peft (the stock UNet has no peft mixin, so `from_pretrained` loads it as
   `PeftAudioLDM2UNet`; reference = adapters disabled) or full fine-tuning (reference = frozen copy). The frozen
-  parts follow the UNet to whatever device the trainer puts it on.
+  parts (`frozen_modules`) follow the UNet to whatever device the trainer puts it on.
 
 `DenoisingPolicy` carries the conditioning of a sample as one batch-first tensor (stacked, concatenated with the
 unconditional branch, indexed per sample); the three UNet inputs are packed into it (`_pack`) and unpacked in
@@ -116,7 +116,6 @@ class AudioLDM2SpeechPolicy(DenoisingPolicy):
         frames = math.ceil(int(audio_length_in_s / upsample) / scale) * scale
         self.num_samples = int(audio_length_in_s * vocoder.sampling_rate)  # the pipeline's cut
         self._layout: tuple[tuple[int, ...], ...] | None = None
-        self._frozen_device: torch.device | None = None
         super().__init__(
             unet,
             pipeline.scheduler.config,
@@ -147,22 +146,8 @@ class AudioLDM2SpeechPolicy(DenoisingPolicy):
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, lora=lora, **kwargs)
 
-    def _follow_device(self) -> torch.device:
-        """Move the frozen pipeline parts (and a full fine-tuning reference copy) to the UNet's device.
-
-        The trainer places only the trained UNet (`accelerator.prepare(policy.module)`); encoding and decoding
-        run wherever it went.
-        """
-        device = self.device
-        if device != self._frozen_device:
-            for name in FROZEN:
-                getattr(self.pipeline, name).to(device)
-            if self._reference_model is not None:
-                self._reference_model.to(device)
-            if self._negative is not None:
-                self._negative = self._negative.to(device)
-            self._frozen_device = device
-        return device
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return [*super().frozen_modules(), *(getattr(self.pipeline, name) for name in FROZEN)]
 
     @property
     def sample_rate(self) -> int:
@@ -211,7 +196,7 @@ class AudioLDM2SpeechPolicy(DenoisingPolicy):
         texts = list(prompts)
         embeds, mask, generated = self.pipeline.encode_prompt(
             [self.description] * len(texts),
-            self._follow_device(),
+            self.device,
             1,
             False,
             transcription=texts,
@@ -225,7 +210,7 @@ class AudioLDM2SpeechPolicy(DenoisingPolicy):
             with torch.no_grad():
                 embeds, mask, generated = self.pipeline.encode_prompt(
                     [self.description],
-                    self._follow_device(),
+                    self.device,
                     1,
                     True,
                     transcription=[""],
@@ -255,7 +240,6 @@ class AudioLDM2SpeechPolicy(DenoisingPolicy):
     # ------------------------------------------------------------------------------------------ outputs
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Waveforms `[B, num_samples]` (float32, CPU): VAE → mel → HiFi-GAN, cut to the requested length."""
-        self._follow_device()
         vae = self.pipeline.vae
         mel = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
         return self.pipeline.mel_spectrogram_to_waveform(mel)[:, : self.num_samples]
