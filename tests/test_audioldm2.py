@@ -272,7 +272,8 @@ def test_step_logprob_is_the_schedulers_gaussian(pipeline_dir):
 
 
 def test_dlpo_with_lora_trains_only_lora_and_the_saved_lora_loads_back(pipeline_dir, tmp_path):
-    from mmalign.speech.audioldm2_policy import WaveformEvaluator, WaveformReport
+    from mmalign.speech.evaluate import WaveformEvaluator
+    from mmalign.speech.report import WaveformReport
     from mmalign.train.diffusion_pg import DiffusionPGConfig, DiffusionPolicyGradient
     from mmalign.train.trainer import TrainConfig, Trainer
 

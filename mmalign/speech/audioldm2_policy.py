@@ -39,8 +39,6 @@ from diffusers.pipelines.audioldm2.modeling_audioldm2 import AudioLDM2UNet2DCond
 from mmalign.core.data import Row
 from mmalign.core.diffusion_policy import DenoisingPolicy
 from mmalign.core.params import LoraSpec
-from mmalign.train.report import RunReport
-from mmalign.vision.evaluate import ImageEvaluator
 
 LORA_FILE = "unet_lora.safetensors"
 WAVEFORM_REWARDS = ("dnsmos_waveform",)
@@ -380,6 +378,8 @@ def evaluation(
 ) -> tuple[Any, Any]:
     """Check transcriptions and reward sample rates, then the evaluator (rewards, win rate vs base, path KL)."""
     from mmalign.config import RecipeError
+    from mmalign.speech.evaluate import WaveformEvaluator
+    from mmalign.speech.report import WaveformReport
 
     policy.check_prompts([*train_prompts, *eval_prompts])
     for reward in [*rewards, getattr(algorithm, "reward", None)]:
@@ -399,45 +399,3 @@ def evaluation(
             kl=eval_cfg.kl,
         )
     return evaluator, WaveformReport(policy.sample_rate)
-
-
-class WaveformEvaluator(ImageEvaluator):
-    """`ImageEvaluator`'s held-out metrics (every reward, win rate vs the base from the same noise, path KL to the
-    base) on decoded waveforms; samples carry the waveform under `image`, as the report reads them."""
-
-    def evaluate(self, policy: Any) -> dict[str, float]:
-        metrics = super().evaluate(policy)
-        metrics["n_clips"] = metrics.pop("n_images")
-        return metrics
-
-
-class WaveformReport(RunReport):
-    """Run report with before/after WAV files of the evaluator's fixed-seed samples."""
-
-    def __init__(self, sample_rate: int):
-        self.sample_rate = sample_rate
-
-    def store_samples(self, run_dir: Path, tag: str, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        from mmalign.speech.audio import write_wav
-
-        out = []
-        for i, s in enumerate(samples):
-            name = f"samples_{tag}_{i}.wav"
-            write_wav(run_dir / name, s["image"], self.sample_rate)
-            out.append({"prompt": s["prompt"], "wav": name})
-        return out
-
-    def sample_lines(self, samples: dict[str, list[dict[str, Any]]]) -> list[str]:
-        before, after = samples.get("before", []), samples.get("after", [])
-        if not before or not after:
-            return []
-        lines = [
-            "",
-            "## Samples (held-out prompts, same seed)",
-            "",
-            "| prompt | before | after |",
-            "|---|---|---|",
-        ]
-        for b, a in zip(before, after, strict=False):
-            lines.append(f"| {a['prompt']} | [{b['wav']}]({b['wav']}) | [{a['wav']}]({a['wav']}) |")
-        return lines

@@ -138,3 +138,13 @@ def _path(row: Row):
     if value.is_absolute() or not row.source or row.source.startswith("<"):
         return value
     return Path(row.source).parent / value
+
+
+class WaveformEvaluator(ImageEvaluator):
+    """`ImageEvaluator`'s held-out metrics (every reward, win rate vs the base from the same noise, path KL to the
+    base) on decoded waveforms; samples carry the waveform under `image`, as the report reads them."""
+
+    def evaluate(self, policy: Any) -> dict[str, float]:
+        metrics = super().evaluate(policy)
+        metrics["n_clips"] = metrics.pop("n_images")
+        return metrics

@@ -51,16 +51,39 @@ class SpeechReport(RunReport):
         return out
 
     def sample_lines(self, samples: dict[str, list[dict[str, Any]]]) -> list[str]:
-        before, after = samples.get("before", []), samples.get("after", [])
-        if not before or not after:
-            return []
-        lines = [
-            "",
-            "## Samples (held-out prompts, same seed): before, then after",
-            "",
-            "| prompt | before | after |",
-            "|---|---|---|",
-        ]
-        for b, a in zip(before, after, strict=False):
-            lines.append(f"| {a['prompt']} | [{b['wav']}]({b['wav']}) | [{a['wav']}]({a['wav']}) |")
-        return [*lines, "", "![mels before](mels_before.png)", "", "![mels after](mels_after.png)"]
+        lines = wav_table(samples, "## Samples (held-out prompts, same seed): before, then after")
+        return (
+            [*lines, "", "![mels before](mels_before.png)", "", "![mels after](mels_after.png)"]
+            if lines
+            else []
+        )
+
+
+class WaveformReport(RunReport):
+    """Run report with before/after WAV files of the evaluator's fixed-seed samples (waveform outputs, e.g. the
+    AudioLDM 2 policy; samples carry the waveform under `image`, as the evaluator returns them)."""
+
+    def __init__(self, sample_rate: int):
+        self.sample_rate = sample_rate
+
+    def store_samples(self, run_dir: Path, tag: str, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for i, s in enumerate(samples):
+            name = f"samples_{tag}_{i}.wav"
+            write_wav(run_dir / name, s["image"], self.sample_rate)
+            out.append({"prompt": s["prompt"], "wav": name})
+        return out
+
+    def sample_lines(self, samples: dict[str, list[dict[str, Any]]]) -> list[str]:
+        return wav_table(samples, "## Samples (held-out prompts, same seed)")
+
+
+def wav_table(samples: dict[str, list[dict[str, Any]]], heading: str) -> list[str]:
+    """Markdown rows linking each prompt's before/after WAV files; nothing until both sides exist."""
+    before, after = samples.get("before", []), samples.get("after", [])
+    if not before or not after:
+        return []
+    lines = ["", heading, "", "| prompt | before | after |", "|---|---|---|"]
+    for b, a in zip(before, after, strict=False):
+        lines.append(f"| {a['prompt']} | [{b['wav']}]({b['wav']}) | [{a['wav']}]({a['wav']}) |")
+    return lines
