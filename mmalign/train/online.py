@@ -75,19 +75,27 @@ class OnlineDPO:
     def rollout(self, rows: Sequence[Row]) -> tuple[list[dict[str, Any]], dict[str, float]]:
         k = self.samples_per_prompt
         prompts = [r.data["prompt"] for r in rows]
-        outputs = self.policy.generate(prompts, num_samples=k)
-        rewards = score(self.reward, [p for p in prompts for _ in range(k)], outputs).float().view(-1, k)
+        samples, scored = self._draw(prompts, k)
+        rewards = score(self.reward, [p for p in prompts for _ in range(k)], scored).float().view(-1, k)
         examples = [
-            {
-                "prompt_ids": outputs[k * i]["prompt_ids"],
-                "chosen_ids": outputs[k * i + win]["response_ids"],
-                "rejected_ids": outputs[k * i + lose]["response_ids"],
-                "weight": weight,
-            }
+            {**self._pair(prompts[i], samples[k * i + win], samples[k * i + lose]), "weight": weight}
             for i, (win, lose, weight) in enumerate(best_and_worst(rewards))
         ]
         ties = sum(e["weight"] == 0 for e in examples) / len(examples)
         return examples, {"rollout/reward": rewards.mean().item(), "rollout/tie_fraction": ties}
+
+    def _draw(self, prompts: list[Any], k: int) -> tuple[Any, Any]:
+        """`k` samples per prompt (a prompt's samples contiguous), and what the reward scores of them."""
+        outputs = self.policy.generate(prompts, num_samples=k)
+        return outputs, outputs
+
+    def _pair(self, prompt: Any, win: Any, lose: Any) -> dict[str, Any]:
+        """A preference example from the preferred and the rejected sample."""
+        return {
+            "prompt_ids": win["prompt_ids"],
+            "chosen_ids": win["response_ids"],
+            "rejected_ids": lose["response_ids"],
+        }
 
     def loss(self, examples: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         losses, metrics = self.preference.loss(examples)
