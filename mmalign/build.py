@@ -55,20 +55,14 @@ class DiffusionModelConfig:
 
 
 @dataclass
-class AudioLDM2ModelConfig:
+class AudioLDM2ModelConfig(DiffusionModelConfig):
     """`model:` for kind diffusion_audioldm2: an AudioLDM 2 speech pipeline (hub id or directory), its sampler."""
 
     kind: str = "diffusion_audioldm2"
-    name_or_path: str = ""
-    lora: dict[str, Any] | None = None  # LoRA on the UNet attention projections; null = full UNet fine-tuning
-    dtype: str = "float32"
-    sampler: str = "ddim"  # ddim | ddpm
     num_steps: int = 50
-    eta: float = 1.0
     guidance_scale: float = 3.5
-    description: str = (
-        "A person is speaking."  # CLAP prompt: how it sounds; prompt rows are the transcriptions
-    )
+    # the CLAP prompt: how it sounds (prompt rows are the transcriptions, what is said)
+    description: str = "A person is speaking."
     audio_length_in_s: float | None = None  # null = the pipeline's default
     max_new_tokens: int | None = None  # GPT-2 prior length; null = the language model config's
 
@@ -294,9 +288,7 @@ def build_run(recipe: dict[str, Any]) -> tuple[Any, Any, TrainConfig, Any, Any]:
     import torch
 
     torch.manual_seed(train_cfg.seed)  # LoRA initialisation and any fresh heads follow the recipe seed
-    if (
-        model_cfg.kind == "diffusion_audioldm2"
-    ):  # waveform outputs: refuse mel rewards before loading the model
+    if model_cfg.kind == "diffusion_audioldm2":  # waveform outputs: refuse mel rewards before loading
         from mmalign.speech import audioldm2_policy
 
         audioldm2_policy.check_recipe(recipe)

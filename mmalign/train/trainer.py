@@ -153,9 +153,8 @@ class Trainer:
             cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
         )
         self.policy.model, optimizer = acc.prepare(self.policy.module, optimizer)
-        if hasattr(
-            self.policy, "move_frozen_to"
-        ):  # reference copies, encoders, VAEs follow the trained module
+        # prepare() placed only the trained module: reference copies, encoders and VAEs follow it
+        if hasattr(self.policy, "move_frozen_to"):
             self.policy.move_frozen_to(acc.device)
         logger = MetricsLogger(self.run_dir, acc, cfg.log_with)
 
