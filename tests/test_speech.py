@@ -100,6 +100,34 @@ def test_dlpo_data_penalty_is_the_pretraining_loss_on_real_speech(world):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_dlpo_data_term_enters_each_update_once(world):
+    """DLPO's loss over several trained steps = the policy-gradient terms + β × one data-term draw per sample."""
+    from mmalign.train.diffusion_pg import DiffusionPGConfig, DiffusionPolicyGradient
+
+    policy, reward = _policy(world, num_steps=4), Intelligibility.from_pretrained(str(world / "recogniser"))
+    prompts = rows_from_records([{"prompt": "seven"}, {"prompt": "7!"}])
+    targets = [r for r in read_rows(world / "train_speech.jsonl") if r.data["prompt"] in ("seven", "7!")]
+    common = {"clip_range": 0.2, "per_prompt_stats": False, "samples_per_prompt": 2}
+    dlpo = DiffusionPolicyGradient(
+        policy,
+        prompts,
+        reward,
+        DiffusionPGConfig(diffusion_loss_coef=2.0, diffusion_loss_on="data", **common),
+        targets=targets,
+    )
+    torch.manual_seed(0)
+    examples, _ = dlpo.rollout(prompts)
+    assert examples[0]["timesteps"].shape[0] == 4
+    pg_only = DiffusionPolicyGradient(policy, prompts, reward, DiffusionPGConfig(**common))
+    torch.manual_seed(3)
+    total, metrics = dlpo.loss(examples)
+    pg, _ = pg_only.loss(examples)
+    torch.manual_seed(3)
+    data = policy.data_denoising_loss(policy.step_batch(examples, 0))
+    torch.testing.assert_close(total, pg + 2.0 * data, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(metrics["diffusion_loss"], data.mean(), atol=1e-6, rtol=1e-5)
+
+
 def test_dlpo_data_loss_checks_its_recordings_before_training(world, tmp_path):
     from mmalign.train.diffusion_pg import DiffusionPGConfig, DiffusionPolicyGradient
 
@@ -273,3 +301,26 @@ def test_tonality_is_finite_on_extreme_mels():
     mels = torch.full((2, 1, 32, 32), 60.0)
     mels[1, :, :, ::2] = -60.0
     assert torch.isfinite(Tonality(cfg)(["x", "x"], mels)).all()
+
+
+def test_world_audio_is_the_same_in_every_process():
+    """The spoken-digits world's recordings do not depend on the process that renders them (espeak-ng's f2/f3
+    variants did, so they are not used)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import hashlib, numpy as np\n"
+        "from mmalign.speech.audio import MelConfig\n"
+        "from mmalign.zoo.speech_world import SpeechWorldSpec, render\n"
+        "spec = SpeechWorldSpec.tiny()\n"
+        "rng = np.random.default_rng(0)\n"
+        "for variants in (spec.train_variants, spec.heldout_variants):\n"
+        "    waves = render(spec, variants, 2, MelConfig(), rng)[0]\n"
+        "    print(hashlib.sha256(waves.numpy().tobytes()).hexdigest())\n"
+    )
+    runs = [
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+        for _ in range(2)
+    ]
+    assert len(runs[0].split()) == 2 and runs[0] == runs[1]

@@ -271,6 +271,11 @@ def test_train_step_range_keeps_training_off_the_last_low_noise_steps(pipeline_d
     examples, _ = DiffusionPolicyGradient(policy, rows, Brightness(), cfg).rollout(rows)
     policy.scheduler.set_timesteps(4)
     assert examples[0]["timesteps"].tolist() == policy.scheduler.timesteps[:2].tolist()
+    # step i of 4 is trained iff lo <= i/4 < hi: (0, 0.2) keeps step 0, (0.3, 0.8) steps 2 and 3
+    for step_range, expected in [((0.0, 0.2), [0]), ((0.3, 0.8), [2, 3]), ((0.25, 0.5), [1])]:
+        cfg = DiffusionPGConfig(per_prompt_stats=False, train_step_range=step_range)
+        examples, _ = DiffusionPolicyGradient(policy, rows, Brightness(), cfg).rollout(rows)
+        assert examples[0]["timesteps"].tolist() == policy.scheduler.timesteps[expected].tolist(), step_range
     with pytest.raises(ValueError, match="train_step_range"):
         DiffusionPGConfig(train_step_range=(0.5, 0.5))
 

@@ -10,13 +10,15 @@ re-scores a random subset of the recorded steps under the current weights:
   between the two step Gaussians (same σ, so ‖μ_θ − μ_ref‖²/2σ², averaged over dimensions);
 - DLPO (seed 004 §4.5.6): adds `diffusion_loss_coef` (β) × the diffusion model's own denoising loss, keeping the
   fine-tuned model a good denoiser. `diffusion_loss_on: data` computes it as DLPO's reference implementation
-  does: the pretraining ε-loss on real outputs of the rollout's prompts (`data.targets`), freshly noised;
+  does: the pretraining ε-loss on real outputs of the rollout's prompts (`data.targets`), freshly noised, once
+  per sample and update;
   `samples` on the recorded trajectory itself (x_t and the noise implied by the policy's own final sample),
   which pulls the model towards its own samples, reward-hacked or not.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -39,9 +41,9 @@ class DiffusionPGConfig:
     clip_range: float = 1e-4
     max_abs_advantage: float = 5.0
     timestep_fraction: float = 1.0  # share of the stochastic steps trained on per sample
-    # Which part of the sampler's steps (fractions of the trajectory, in sampling order) may be trained on. The
-    # log-prob gradient scales as 1/σ_t, so the last low-noise steps, which no longer decide what is drawn, can
-    # dominate the update with noise; (0, 0.8) leaves out the last fifth.
+    # Which part of the sampler's steps may be trained on: step i of n (in sampling order) iff lo <= i/n < hi.
+    # The log-prob gradient scales as 1/σ_t, so the last low-noise steps, which no longer decide what is drawn,
+    # can dominate the update with noise; (0, 0.8) leaves out the last fifth, (0, 0.2) keeps the first fifth.
     train_step_range: tuple[float, float] = (0.0, 1.0)
     samples_per_prompt: int = 1
     stat_buffer: int = 32  # per-prompt reward history kept by the stat tracker
@@ -134,7 +136,8 @@ class DiffusionPolicyGradient:
         # One random subset of the stochastic steps per rollout, shared by its samples so that every trained
         # step is a single scheduler step with one timestep for the whole micro-batch.
         n_total = len(trajectory.timesteps)
-        lo, hi = (round(f * n_total) for f in cfg.train_step_range)
+        # step i (0 = the first, noisiest) is trainable iff lo <= i / n < hi (1e-9: 0.7 * 10 is 7.000000000000001)
+        lo, hi = (math.ceil(f * n_total - 1e-9) for f in cfg.train_step_range)
         stochastic = trajectory.conditioning["stochastic"].clone()
         stochastic[:lo], stochastic[hi:] = False, False
         usable = stochastic.nonzero().flatten()
@@ -207,11 +210,14 @@ class DiffusionPolicyGradient:
             kl = ((mean - ref_mean) ** 2).flatten(1).mean(1) / (2 * std**2)
             losses = losses + cfg.kl_coef * kl
             metrics = {**metrics, "kl": kl.detach().mean()}
-        if cfg.diffusion_loss_coef:
-            if cfg.diffusion_loss_on == "data":
-                dloss = self.policy.data_denoising_loss(step)
-            else:
-                dloss = self.policy.trajectory_denoising_loss(step)
+        if cfg.diffusion_loss_on == "data" and cfg.diffusion_loss_coef and j == 0:
+            # The real-data term draws its own (ε, t), independent of the trained step: it is added once per
+            # update, with the whole weight (× n_steps against the 1/n_steps below), not once per trained step.
+            dloss = self.policy.data_denoising_loss(step) * n_steps
+            losses = losses + cfg.diffusion_loss_coef * dloss
+            metrics = {**metrics, "diffusion_loss": dloss.detach().mean()}
+        elif cfg.diffusion_loss_on == "samples" and cfg.diffusion_loss_coef:
+            dloss = self.policy.trajectory_denoising_loss(step)
             losses = losses + cfg.diffusion_loss_coef * dloss
             metrics = {**metrics, "diffusion_loss": dloss.detach().mean()}
         metrics = {k: v.detach() / n_steps for k, v in metrics.items()}
