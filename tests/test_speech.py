@@ -324,3 +324,17 @@ def test_world_audio_is_the_same_in_every_process():
         for _ in range(2)
     ]
     assert len(runs[0].split()) == 2 and runs[0] == runs[1]
+
+
+def test_vocoder_clips_only_mels_louder_than_any_full_scale_waveform(world):
+    """A reward-hacked mel far above full scale vocodes to finite audio; real and full-scale audio are unclipped."""
+    policy = _policy(world)
+    vocoder, frontend, n = policy.vocoder, policy.frontend, policy.mel_config.num_samples
+    loud = torch.sign(torch.sin(torch.arange(n) * 2 * math.pi * 440 / 8000))  # a full-scale square wave
+    real = read_wav(world / "heldout_speech" / "0000_zero.wav", 8000)
+    for wave in (loud, real):
+        assert frontend.log_mel(wave[None]).max() < vocoder.max_log_mel
+    hacked = torch.full((2, 1, 32, 32), 40.0)
+    raw = (hacked.squeeze(1) * policy.mel_config.std + policy.mel_config.mean).exp()
+    assert not torch.isfinite(raw).all()  # what the vocoder would have inverted without the clip
+    assert torch.isfinite(vocoder(hacked)).all()

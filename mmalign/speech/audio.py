@@ -9,6 +9,7 @@ cut to a fixed number of frames: the `[1, n_mels, frames]` "image" the TTS diffu
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -154,10 +155,15 @@ class GriffinLimVocoder(torch.nn.Module):
             n_iter=config.griffin_lim_iters,
             rand_init=False,
         )
+        # No waveform in [-1, 1] has a mel value above (largest filter's weight sum) × (window sum). Louder mels,
+        # which a reward-hacked model can produce, are clipped there, so exp and the inverse mel stay finite.
+        window = torch.hann_window(config.win_length).sum()
+        self.max_log_mel = math.log(float(self.inverse_mel.fb.sum(0).max() * window))
 
     @torch.no_grad()
     def forward(self, mels: torch.Tensor) -> torch.Tensor:
-        mel = (mels.squeeze(1).float() * self.config.std + self.config.mean).exp()
+        log_mel = mels.squeeze(1).float() * self.config.std + self.config.mean
+        mel = log_mel.clamp(max=self.max_log_mel).exp()
         spec = self.inverse_mel(mel).clamp_min(0)
         wave = self.griffin_lim(spec)
         peak = wave.abs().amax(-1, keepdim=True).clamp_min(1e-6)
