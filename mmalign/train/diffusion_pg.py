@@ -174,20 +174,32 @@ class DiffusionPolicyGradient:
         return PartialState().process_index
 
     def loss(self, examples: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per-sample loss averaged over the trained steps (the sum of `loss_terms`)."""
-        n_steps = examples[0]["timesteps"].shape[0]
+        """Per-sample loss: the sum of `loss_terms`."""
         total, sums = None, {}
-        for j in range(n_steps):
-            losses, metrics = self._step_loss(examples, j, n_steps)
+        for term in self._terms(examples):
+            losses, metrics = term()
             total = losses if total is None else total + losses
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v
         return total, sums
 
     def loss_terms(self, examples: Sequence[dict[str, Any]]) -> list[Callable[[], tuple[torch.Tensor, dict]]]:
-        """One term per trained denoising step, so the trainer can backward each step's graph on its own."""
+        """The loss as closures the trainer backwards one at a time, each with its own graph."""
+        return self._terms(examples)
+
+    def _terms(self, examples: Sequence[dict[str, Any]]) -> list[Callable[[], tuple[torch.Tensor, dict]]]:
+        """One term per trained denoising step, and DLPO's real-data term once: it draws its own (ε, t),
+        independent of the trained steps."""
         n_steps = examples[0]["timesteps"].shape[0]
-        return [partial(self._step_loss, examples, j, n_steps) for j in range(n_steps)]
+        terms = [partial(self._step_loss, examples, j, n_steps) for j in range(n_steps)]
+        if self.config.diffusion_loss_coef and self.config.diffusion_loss_on == "data":
+            terms.append(partial(self._data_loss, examples))
+        return terms
+
+    def _data_loss(self, examples: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """β × DLPO's pretraining ε-loss on the real output drawn for each sample's prompt."""
+        dloss = self.policy.data_denoising_loss(self.policy.step_batch(examples, 0))
+        return self.config.diffusion_loss_coef * dloss, {"diffusion_loss": dloss.detach().mean()}
 
     def _step_loss(
         self, examples: Sequence[dict[str, Any]], j: int, n_steps: int
@@ -210,13 +222,7 @@ class DiffusionPolicyGradient:
             kl = ((mean - ref_mean) ** 2).flatten(1).mean(1) / (2 * std**2)
             losses = losses + cfg.kl_coef * kl
             metrics = {**metrics, "kl": kl.detach().mean()}
-        if cfg.diffusion_loss_on == "data" and cfg.diffusion_loss_coef and j == 0:
-            # The real-data term draws its own (ε, t), independent of the trained step: it is added once per
-            # update, with the whole weight (× n_steps against the 1/n_steps below), not once per trained step.
-            dloss = self.policy.data_denoising_loss(step) * n_steps
-            losses = losses + cfg.diffusion_loss_coef * dloss
-            metrics = {**metrics, "diffusion_loss": dloss.detach().mean()}
-        elif cfg.diffusion_loss_on == "samples" and cfg.diffusion_loss_coef:
+        if cfg.diffusion_loss_coef and cfg.diffusion_loss_on == "samples":
             dloss = self.policy.trajectory_denoising_loss(step)
             losses = losses + cfg.diffusion_loss_coef * dloss
             metrics = {**metrics, "diffusion_loss": dloss.detach().mean()}
