@@ -15,7 +15,7 @@ import torch
 
 from mmalign.build import build_run
 from mmalign.config import load_recipe
-from mmalign.core.diffusion import step_distribution
+from mmalign.core.diffusion import sample_trajectory
 from mmalign.core.reward import score
 
 
@@ -35,10 +35,16 @@ def main() -> None:
     embeds, timesteps = trajectory.conditioning["prompt_embeds"], trajectory.timesteps
 
     def finish(x: torch.Tensor, k: int) -> torch.Tensor:
-        for t in timesteps[k:]:
-            mean, std = step_distribution(policy.scheduler, policy.predict(x, t, embeds), t, x, policy.eta)
-            x = mean + std * torch.randn(x.shape, generator=generator)
-        return x
+        return sample_trajectory(
+            lambda x, t: policy.predict(x, t, embeds),
+            policy.scheduler,
+            x,
+            num_steps=policy.num_steps,
+            eta=policy.eta,
+            generator=generator,
+            record=False,
+            start=k,
+        ).final
 
     left = []  # V_k for k = 0 … n−1
     for k in range(len(timesteps)):

@@ -63,6 +63,29 @@ def test_ddim_step_logprob_is_the_schedulers_gaussian(pipeline_dir, eta):
         torch.testing.assert_close(stepped, x_next, atol=1e-5, rtol=1e-5)
 
 
+def test_a_trajectory_continued_from_a_recorded_step_ends_where_it_did(pipeline_dir):
+    """`sample_trajectory(start=k)` from the recorded x_k, with the noise the full run drew after step k,
+    reproduces the full run's steps k… and its final sample."""
+    from mmalign.core.diffusion import sample_trajectory
+
+    policy = DiffusionImagePolicy.from_pretrained(str(pipeline_dir), num_steps=4, guidance_scale=3.0)
+    embeds = policy.encode_prompts(["a handwritten seven", "the digit one"])
+    initial = torch.randn((2, *policy.sample_shape), generator=torch.Generator().manual_seed(0))
+
+    def run(x, generator, start=0):
+        predict = lambda x, t: policy.predict(x, t, embeds)  # noqa: E731
+        return sample_trajectory(predict, policy.scheduler, x, num_steps=4, generator=generator, start=start)
+
+    full = run(initial, torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(2):  # the noise of steps 0 and 1
+        torch.randn(initial.shape, generator=generator)
+    rest = run(full.latents[:, 2], generator, start=2)
+    assert rest.timesteps.tolist() == full.timesteps[2:].tolist()
+    torch.testing.assert_close(rest.logprobs, full.logprobs[:, 2:])
+    torch.testing.assert_close(rest.final, full.final)
+
+
 def test_ddpm_step_distribution_matches_posterior(pipeline_dir):
     from mmalign.core.diffusion import make_scheduler
 

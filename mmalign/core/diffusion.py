@@ -80,16 +80,19 @@ def sample_trajectory(
     eta: float = 1.0,
     generator: torch.Generator | None = None,
     record: bool = True,
+    start: int = 0,
 ) -> Trajectory:
     """Denoise `initial` (x_T) for `num_steps`, recording every transition and its log-prob.
 
     Steps whose σ is 0 (e.g. DDPM's final step) are deterministic: their log-prob is recorded as 0 and
-    `conditioning["stochastic"]` marks which steps a policy gradient can use.
+    `conditioning["stochastic"]` marks which steps a policy gradient can use. `start` = k continues a
+    trajectory from its recorded x_k (`initial`), running steps k … num_steps − 1 only.
     """
     scheduler.set_timesteps(num_steps, device=initial.device)
     x = initial
     latents, nexts, logps, means, stochastic = [], [], [], [], []
-    for t in scheduler.timesteps:
+    timesteps = scheduler.timesteps[start:]
+    for t in timesteps:
         with torch.no_grad():
             output = predict(x, t)
         mean, std = step_distribution(scheduler, output, t, x, eta)
@@ -109,11 +112,11 @@ def sample_trajectory(
         x = x_next
     if not record:
         empty = torch.empty(0)
-        return Trajectory(empty, empty, scheduler.timesteps.clone(), empty, final=x)
+        return Trajectory(empty, empty, timesteps.clone(), empty, final=x)
     return Trajectory(
         latents=torch.stack(latents, 1),
         next_latents=torch.stack(nexts, 1),
-        timesteps=scheduler.timesteps.clone(),
+        timesteps=timesteps.clone(),
         logprobs=torch.stack(logps, 1),
         conditioning={"stochastic": torch.tensor(stochastic), "eta": eta},
         final=x,
