@@ -161,8 +161,8 @@ def run_trl(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
+    from mmalign.core.codec import TextCodec
     from mmalign.core.data import rows_from_records
-    from mmalign.text.codec import TextCodec
 
     work = Path(args.work)
     rows = json.loads((work / "rows.json").read_text())

@@ -4,8 +4,8 @@ Run: python examples/dpo_text.py   (builds the offline text world on first use, 
 """
 
 from mmalign.core.data import read_rows, validate_preference_rows, validate_prompt_rows
+from mmalign.evaluation.sequence import SequenceEvaluator
 from mmalign.text import CausalLMPolicy
-from mmalign.text.evaluate import SequenceEvaluator
 from mmalign.text.policy import LoraSpec
 from mmalign.text.rewards import AnswerMatch
 from mmalign.train import TrainConfig, Trainer

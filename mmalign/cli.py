@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from mmalign.config import RecipeError, dump_recipe, load_recipe
+from mmalign.core.config import RecipeError, dump_recipe, load_recipe
 
 
 def _recipe_and_run(target: str, overrides: list[str]) -> tuple[dict, Path | None]:
@@ -33,7 +33,7 @@ def _check_same_run(recipe: dict, out: Path) -> None:
     `train.max_steps` may differ), instead of silently mixing two runs."""
     import yaml
 
-    from mmalign.config import load_yaml
+    from mmalign.core.config import load_yaml
     from mmalign.train.checkpoint import latest_checkpoint
 
     previous = out / "recipe.yaml"
@@ -56,19 +56,21 @@ def _check_same_run(recipe: dict, out: Path) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
-    from mmalign.build import build_run
+    from mmalign.run import build_run
     from mmalign.train.trainer import Trainer
 
     recipe = load_recipe(args.recipe, args.set)
     state = PartialState()
     with state.main_process_first():  # the main process builds any zoo world first; the others then load it
-        policy, algorithm, train_cfg, evaluator, report = build_run(recipe)
+        run = build_run(recipe)
     out = Path(args.output_dir)
     _check_same_run(recipe, out)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         dump_recipe(recipe, out / "recipe.yaml")
-    summary = Trainer(policy, algorithm, train_cfg, out, evaluator=evaluator, report=report).train()
+    summary = Trainer(
+        run.policy, run.algorithm, run.train, out, evaluator=run.evaluator, report=run.report
+    ).train()
     if state.is_main_process:
         print(json.dumps(summary, indent=2))
     return 0
@@ -77,10 +79,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from mmalign.build import build_run
+    from mmalign.run import build_evaluation
 
     recipe, run_dir = _recipe_and_run(args.target, args.set)
-    policy, _, _, evaluator, _ = build_run(recipe)
+    policy, evaluator = build_evaluation(recipe)
+    if evaluator is None:
+        raise RecipeError("the recipe has no held-out data to evaluate on (eval.prompts / eval.pairs)")
     if run_dir is not None and not args.base:
         _load_trained(policy, run_dir)
     policy.module.eval()
@@ -91,7 +95,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _sample_prompts(policy, prompts: list[str], images: list[str]) -> list:
     """Prompts as the policy takes them: a vision-language model gets one `--image` file per `--prompt`."""
-    if not hasattr(policy, "encode_image_prompt"):
+    from mmalign.core.policy import ImageSequencePolicy
+
+    if not isinstance(policy, ImageSequencePolicy):
         if images:
             raise RecipeError(
                 "--image is for vision-language models; this recipe's model takes text prompts only"
@@ -113,35 +119,39 @@ def _sample_prompts(policy, prompts: list[str], images: list[str]) -> list:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from mmalign.build import build_policy, model_config
+    from mmalign.core.policy import DiffusionPolicy
+    from mmalign.run import load_policy, model_plan
 
     recipe, run_dir = _recipe_and_run(args.target, args.set)
+    kind, model_cfg = model_plan(recipe)
     torch.manual_seed(args.seed)
-    policy = build_policy(model_config(recipe.get("model")))
+    policy = load_policy(kind, model_cfg)
     if run_dir is not None and not args.base:
         _load_trained(policy, run_dir)
     policy.module.eval()
-    prompts = _sample_prompts(policy, args.prompt, args.image)
-    if hasattr(policy, "generate"):
-        for out in policy.generate(prompts, num_samples=args.num_samples, greedy=args.greedy):
-            print(json.dumps({"response": out["text"]}))
+    if not isinstance(policy, DiffusionPolicy):
+        prompts = _sample_prompts(policy, args.prompt, args.image)
+        outputs = policy.generate(prompts, num_samples=args.num_samples, greedy=args.greedy)
+        for i, out in enumerate(outputs):
+            print(json.dumps({"prompt": args.prompt[i // args.num_samples], "response": out["text"]}))
         return 0
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prompts = [p for p in args.prompt for _ in range(args.num_samples)]
     traj = policy.sample(prompts, generator=torch.Generator().manual_seed(args.seed), record=False)
-    if hasattr(policy, "to_waveform"):  # speech: WAV files through the model's vocoder
-        from mmalign.speech.audio import write_wav
+    with torch.no_grad():
+        outputs = policy.decode(traj.final)
+    for prompt, path in zip(
+        prompts, policy.write_outputs(outputs, prompts, str(out_dir), "sample"), strict=True
+    ):
+        print(json.dumps({"prompt": prompt, "file": path}))
+    return 0
 
-        for i, (prompt, wave) in enumerate(zip(prompts, policy.to_waveform(traj.final), strict=True)):
-            path = out_dir / f"sample_{i:03d}.wav"
-            write_wav(path, wave, policy.sample_rate)
-            print(json.dumps({"prompt": prompt, "file": str(path)}))
-        return 0
-    for i, (prompt, image) in enumerate(zip(prompts, policy.to_pil(policy.decode(traj.final)), strict=True)):
-        path = out_dir / f"sample_{i:03d}.png"
-        image.save(path)
-        print(json.dumps({"prompt": prompt, "file": str(path)}))
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from mmalign.methods_table import matrix_markdown
+
+    print(matrix_markdown(reasons=args.why))
     return 0
 
 
@@ -187,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default="samples", help="where image samples are written")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser(
+        "methods", help="print the method × model matrix: which algorithm runs on which model kind"
+    )
+    p.add_argument("--why", action="store_true", help="list the reason for every cell that does not fit")
+    p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("zoo", help="build or list the offline worlds")
     p.add_argument("action", choices=["build", "list"])

@@ -13,10 +13,10 @@ import json
 
 import torch
 
-from mmalign.build import build_run
-from mmalign.config import load_recipe
-from mmalign.core.diffusion import sample_trajectory
+from mmalign.core.config import load_recipe
 from mmalign.core.reward import score
+from mmalign.core.sampling import sample_trajectory
+from mmalign.run import build_run
 
 
 @torch.no_grad()
@@ -32,19 +32,11 @@ def main() -> None:
     prompts = [row.data["prompt"] for row in algorithm.prompts][: args.prompts]
     generator = torch.Generator().manual_seed(0)
     trajectory = policy.sample(prompts, generator=generator, record=True)
-    embeds, timesteps = trajectory.conditioning["prompt_embeds"], trajectory.timesteps
+    conditioning, timesteps = trajectory.conditioning, trajectory.timesteps
 
     def finish(x: torch.Tensor, k: int) -> torch.Tensor:
-        return sample_trajectory(
-            lambda x, t: policy.predict(x, t, embeds),
-            policy.scheduler,
-            x,
-            num_steps=policy.num_steps,
-            eta=policy.eta,
-            generator=generator,
-            record=False,
-            start=k,
-        ).final
+        predict = lambda x, t: policy.predict(x, t, conditioning)  # noqa: E731
+        return sample_trajectory(predict, policy.sampler, x, generator=generator, record=False, start=k).final
 
     left = []  # V_k for k = 0 … n−1
     for k in range(len(timesteps)):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmalign.build import build_run
+from mmalign.run import build_run
 from mmalign.train.logging import read_metrics
 from mmalign.train.trainer import Trainer
 
@@ -237,7 +237,7 @@ def test_precomputed_reference_gives_the_same_losses(data, tmp_path):
 
 
 def test_mixed_precision_no_can_be_set_from_an_override(tiny_recipe):
-    from mmalign.config import apply_overrides
+    from mmalign.core.config import apply_overrides
 
     recipe = apply_overrides(tiny_recipe, ["train.mixed_precision=no"])
     _, _, cfg, _, _ = build_run(recipe)

@@ -15,10 +15,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from mmalign.config import RecipeError, load_recipe
+from mmalign.core.config import RecipeError, load_recipe
 from mmalign.core.data import DataError, read_rows, rows_from_records
 from mmalign.core.params import LoraSpec
-from mmalign.speech.audioldm2_policy import AudioLDM2SpeechPolicy, check_recipe
+from mmalign.speech.audioldm2_policy import AudioLDM2SpeechPolicy
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["seven eight", "call me at nine", "zero", "one two"]
@@ -239,7 +239,7 @@ def test_sampling_is_the_pipelines_own_and_decodes_to_a_waveform(pipeline_dir):
 def test_step_logprob_is_the_schedulers_gaussian(pipeline_dir):
     policy = _policy(pipeline_dir)
     traj = policy.sample(PROMPTS[:2], generator=torch.Generator().manual_seed(1))
-    pipe, sched, w = policy.pipeline, policy.scheduler, 3.0
+    pipe, sched, w = policy.pipeline, policy.sampler.scheduler, 3.0
     with torch.no_grad():  # conditioning straight from the pipeline, unconditional half first
         embeds, mask, generated = pipe.encode_prompt(
             [DESCRIPTION] * 2, "cpu", 1, True, transcription=PROMPTS[:2]
@@ -273,8 +273,9 @@ def test_step_logprob_is_the_schedulers_gaussian(pipeline_dir):
 
 def test_dlpo_with_lora_trains_only_lora_and_the_saved_lora_loads_back(pipeline_dir, tmp_path):
     from mmalign.speech.evaluate import WaveformEvaluator
-    from mmalign.speech.report import WaveformReport
+    from mmalign.speech.report import WaveformSamples
     from mmalign.train.diffusion_pg import DiffusionPGConfig, DiffusionPolicyGradient
+    from mmalign.train.report import RunReport
     from mmalign.train.trainer import TrainConfig, Trainer
 
     policy = _policy(pipeline_dir, lora=LoraSpec(r=4, alpha=4))
@@ -289,7 +290,7 @@ def test_dlpo_with_lora_trains_only_lora_and_the_saved_lora_loads_back(pipeline_
         TrainConfig(max_steps=1, batch_size=4, lr=1e-2, progress=False),
         tmp_path / "run",
         evaluator=WaveformEvaluator(rows[:1], [Loudness()], seeds=1, grid_prompts=1, kl=False),
-        report=WaveformReport(policy.sample_rate),
+        report=RunReport(WaveformSamples(policy.sample_rate)),
     ).train()
     log = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert "diffusion_loss" in log and "rollout/reward" in log
@@ -360,15 +361,18 @@ def test_diffusion_dpo_scores_run_on_the_packed_conditioning(pipeline_dir):
     policy = _policy(pipeline_dir)
     final = policy.sample(PROMPTS[:4], generator=torch.Generator().manual_seed(0), record=False).final
     pairs = [{"prompt": PROMPTS[i], "latents_w": final[i], "latents_l": final[i + 2]} for i in range(2)]
+    from mmalign.train.diffusion_preference import PairDenoisingScores
+
+    scorer = PairDenoisingScores(policy)
     torch.manual_seed(0)
-    batch = policy.collate_pairs(pairs)
+    batch = scorer.collate_pairs(pairs)
     with torch.no_grad():
-        scores = policy.sequence_logprobs(batch).token_logps[:, 0]
+        scores = scorer.sequence_logprobs(batch).token_logps[:, 0]
         # −½‖ε − ε_θ(x_t, c, t)‖² written out with the UNet and the pipeline's own conditioning
         embeds, mask, generated = policy.pipeline.encode_prompt(
             [DESCRIPTION] * 4, "cpu", 1, False, transcription=[PROMPTS[0], PROMPTS[1]] * 2
         )
-        noisy = policy.train_scheduler.add_noise(batch["latents"], batch["noise"], batch["timesteps"])
+        noisy = policy.forward_process.add_noise(batch["latents"], batch["noise"], batch["timesteps"])
         eps = policy.pipeline.unet(
             noisy,
             batch["timesteps"],
@@ -388,7 +392,7 @@ def test_text_to_audio_checkpoints_are_refused():
 
 
 def test_recipe_path_on_a_local_tiny_audioldm2(pipeline_dir, tmp_path):
-    from mmalign.build import build_run
+    from mmalign.run import build_run
     from mmalign.train.trainer import Trainer
 
     recipe_path = ROOT / "speech" / "audioldm2_dlpo.yaml"
@@ -422,19 +426,28 @@ def test_recipe_path_on_a_local_tiny_audioldm2(pipeline_dir, tmp_path):
     policy.check_prompts(read_rows(ROOT / "speech" / "audioldm2_eval_prompts.jsonl"))
 
 
-def test_mel_rewards_and_offline_pairs_are_refused_before_loading():
+def test_mel_rewards_and_offline_pairs_are_refused_before_loading(monkeypatch):
+    from mmalign.run import plan
+
+    monkeypatch.chdir(ROOT)  # the recipe names its prompt files relative to the repository
     recipe = load_recipe(ROOT / "speech" / "audioldm2_dlpo.yaml")
     recipe["algorithm"]["reward"] = {"name": "intelligibility", "path": "zoo://speech/recogniser"}
-    with pytest.raises(RecipeError, match=r"algorithm.reward: reward 'intelligibility' takes .* mels"):
-        check_recipe(recipe)
+    with pytest.raises(RecipeError, match=r"algorithm.reward: reward 'intelligibility' scores mel"):
+        plan(recipe)
     recipe = load_recipe(ROOT / "speech" / "audioldm2_dlpo.yaml")
     recipe["eval"]["rewards"] = [{"name": "tonality", "model": "zoo://speech/base"}]
     with pytest.raises(RecipeError, match=r"eval.rewards: reward 'tonality'"):
-        check_recipe(recipe)
+        plan(recipe)
+    recipe = load_recipe(ROOT / "speech" / "audioldm2_dlpo.yaml")
     with pytest.raises(RecipeError, match="online_diffusion_dpo"):
-        check_recipe({"algorithm": {"name": "diffusion_dpo"}})
+        plan({**recipe, "algorithm": {"name": "diffusion_dpo"}})
     with pytest.raises(RecipeError, match="diffusion_loss_on: data"):
-        check_recipe({"algorithm": {"name": "dlpo", "diffusion_loss_on": "data"}})
+        plan(
+            {
+                **recipe,
+                "algorithm": {**recipe["algorithm"], "diffusion_loss_on": "data", "diffusion_loss_coef": 1},
+            }
+        )
 
 
 def test_transcriptions_the_vits_tokenizer_cannot_spell_are_named_errors(pipeline_dir):

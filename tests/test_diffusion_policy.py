@@ -12,8 +12,9 @@ from diffusion_fixtures import tiny_pipeline
 from PIL import Image
 
 from mmalign.core.data import DataError, rows_from_records
-from mmalign.core.diffusion import step_distribution
 from mmalign.core.params import LoraSpec
+from mmalign.core.sampler import DDPMFamilySampler
+from mmalign.train.diffusion_preference import PairDenoisingScores
 from mmalign.train.preference import PreferenceAlgorithm, PreferenceConfig
 from mmalign.vision.diffusion_policy import DiffusionImagePolicy
 
@@ -40,8 +41,8 @@ def _normal_logprob_mean(x, mean, std) -> torch.Tensor:
 def test_ddim_step_logprob_is_the_schedulers_gaussian(pipeline_dir, eta):
     policy = DiffusionImagePolicy.from_pretrained(str(pipeline_dir), num_steps=4, eta=eta, guidance_scale=3.0)
     traj = policy.sample(["a handwritten seven", "the digit one"], generator=torch.Generator().manual_seed(0))
-    sched = policy.scheduler
-    embeds = traj.conditioning["prompt_embeds"]
+    sched = policy.sampler.scheduler
+    embeds = traj.conditioning
     for i, t in enumerate(traj.timesteps):
         x, x_next = traj.latents[:, i], traj.next_latents[:, i]
         with torch.no_grad():
@@ -66,7 +67,7 @@ def test_ddim_step_logprob_is_the_schedulers_gaussian(pipeline_dir, eta):
 def test_a_trajectory_continued_from_a_recorded_step_ends_where_it_did(pipeline_dir):
     """`sample_trajectory(start=k)` from the recorded x_k, with the noise the full run drew after step k,
     reproduces the full run's steps k… and its final sample."""
-    from mmalign.core.diffusion import sample_trajectory
+    from mmalign.core.sampling import sample_trajectory
 
     policy = DiffusionImagePolicy.from_pretrained(str(pipeline_dir), num_steps=4, guidance_scale=3.0)
     embeds = policy.encode_prompts(["a handwritten seven", "the digit one"])
@@ -74,7 +75,7 @@ def test_a_trajectory_continued_from_a_recorded_step_ends_where_it_did(pipeline_
 
     def run(x, generator, start=0):
         predict = lambda x, t: policy.predict(x, t, embeds)  # noqa: E731
-        return sample_trajectory(predict, policy.scheduler, x, num_steps=4, generator=generator, start=start)
+        return sample_trajectory(predict, policy.sampler, x, generator=generator, start=start)
 
     full = run(initial, torch.Generator().manual_seed(1))
     generator = torch.Generator().manual_seed(1)
@@ -87,14 +88,15 @@ def test_a_trajectory_continued_from_a_recorded_step_ends_where_it_did(pipeline_
 
 
 def test_ddpm_step_distribution_matches_posterior(pipeline_dir):
-    from mmalign.core.diffusion import make_scheduler
-
     policy = DiffusionImagePolicy.from_pretrained(str(pipeline_dir))
-    sched = make_scheduler("ddpm", {**policy.pipeline.scheduler.config, "variance_type": "fixed_small"})
-    sched.set_timesteps(10)
+    sampler = DDPMFamilySampler(
+        {**policy.pipeline.scheduler.config, "variance_type": "fixed_small"}, "ddpm", 10
+    )
+    sched = sampler.scheduler
     x, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     t = sched.timesteps[3]
-    mean, std = step_distribution(sched, eps, t, x, eta=1.0)
+    step = sampler.step(eps, 3, x)
+    mean, std = step.mean, step.std
     a_t, a_prev = sched.alphas_cumprod[int(t)], sched.alphas_cumprod[int(sched.timesteps[4])]
     beta = 1 - a_t / a_prev
     x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
@@ -119,12 +121,12 @@ def test_ppo_ratio_is_one_on_the_first_inner_step(pipeline_dir):
     algo = DiffusionPolicyGradient(
         policy, rows, JpegCompressibility(), DiffusionPGConfig(per_prompt_stats=False, timestep_fraction=0.5)
     )
-    examples, _ = algo.rollout(rows)
-    assert len(examples) == 2 and examples[0]["timesteps"].shape == (2,)
-    losses, m = algo.loss(examples)
+    batch, _ = algo.rollout(rows)
+    assert len(batch) == 2 and batch["steps"].shape == (2, 2)
+    losses, m = algo.loss(batch)
     assert m["ratio_mean"].item() == pytest.approx(1.0, abs=1e-5)
     assert m["clip_fraction"].item() == 0.0
-    adv = torch.stack([e["advantage"] for e in examples])
+    adv = batch["advantages"]
     torch.testing.assert_close(losses, -adv, atol=1e-5, rtol=1e-5)  # ratio 1 → PPO loss is −A
 
 
@@ -151,14 +153,15 @@ def test_diffusion_dpo_loss_matches_an_independent_computation(pipeline_dir, tmp
     _perturb_lora(policy)
     rows = read_rows(_write_pair_dataset(tmp_path))
     beta = 50.0
-    algo = PreferenceAlgorithm(policy, rows, PreferenceConfig(loss="dpo", beta=beta))
+    scorer = PairDenoisingScores(policy)
+    algo = PreferenceAlgorithm(scorer, rows, PreferenceConfig(loss="dpo", beta=beta))
     torch.manual_seed(3)
     losses, _ = algo.loss(algo.train_examples)
 
     torch.manual_seed(3)
-    batch = policy.collate_pairs(algo.train_examples)
-    noisy = policy.train_scheduler.add_noise(batch["latents"], batch["noise"], batch["timesteps"])
-    unet, emb = policy.module, batch["prompt_embeds"]
+    batch = scorer.collate_pairs(algo.train_examples)
+    noisy = policy.forward_process.add_noise(batch["latents"], batch["noise"], batch["timesteps"])
+    unet, emb = policy.module, batch["conditioning"]["prompt_embeds"]
     with torch.no_grad():
         err = (
             (unet(noisy, batch["timesteps"], encoder_hidden_states=emb).sample - batch["noise"]) ** 2
@@ -185,7 +188,7 @@ def test_bad_image_pairs_name_row_and_field(pipeline_dir, tmp_path, bad, match):
     policy = DiffusionImagePolicy.from_pretrained(str(pipeline_dir))
     rows = read_rows(_write_pair_dataset(tmp_path, bad=bad))
     with pytest.raises(DataError, match=match) as err:
-        PreferenceAlgorithm(policy, rows, PreferenceConfig())
+        PreferenceAlgorithm(PairDenoisingScores(policy), rows, PreferenceConfig())
     assert err.value.line == 2 and err.value.field == "image_l"
 
 

@@ -13,11 +13,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from mmalign.build import build_reward, build_run
-from mmalign.config import RecipeError
+from mmalign.core.config import RecipeError
 from mmalign.core.data import DataError, read_rows, rows_from_records
 from mmalign.core.reward import score
-from mmalign.train.supervised import PairwiseAccuracy, RewardModelAlgorithm, RewardModelConfig
+from mmalign.evaluation.sequence import PairwiseAccuracy
+from mmalign.run import build_reward, build_run
+from mmalign.train.supervised import RewardModelAlgorithm, RewardModelConfig
 from mmalign.vision.clip_rewards import (
     AestheticMLP,
     AestheticScore,
@@ -303,5 +304,8 @@ def test_image_reward_model_bad_inputs(tmp_path):
         build_run(recipe)
     recipe["model"]["network"] = {"channels": [8]}
     recipe["algorithm"]["name"] = "dpo"
-    with pytest.raises(RecipeError, match="trains with algorithm reward_model, not 'dpo'"):
+    with pytest.raises(
+        RecipeError,
+        match=r"algorithm 'dpo' does not fit model.kind 'image_reward_model'.*Algorithms for image_reward_model: reward_model",
+    ):
         build_run(recipe)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmalign.core.data import read_rows
-from mmalign.vision.digit_classifier import DigitClassifier
+from mmalign.evaluation.classifier import ConvClassifier
 from mmalign.zoo.image_world import (
     EVAL_TEMPLATES,
     MAX_PROMPT_TOKENS,
@@ -57,13 +57,13 @@ def test_pipeline_loads_offline_and_generates_16x16(world):
 
 def test_classifier_round_trip_is_exact(tmp_path):
     images = torch.rand(4, 3, 16, 16) * 2 - 1
-    model = DigitClassifier().eval()
+    model = ConvClassifier().eval()
     model.save_pretrained(tmp_path)
-    assert torch.equal(DigitClassifier.from_pretrained(tmp_path)(images), model(images))
+    assert torch.equal(ConvClassifier.from_pretrained(tmp_path)(images), model(images))
 
 
 def test_classifier_gradient_reaches_the_image(world):
-    classifier = DigitClassifier.from_pretrained(world / "classifier")
+    classifier = ConvClassifier.from_pretrained(world / "classifier")
     images = (torch.rand(3, 3, 16, 16) * 2 - 1).requires_grad_()
     log_prob = classifier.log_prob(images, torch.tensor([7, 0, 3]))
     assert log_prob.shape == (3,) and (log_prob <= 0).all()

@@ -202,7 +202,7 @@ def test_reward_model_differs_from_a_read_before_eos():
 def test_answer_match_from_a_recipe_with_conversational_prompts(tiny_world, tmp_path):
     import json
 
-    from mmalign.build import build_run
+    from mmalign.run import build_run
 
     rows = [{"prompt": [{"role": "user", "content": f"{a}+1="}], "answer": str(a + 1)} for a in range(8)]
     path = tmp_path / "chat_prompts.jsonl"

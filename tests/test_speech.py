@@ -17,6 +17,7 @@ from mmalign.speech.audio import AudioError, MelConfig, MelFrontend, read_wav, w
 from mmalign.speech.diffusion_policy import DiffusionSpeechPolicy
 from mmalign.speech.rewards import Intelligibility, Tonality
 from mmalign.speech.text import AlphabetError, CharEncoder
+from mmalign.train.diffusion_pg import data_denoising_loss, trajectory_denoising_loss
 from mmalign.zoo.speech_world import SpeechWorldSpec, build_speech_world, nonspeech_mels
 
 
@@ -37,7 +38,7 @@ def test_speech_step_logprob_is_the_ddim_gaussian(world, eta):
     policy = _policy(world, num_steps=4, eta=eta, guidance_scale=3.0)
     traj = policy.sample(["seven", "2!"], generator=torch.Generator().manual_seed(0))
     assert traj.final.shape == (2, 1, 32, 32)
-    sched, embeds = policy.scheduler, traj.conditioning["prompt_embeds"]
+    sched, embeds = policy.sampler.scheduler, traj.conditioning
     for i, t in enumerate(traj.timesteps):
         x, x_next = traj.latents[:, i], traj.next_latents[:, i]
         with torch.no_grad():
@@ -52,28 +53,22 @@ def test_speech_step_logprob_is_the_ddim_gaussian(world, eta):
         expected = torch.distributions.Normal(mean, sigma).log_prob(x_next).flatten(1).mean(1)
         torch.testing.assert_close(traj.logprobs[:, i], expected, atol=1e-4, rtol=1e-4)
         # the policy re-scores the recorded step to the same value under unchanged weights
-        step = {"latents": x, "timestep": t, "prompt_embeds": embeds}
-        m, s = policy.step_distribution(step)
-        got = torch.distributions.Normal(m, s).log_prob(x_next).flatten(1).mean(1)
+        step = policy.sampler.step(policy.predict(x, t, embeds), i, x)
+        got = torch.distributions.Normal(step.mean, step.std).log_prob(x_next).flatten(1).mean(1)
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_dlpo_penalty_is_the_noise_regression_to_the_final_sample(world):
     policy = _policy(world, num_steps=4)
     traj = policy.sample(["three"], generator=torch.Generator().manual_seed(1))
-    step = {
-        "latents": traj.latents[:, 1],
-        "timestep": traj.timesteps[1],
-        "prompt_embeds": traj.conditioning["prompt_embeds"],
-        "final": traj.final,
-    }
-    got = policy.trajectory_denoising_loss(step)
-    abar = policy.train_scheduler.alphas_cumprod[int(traj.timesteps[1])]
+    embeds = traj.conditioning["prompt_embeds"]
+    got = trajectory_denoising_loss(
+        policy, traj.latents[:, 1], traj.timesteps[1], traj.final, traj.conditioning
+    )
+    abar = policy.forward_process.scheduler.alphas_cumprod[int(traj.timesteps[1])]
     eps_tilde = (traj.latents[:, 1] - abar.sqrt() * traj.final) / (1 - abar).sqrt()
     with torch.no_grad():
-        eps = policy.module(
-            traj.latents[:, 1], traj.timesteps[1], encoder_hidden_states=step["prompt_embeds"]
-        ).sample
+        eps = policy.module(traj.latents[:, 1], traj.timesteps[1], encoder_hidden_states=embeds).sample
     torch.testing.assert_close(got, ((eps - eps_tilde) ** 2).mean((1, 2, 3)), atol=1e-5, rtol=1e-5)
 
 
@@ -86,16 +81,19 @@ def test_dlpo_data_penalty_is_the_pretraining_loss_on_real_speech(world):
     x0 = torch.stack([t["latents"] for t in targets])
     wave = read_wav(world / rows[0].data["audio"], 8000)
     torch.testing.assert_close(x0[0], policy.frontend(wave)[0])
-    embeds = policy.encode_prompts([t["prompt"] for t in targets])
+    cond = policy.encode_prompts([t["prompt"] for t in targets])
+    embeds = cond["prompt_embeds"]
     torch.manual_seed(5)
-    got = policy.data_denoising_loss({"target": x0, "prompt_embeds": embeds})
+    got = data_denoising_loss(policy, x0, cond)
     torch.manual_seed(5)
     noise, t = torch.randn(x0.shape), torch.randint(0, 1000, (3,))
-    abar = policy.train_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    abar = policy.forward_process.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
     with torch.no_grad():
         cond = policy.module(x_t, t, encoder_hidden_states=embeds).sample
-        empty = policy.module(x_t, t, encoder_hidden_states=policy.encode_prompts([""] * 3)).sample
+        empty = policy.module(
+            x_t, t, encoder_hidden_states=policy.encode_prompts([""] * 3)["prompt_embeds"]
+        ).sample
     expected = 0.5 * (((cond - noise) ** 2).mean((1, 2, 3)) + ((empty - noise) ** 2).mean((1, 2, 3)))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
@@ -116,14 +114,15 @@ def test_dlpo_data_term_enters_each_update_once(world):
         targets=targets,
     )
     torch.manual_seed(0)
-    examples, _ = dlpo.rollout(prompts)
-    assert examples[0]["timesteps"].shape[0] == 4
+    batch, _ = dlpo.rollout(prompts)
+    assert batch["steps"].shape[1] == 4
     pg_only = DiffusionPolicyGradient(policy, prompts, reward, DiffusionPGConfig(**common))
     torch.manual_seed(3)
-    total, metrics = dlpo.loss(examples)
-    pg, _ = pg_only.loss(examples)
+    total, metrics = dlpo.loss(batch)
+    pg, _ = pg_only.loss(batch)
     torch.manual_seed(3)
-    data = policy.data_denoising_loss(policy.step_batch(examples, 0))
+    cond = {"prompt_embeds": batch["cond.prompt_embeds"]}
+    data = data_denoising_loss(policy, batch["targets"], cond)
     torch.testing.assert_close(total, pg + 2.0 * data, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(metrics["diffusion_loss"], data.mean(), atol=1e-6, rtol=1e-5)
 
@@ -234,12 +233,8 @@ def test_recogniser_reward_gradient_reaches_the_mel(world):
     # and through the sampler's last step back to the denoiser's weights (what reward backprop would use)
     policy = _policy(world, lora=LoraSpec(r=2, alpha=2), num_steps=2, guidance_scale=1.0)
     traj = policy.sample(["seven"], generator=torch.Generator().manual_seed(0))
-    step = {
-        "latents": traj.latents[:, -1],
-        "timestep": traj.timesteps[-1],
-        "prompt_embeds": traj.conditioning["prompt_embeds"],
-    }
-    mean, _ = policy.step_distribution(step)
+    x = traj.latents[:, -1]
+    mean = policy.sampler.step(policy.predict(x, traj.timesteps[-1], traj.conditioning), 1, x).mean
     reward(["seven"], mean).sum().backward()
     grads = [p.grad for p in policy.trainable_parameters()]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
@@ -270,13 +265,13 @@ def test_dnsmos_runs_offline_on_vocoded_audio():
 
 
 def test_vocoder_output_and_report_files(world, tmp_path):
-    from mmalign.speech.report import SpeechReport
+    from mmalign.speech.report import SpeechSamples
 
     policy = _policy(world, num_steps=2)
     mels = policy.decode(policy.sample(["one", "two"], generator=torch.Generator().manual_seed(0)).final)
     waves = policy.to_waveform(mels)
     assert waves.shape == (2, policy.mel_config.num_samples) and waves.abs().max() <= 1
-    report = SpeechReport(policy.mel_config)
+    report = SpeechSamples(policy.mel_config)
     stored = report.store_samples(
         tmp_path, "after", [{"prompt": "one", "mel": mels[0]}, {"prompt": "two", "mel": mels[1]}]
     )

@@ -1,4 +1,4 @@
-"""Every speech/ recipe builds through mmalign.build and trains on the seconds-fast speech-tiny world.
+"""Every speech/ recipe builds through mmalign.run and trains on the seconds-fast speech-tiny world.
 
 The recipes' zoo://speech paths are pointed at zoo://speech-tiny; sampling and evaluation budgets are cut. The
 measured results on the full world are in speech/README.md.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mmalign.config import load_recipe
+from mmalign.core.config import load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "speech"
 
@@ -44,7 +44,7 @@ def _tiny(recipe: dict, tmp_path: Path, full_eval: bool = False) -> dict:
     "name", ["dlpo_digits", "dlpo_no_diffusion_loss", "ddpo_digits", "diffusion_dpo_online"]
 )
 def test_speech_recipe_trains_and_reports(speech_tiny, tmp_path, name):
-    from mmalign.build import build_run
+    from mmalign.run import build_run
     from mmalign.train.trainer import Trainer
 
     full = name == "dlpo_digits"
@@ -69,8 +69,8 @@ def test_speech_recipe_trains_and_reports(speech_tiny, tmp_path, name):
 
 
 def test_out_of_alphabet_prompt_fails_before_training(speech_tiny, tmp_path):
-    from mmalign.build import build_run
     from mmalign.core.data import DataError
+    from mmalign.run import build_run
 
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "seven"}\n{"prompt": "sept ÷ 2"}\n')
     recipe = _tiny(load_recipe(RECIPES / "ddpo_digits.yaml"), tmp_path)

@@ -226,7 +226,7 @@ def test_too_long_examples_are_errors_naming_row_and_field(tiny_world):
 
 
 def test_too_long_row_fails_build_run_before_training(tiny_recipe, tmp_path):
-    from mmalign.build import build_run
+    from mmalign.run import build_run
 
     path = tmp_path / "pairs.jsonl"
     rows = [
@@ -326,7 +326,7 @@ def _recipe_for(model_dir: Path, tiny_recipe: dict) -> dict:
 
 
 def test_build_run_with_local_model_directory(hub_dir, tiny_recipe):
-    from mmalign.build import build_run
+    from mmalign.run import build_run
 
     path, original = hub_dir
     policy, algorithm, cfg, _, _ = build_run(_recipe_for(path, tiny_recipe))
@@ -343,8 +343,8 @@ def test_qwen_recipe_runs_with_a_local_model(hub_dir, tmp_path):
     recipe_path = REPO / "text" / "qwen_dpo.yaml"
     if not recipe_path.exists():
         pytest.skip("text/qwen_dpo.yaml does not exist yet")
-    from mmalign.build import build_run
-    from mmalign.config import load_recipe
+    from mmalign.core.config import load_recipe
+    from mmalign.run import build_run
     from mmalign.train.trainer import Trainer
 
     path, original = hub_dir

@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from mmalign.build import build_run
-from mmalign.config import RecipeError, apply_overrides, load_recipe
+from mmalign.core.config import RecipeError, apply_overrides, load_recipe
+from mmalign.run import build_run
 from mmalign.train import checkpoint as ckpt
 from mmalign.train.trainer import Trainer, TrainingError
 

@@ -17,10 +17,10 @@ from PIL import Image
 
 from mmalign.core.data import read_rows, rows_from_records
 from mmalign.core.params import LoraSpec
+from mmalign.evaluation.diffusion import DiffusionEvaluator
 from mmalign.train.diffusion_pg import DiffusionPGConfig, DiffusionPolicyGradient
 from mmalign.train.trainer import TrainConfig, Trainer
 from mmalign.vision.diffusion_policy import DiffusionImagePolicy
-from mmalign.vision.evaluate import ImageEvaluator
 
 PROMPTS = ["a handwritten seven", "the digit one", "a drawing of the number 3", "the number 5"]
 
@@ -94,9 +94,10 @@ def test_diffusion_policy_gradient_raises_its_reward(pipeline_dir, tmp_path, nam
 
 
 class SingleBackward(DiffusionPolicyGradient):
-    """The same algorithm without `loss_terms`: the trainer backwards the summed loss once."""
+    """The same algorithm with one loss term: the trainer backwards the summed loss once."""
 
-    loss_terms = None
+    def loss_terms(self, batch):
+        return [lambda: self.loss(batch)]
 
 
 def test_backward_per_denoising_step_equals_one_backward_of_the_sum(pipeline_dir, tmp_path):
@@ -186,11 +187,12 @@ def _bright_dark_pairs(tmp_path, n=8):
 
 
 def test_offline_diffusion_dpo_learns_the_preference(pipeline_dir, tmp_path):
+    from mmalign.train.diffusion_preference import PairDenoisingScores
     from mmalign.train.preference import PreferenceAlgorithm, PreferenceConfig
 
     policy = _policy(pipeline_dir)
     rows = _bright_dark_pairs(tmp_path)
-    algo = PreferenceAlgorithm(policy, rows, PreferenceConfig(loss="dpo", beta=500))
+    algo = PreferenceAlgorithm(PairDenoisingScores(policy), rows, PreferenceConfig(loss="dpo", beta=500))
 
     def margin() -> float:  # mean implicit-reward margin over all pairs, averaged over fixed noise draws
         torch.manual_seed(7)
@@ -220,7 +222,7 @@ class BrightAgreement(Brightness):
 
 def test_image_evaluator_reports_win_rate_kl_and_paired_gain(pipeline_dir):
     policy, reward = _policy(pipeline_dir), BrightAgreement()
-    evaluator = ImageEvaluator(rows_from_records([{"prompt": p} for p in PROMPTS]), [reward], seeds=2)
+    evaluator = DiffusionEvaluator(rows_from_records([{"prompt": p} for p in PROMPTS]), [reward], seeds=2)
     jobs = evaluator._jobs()
     reward.threshold = evaluator._images(policy, jobs, kl=False)[0].mean(dim=(1, 2, 3)).median().item()
     base = evaluator.evaluate(policy)
@@ -245,8 +247,8 @@ def test_image_evaluator_reports_win_rate_kl_and_paired_gain(pipeline_dir):
 
 
 def test_diffusion_dpo_recipe_reads_image_pairs_and_names_bad_rows(pipeline_dir, tmp_path):
-    from mmalign.build import build_run
     from mmalign.core.data import DataError
+    from mmalign.run import build_run
 
     _bright_dark_pairs(tmp_path)
     recipe = {
@@ -268,14 +270,13 @@ def test_train_step_range_keeps_training_off_the_last_low_noise_steps(pipeline_d
     policy = _policy(pipeline_dir)  # 4 DDIM steps
     rows = rows_from_records([{"prompt": p} for p in PROMPTS])
     cfg = DiffusionPGConfig(per_prompt_stats=False, train_step_range=(0.0, 0.5))
-    examples, _ = DiffusionPolicyGradient(policy, rows, Brightness(), cfg).rollout(rows)
-    policy.scheduler.set_timesteps(4)
-    assert examples[0]["timesteps"].tolist() == policy.scheduler.timesteps[:2].tolist()
+    batch, _ = DiffusionPolicyGradient(policy, rows, Brightness(), cfg).rollout(rows)
+    assert batch["steps"][0].tolist() == [0, 1]
     # step i of 4 is trained iff lo <= i/4 < hi: (0, 0.2) keeps step 0, (0.3, 0.8) steps 2 and 3
     for step_range, expected in [((0.0, 0.2), [0]), ((0.3, 0.8), [2, 3]), ((0.25, 0.5), [1])]:
         cfg = DiffusionPGConfig(per_prompt_stats=False, train_step_range=step_range)
-        examples, _ = DiffusionPolicyGradient(policy, rows, Brightness(), cfg).rollout(rows)
-        assert examples[0]["timesteps"].tolist() == policy.scheduler.timesteps[expected].tolist(), step_range
+        batch, _ = DiffusionPolicyGradient(policy, rows, Brightness(), cfg).rollout(rows)
+        assert batch["steps"][0].tolist() == expected, step_range
     with pytest.raises(ValueError, match="train_step_range"):
         DiffusionPGConfig(train_step_range=(0.5, 0.5))
 
@@ -284,11 +285,11 @@ def test_train_step_range_keeps_training_off_the_last_low_noise_steps(pipeline_d
 def test_diffusion_policy_gradient_recipes_parse(name):
     from pathlib import Path
 
-    from mmalign.build import model_config
-    from mmalign.config import load_recipe, to_dataclass
+    from mmalign.core.config import load_recipe, to_dataclass
+    from mmalign.core.diffusion_policy import DiffusionModelConfig
 
     recipe = load_recipe(str(Path(__file__).resolve().parents[1] / "vision" / f"{name}.yaml"), [])
-    model_config(recipe["model"])
+    to_dataclass(DiffusionModelConfig, recipe["model"], "model")
     section = {k: v for k, v in recipe["algorithm"].items() if k != "reward"}
     cfg = to_dataclass(DiffusionPGConfig, section, "algorithm")
     TrainConfig(**recipe["train"])

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from mmalign.build import build_run
-from mmalign.config import load_recipe
+from mmalign.core.config import load_recipe
 from mmalign.core.data import DataError, read_rows
+from mmalign.run import build_run
 from mmalign.train.trainer import Trainer
 from mmalign.vision import vlm_digits as D
 

@@ -1,10 +1,10 @@
-"""The modality-free part of every diffusion policy: CFG prediction, recorded sampling, per-step terms, Diffusion-DPO.
+"""The modality-free part of every diffusion policy: weights and reference, guided prediction, sampling.
 
 An adapter (text-to-image, text-to-speech) subclasses `DenoisingPolicy` and supplies what is modal: how prompts
-become conditioning (`encode_prompts`), how final latents become outputs (`decode`), how a preference pair's files
-become latents (`encode_pair`) and how trained weights are saved. Everything the algorithms call on a diffusion
-policy (`sample`, `conditioning_of`, `step_batch`, `step_distribution`, `trajectory_denoising_loss`,
-`data_denoising_loss`, `collate_pairs`, `sequence_logprobs`) lives here once, shape-generic over the latent layout.
+become conditioning (`encode_prompts`), how the denoiser is called with it (`denoise`), how final latents become
+outputs (`decode`), how a row's files become latents (`encode_pair`, `encode_target`), how outputs are written
+(`write_outputs`) and how trained weights are saved. The policy owns its `sampler` and `forward_process`; the
+objective math (step log-probs, KLs, Diffusion-DPO, DLPO's terms) is composed by the algorithms from these parts.
 """
 
 from __future__ import annotations
@@ -13,37 +13,72 @@ import copy
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from mmalign.core.diffusion import denoising_loss, make_scheduler, sample_trajectory, step_distribution
+from mmalign.core.data import Row
 from mmalign.core.params import LoraSpec, TrainableModule
-from mmalign.core.types import SequenceLogProbs, Trajectory
+from mmalign.core.sampler import ForwardProcess, Sampler
+from mmalign.core.sampling import sample_trajectory
+from mmalign.core.types import Conditioning, Trajectory
 
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+SAMPLERS = ("ddim", "ddpm")
+
+
+@dataclass
+class DiffusionModelConfig:
+    """`model:` of the DDPM-family diffusion model kinds (Stable Diffusion, mel TTS, AudioLDM 2): pipeline and sampler."""
+
+    kind: str = "diffusion_image"
+    name_or_path: str = ""
+    lora: dict[str, Any] | None = None  # LoRA on the UNet attention projections; null = full UNet fine-tuning
+    dtype: str = "float32"
+    sampler: str = "ddim"  # ddim | ddpm
+    num_steps: int = 20
+    eta: float = 1.0  # DDIM's η: 0 is deterministic (reward backprop, evaluation), > 0 gives log-probs
+    guidance_scale: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"model.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.num_steps < 1:
+            raise ValueError(f"model.num_steps must be >= 1, got {self.num_steps}")
+        if self.eta < 0:
+            raise ValueError(f"model.eta must be >= 0, got {self.eta}")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"model.dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+
+
+def concat_conditioning(*parts: Conditioning) -> Conditioning:
+    """Conditioning of several batches as one batch (e.g. unconditional then conditional for guidance)."""
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
+def select_conditioning(conditioning: Conditioning, index: Any) -> Conditioning:
+    """The conditioning of some samples of a batch."""
+    return {key: value[index] for key, value in conditioning.items()}
 
 
 class DenoisingPolicy(TrainableModule, ABC):
-    """A text-conditioned ε-prediction denoiser (a diffusers model) as a policy over denoising trajectories.
+    """A text-conditioned denoiser (a diffusers model) as a policy over denoising trajectories.
 
     LoRA through diffusers' peft integration (reference = adapters disabled) or full fine-tuning (reference =
-    frozen copy). Sampling uses DDIM (any η > 0 records log-probs) or DDPM with classifier-free guidance.
+    frozen copy). Predictions use classifier-free guidance with the empty prompt as the unconditional branch.
     """
 
-    deterministic_scores = False  # preference scores draw fresh (noise, t) per batch
     lora_targets: list[str] = UNET_LORA_TARGETS
 
     def __init__(
         self,
         denoiser: torch.nn.Module,
-        scheduler_config: dict[str, Any],
+        sampler: Sampler,
+        forward_process: ForwardProcess,
         sample_shape: tuple[int, ...],
         *,
         lora: LoraSpec | None = None,
-        sampler: str = "ddim",
-        num_steps: int = 20,
-        eta: float = 1.0,
         guidance_scale: float = 5.0,
     ):
         self.lora = lora
@@ -61,21 +96,23 @@ class DenoisingPolicy(TrainableModule, ABC):
                     target_modules=targets,
                 )
             )
-            self._reference_model = None
+            self._reference_model: torch.nn.Module | None = None
         else:
             self._reference_model = copy.deepcopy(denoiser).requires_grad_(False).eval()
         self.module = denoiser
         self.model: torch.nn.Module = denoiser
-        self.scheduler = make_scheduler(sampler, scheduler_config)
-        self.train_scheduler = make_scheduler("ddpm", {**scheduler_config, "variance_type": "fixed_small"})
-        self.num_steps, self.eta, self.guidance_scale = num_steps, eta, guidance_scale
+        self.sampler, self.forward_process = sampler, forward_process
+        self.guidance_scale = guidance_scale
         self.sample_shape = tuple(sample_shape)
         self._use_reference = False
-        self._negative: torch.Tensor | None = None
+        self._negative: Conditioning | None = None
 
     @property
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
+
+    def attach(self, model: torch.nn.Module) -> None:
+        self.model = model
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         """Modules that never train but run beside the denoiser (adapters add their encoders and decoders)."""
@@ -89,24 +126,42 @@ class DenoisingPolicy(TrainableModule, ABC):
 
     # ------------------------------------------------------------------------------ modality hooks
     @abstractmethod
-    def encode_prompts(self, prompts: Sequence[Any]) -> torch.Tensor:
-        """Conditioning `[B, ...]` of prompts from the frozen text encoder."""
+    def encode_prompts(self, prompts: Sequence[Any]) -> Conditioning:
+        """Conditioning tensors `{name: [B, ...]}` of prompts from the frozen encoders."""
 
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> Any:
         """The modality's outputs (what its rewards take) from final latents."""
 
     @abstractmethod
-    def encode_pair(self, row: Any) -> dict[str, Any]:
+    def encode_pair(self, row: Row) -> dict[str, Any]:
         """A preference row's two outputs as latents: {prompt, latents_w, latents_l}."""
 
     @abstractmethod
     def save_pretrained(self, path: str) -> None:
         """Trained weights in the model family's own format."""
 
-    def _denoise(self, net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor):
+    @abstractmethod
+    def write_outputs(self, outputs: Any, prompts: Sequence[Any], out_dir: str, stem: str) -> list[str]:
+        """Decoded outputs saved as files (PNG, WAV); returns their paths."""
+
+    def encode_target(self, row: Row) -> dict[str, Any]:
+        """A real output of a row's prompt as latents; adapters that can read real outputs override this."""
+        raise row.error(None, f"{type(self).__name__} cannot read real outputs (data.targets)")
+
+    def denoise(self, net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, conditioning: Conditioning):
         """One forward of the denoiser; adapters with other conditioning inputs override this."""
-        return net(x, t, encoder_hidden_states=embeds).sample
+        return net(x, t, encoder_hidden_states=conditioning["prompt_embeds"]).sample
+
+    def negative_conditioning(self) -> Conditioning:
+        """Conditioning of the unconditional branch for one sample (the empty prompt)."""
+        return self.encode_prompts([""])
+
+    def prompt_of(self, row: Row) -> Any:
+        return row.data["prompt"]
+
+    def reward_prompt(self, row: Row) -> Any:
+        return row.data["prompt"]
 
     # ---------------------------------------------------------------------------------- policy protocol
     @contextmanager
@@ -125,141 +180,55 @@ class DenoisingPolicy(TrainableModule, ABC):
             finally:
                 self._use_reference = False
 
-    def _negative_embeds(self, n: int) -> torch.Tensor:
+    def unconditional(self, n: int) -> Conditioning:
+        """The unconditional branch's conditioning for a batch of n (computed once, then expanded)."""
         if self._negative is None:
-            self._negative = self.encode_prompts([""])
-        return self._negative.expand(n, *self._negative.shape[1:])
+            with torch.no_grad():
+                self._negative = self.negative_conditioning()
+        return {key: value.expand(n, *value.shape[1:]) for key, value in self._negative.items()}
 
     def _net(self) -> torch.nn.Module:
-        return self._reference_model if self._use_reference else self.model
+        return (
+            self._reference_model if self._use_reference and self._reference_model is not None else self.model
+        )
 
     def predict(
-        self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, *, guidance: float | None = None
-    ):
-        """Noise prediction with classifier-free guidance (uncond + w·(cond − uncond))."""
+        self, x: torch.Tensor, t: torch.Tensor, conditioning: Conditioning, *, guidance: float | None = None
+    ) -> torch.Tensor:
+        """The denoiser's output with classifier-free guidance (uncond + w·(cond − uncond)); w = 1 is unguided."""
         w = self.guidance_scale if guidance is None else guidance
         net = self._net()
         if w == 1.0:
-            return self._denoise(net, x, t, embeds)
-        both = self._denoise(net, torch.cat([x, x]), t, torch.cat([self._negative_embeds(len(x)), embeds]))
+            return self.denoise(net, x, t, conditioning)
+        both = self.denoise(
+            net, torch.cat([x, x]), t, concat_conditioning(self.unconditional(len(x)), conditioning)
+        )
         uncond, cond = both.chunk(2)
         return uncond + w * (cond - uncond)
 
     # ------------------------------------------------------------------------------------------ sampling
     @torch.no_grad()
     def sample(
-        self, prompts: Sequence[Any], *, generator: torch.Generator | None = None, record: bool = True
+        self,
+        prompts: Sequence[Any],
+        *,
+        generator: torch.Generator | None = None,
+        record: bool = True,
+        initial: torch.Tensor | None = None,
     ) -> Trajectory:
-        """Sample latents for `prompts`, recording the trajectory (x_t, x_{t−1}, t, log-prob) of every step."""
-        embeds = self.encode_prompts(prompts)
-        initial = torch.randn((len(prompts), *self.sample_shape), generator=generator).to(self.device)
-        initial = initial * self.scheduler.init_noise_sigma
+        """Sample latents for `prompts`, recording the trajectory (x_i, x_{i+1}, t, log-prob) of every step."""
+        conditioning = self.encode_prompts(prompts)
+        if initial is None:
+            initial = self.sampler.initial_noise((len(prompts), *self.sample_shape), generator, self.device)
         was = self.module.training
         self.module.eval()
         traj = sample_trajectory(
-            lambda x, t: self.predict(x, t, embeds),
-            self.scheduler,
+            lambda x, t: self.predict(x, t, conditioning),
+            self.sampler,
             initial,
-            num_steps=self.num_steps,
-            eta=self.eta,
             generator=generator,
             record=record,
         )
         self.module.train(was)
-        traj.conditioning["prompt_embeds"] = embeds
+        traj.conditioning = conditioning
         return traj
-
-    # ------------------------------------------------------------------------ policy gradient (steps)
-    def conditioning_of(self, trajectory: Trajectory, i: int) -> dict[str, torch.Tensor]:
-        return {"prompt_embeds": trajectory.conditioning["prompt_embeds"][i], "final": trajectory.final[i]}
-
-    def step_batch(self, examples: Sequence[dict[str, Any]], j: int) -> dict[str, torch.Tensor]:
-        """The j-th trained step of every example (all examples of a rollout share their step indices)."""
-        t = examples[0]["timesteps"][j]
-        return {
-            "latents": torch.stack([e["latents"][j] for e in examples]).to(self.device),
-            "next_latents": torch.stack([e["next_latents"][j] for e in examples]).to(self.device),
-            "timestep": t,
-            "prompt_embeds": torch.stack([e["conditioning"]["prompt_embeds"] for e in examples]).to(
-                self.device
-            ),
-            "final": torch.stack([e["conditioning"]["final"] for e in examples]).to(self.device),
-            **(
-                {"target": torch.stack([e["target"] for e in examples]).to(self.device)}
-                if "target" in examples[0]
-                else {}
-            ),
-        }
-
-    def step_distribution(self, step: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and σ of the step under the current (or, in `reference()`, the base) weights."""
-        if self.scheduler.num_inference_steps != self.num_steps:
-            self.scheduler.set_timesteps(self.num_steps, device=self.device)
-        x, t = step["latents"], step["timestep"]
-        return step_distribution(self.scheduler, self.predict(x, t, step["prompt_embeds"]), t, x, self.eta)
-
-    def trajectory_denoising_loss(self, step: dict[str, torch.Tensor]) -> torch.Tensor:
-        """DLPO's penalty read literally on the sampled trajectory: ‖ε̃ − ε_θ(x_t, c, t)‖², ε̃ the noise that takes the
-        final sample to the recorded x_t. It regresses the model onto its own (guided) samples, whatever they are."""
-        x, t, x0 = step["latents"], step["timestep"], step["final"]
-        abar = self.train_scheduler.alphas_cumprod.to(x.device)[t]
-        target = ((x - abar.sqrt() * x0) / (1 - abar).sqrt()).detach()
-        output = self.predict(x, t.expand(len(x)), step["prompt_embeds"], guidance=1.0)
-        return ((output - target) ** 2).flatten(1).mean(1)
-
-    def data_denoising_loss(self, step: dict[str, torch.Tensor]) -> torch.Tensor:
-        """DLPO's penalty on real data: the pretraining ε-loss of the step's target outputs (seed 004 §4.5.6).
-
-        ‖ε − ε_θ(x_t, c, t)‖² with x_t = sqrt(ᾱ_t)·x_0 + sqrt(1 − ᾱ_t)·ε, x_0 a real output for the prompt, fresh ε
-        and t ~ U{0, T−1}, as DLPO's reference implementation noises the prompt's recording. The sampler guides
-        with the empty prompt too, so its branch gets the same loss: per sample ½(‖ε − ε_θ(x_t, c)‖² +
-        ‖ε − ε_θ(x_t, ∅)‖²), both on the same (ε, t).
-        """
-        x0 = step["target"]
-        n = len(x0)
-        noise = torch.randn(x0.shape, dtype=x0.dtype).to(x0.device)
-        t = torch.randint(0, self.train_scheduler.config.num_train_timesteps, (n,)).to(x0.device)
-        embeds = torch.cat([step["prompt_embeds"], self._negative_embeds(n)])
-        loss = denoising_loss(
-            lambda x, tt: self._denoise(self._net(), x, tt, embeds),
-            self.train_scheduler,
-            torch.cat([x0, x0]),
-            torch.cat([noise, noise]),
-            torch.cat([t, t]),
-        )
-        cond, uncond = loss.chunk(2)
-        return 0.5 * (cond + uncond)
-
-    # ---------------------------------------------------------------------- preference (Diffusion-DPO)
-    def collate_pairs(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Preferred then rejected latents; each pair shares one noise draw and one timestep (Diffusion-DPO)."""
-        n = len(examples)
-        latents = torch.stack([e["latents_w"] for e in examples] + [e["latents_l"] for e in examples])
-        noise = torch.randn((n, *latents.shape[1:])).repeat(2, *[1] * (latents.dim() - 1))
-        t = torch.randint(0, self.train_scheduler.config.num_train_timesteps, (n,)).repeat(2)
-        prompts = [e["prompt"] for e in examples]
-        embeds = self.encode_prompts(prompts + prompts)
-        return {"latents": latents, "noise": noise, "timesteps": t, "prompt_embeds": embeds}
-
-    def sequence_logprobs(
-        self, batch: dict[str, torch.Tensor], *, entropies: bool = False
-    ) -> SequenceLogProbs:
-        """Diffusion-DPO's per-sample log-likelihood surrogate −½‖ε − ε_θ(x_t, t)‖² as a one-"token" sequence.
-
-        With it, the preference objectives compute Diffusion-DPO (Wallace et al. 2023; seed 004 §5.2.1): the
-        log-ratio of the preferred output minus the rejected one is −½[(‖ε_w − ε_θ‖² − ‖ε_w − ε_ref‖²) −
-        (‖ε_l − ε_θ‖² − ‖ε_l − ε_ref‖²)], and β absorbs the paper's T·ω(λ_t) weighting.
-        """
-        if entropies:
-            raise ValueError("Mallows-DPO needs token entropies; diffusion policies have none")
-        dev = self.device
-        embeds = batch["prompt_embeds"].to(dev)
-        loss = denoising_loss(
-            lambda x, t: self.predict(x, t, embeds, guidance=1.0),
-            self.train_scheduler,
-            batch["latents"].to(dev),
-            batch["noise"].to(dev),
-            batch["timesteps"].to(dev),
-        )
-        logp = (-0.5 * loss).unsqueeze(-1)
-        return SequenceLogProbs(logp, torch.ones_like(logp))

@@ -35,20 +35,66 @@ class SequenceLogProbs:
         return SequenceLogProbs(a_lp, a_m, a_e), SequenceLogProbs(b_lp, b_m, b_e)
 
 
+Conditioning = dict[str, torch.Tensor]
+"""A denoiser's conditioning inputs by name (text embeddings, pooled embeddings, time ids, attention masks), each
+batch-first so a batch of prompts can be indexed, concatenated with the unconditional branch and stacked."""
+
+
 @dataclass
 class Trajectory:
     """A recorded denoising trajectory: what a diffusion policy-gradient objective needs to re-score steps.
 
-    `latents[:, i]` is x_{t_i} and `next_latents[:, i]` the sampled x_{t_{i+1}}; `logprobs[:, i]` is the Gaussian
-    log-density of that transition under the sampling weights and `means[:, i]` its Gaussian's mean (so a KL to
-    another model needs only that model's predictions); `conditioning` holds whatever the denoiser needs (text
-    embeddings, guidance scale) in the adapter's own format.
+    `latents[:, i]` is the sample before step i and `next_latents[:, i]` the sample it drew; `logprobs[:, i]` is the
+    Gaussian log-density of that transition under the sampling weights and `means[:, i]` its Gaussian's mean (so a
+    KL to another model needs only that model's predictions); `stochastic[i]` says whether step i drew noise (a
+    deterministic step has no log-prob). `conditioning` holds the prompts' conditioning tensors. Without recording,
+    only `final` (and `timesteps`) are set.
     """
 
     latents: torch.Tensor
     next_latents: torch.Tensor
     timesteps: torch.Tensor
     logprobs: torch.Tensor
-    conditioning: dict[str, Any] = field(default_factory=dict)
+    stochastic: torch.Tensor
+    conditioning: Conditioning = field(default_factory=dict)
     final: torch.Tensor | None = None
     means: torch.Tensor | None = None
+
+
+class Batch:
+    """Named fields that share a first dimension (tensors or lists): a rollout that stays one indexable batch.
+
+    `batch["advantages"]` is a field; `batch[a:b]` (or an index tensor / list) selects those samples of every field,
+    so the trainer can split a rollout into micro-batches and processes without unstacking it into examples.
+    """
+
+    def __init__(self, **fields: Any):
+        sizes = {name: len(value) for name, value in fields.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"batch fields differ in length: {sizes}")
+        self.fields = fields
+
+    def __len__(self) -> int:
+        return len(next(iter(self.fields.values()))) if self.fields else 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.fields
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return self.fields[key]
+        if isinstance(key, slice):
+            return Batch(**{n: v[key] for n, v in self.fields.items()})
+        index = torch.as_tensor(key, dtype=torch.long)
+        return Batch(
+            **{
+                n: v[index] if isinstance(v, torch.Tensor) else [v[i] for i in index.tolist()]
+                for n, v in self.fields.items()
+            }
+        )
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The batch with every tensor field on `device`."""
+        return Batch(
+            **{n: v.to(device) if isinstance(v, torch.Tensor) else v for n, v in self.fields.items()}
+        )

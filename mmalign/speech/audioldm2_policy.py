@@ -1,7 +1,6 @@
 """AudioLDM 2 text-to-speech (diffusers `AudioLDM2Pipeline`) as a diffusion policy, for GPU users.
 
-The shared `DenoisingPolicy` does sampling, per-step log-probs, DLPO's penalty and Diffusion-DPO scores; this
-adapter supplies what is specific to AudioLDM 2's speech checkpoints (a VITS text encoder as `text_encoder_2`):
+The shared `DenoisingPolicy` does guided prediction and sampling; this adapter supplies what is specific to AudioLDM 2's speech checkpoints (a VITS text encoder as `text_encoder_2`):
 
 - conditioning is the pipeline's own `encode_prompt`: CLAP(description) + VITS(transcription) → projection →
   GPT-2 prior → generated embeddings, plus the VITS states and their attention mask. A prompt row's `prompt` is
@@ -13,14 +12,12 @@ adapter supplies what is specific to AudioLDM 2's speech checkpoints (a VITS tex
 - `decode` = VAE → mel → SpeechT5 HiFi-GAN: waveforms `[B, samples]` at `sample_rate` (16 kHz for the released
   checkpoints). Rewards therefore take waveforms: `WaveformDNSMOS` (`dnsmos_waveform` in recipes) works; the
   mel rewards of `mmalign.speech.rewards` (intelligibility, tonality, dnsmos) score the spoken-digits world's
-  8 kHz standardised mels and do not apply (`check_recipe` refuses them before loading anything).
+  8 kHz standardised mels and do not apply (a recipe naming them is refused before anything loads).
 - only the UNet trains: LoRA through peft (the stock UNet has no peft mixin, so `from_pretrained` loads it as
   `PeftAudioLDM2UNet`; reference = adapters disabled) or full fine-tuning (reference = frozen copy). The frozen
   parts (`frozen_modules`) follow the UNet to whatever device the trainer puts it on.
 
-`DenoisingPolicy` carries the conditioning of a sample as one batch-first tensor (stacked, concatenated with the
-unconditional branch, indexed per sample); the three UNet inputs are packed into it (`_pack`) and unpacked in
-`_denoise`. T5 checkpoints (text-to-audio `cvssp/audioldm2`) are refused: there the pipeline pads the
+The three UNet conditioning inputs are three entries of the policy's conditioning dict. T5 checkpoints (text-to-audio `cvssp/audioldm2`) are refused: there the pipeline pads the
 unconditional branch to each batch's prompt length, which changes the GPT-2 prior's positions, so one cached
 unconditional conditioning would not reproduce the pipeline.
 """
@@ -39,10 +36,10 @@ from diffusers.pipelines.audioldm2.modeling_audioldm2 import AudioLDM2UNet2DCond
 from mmalign.core.data import Row
 from mmalign.core.diffusion_policy import DenoisingPolicy
 from mmalign.core.params import LoraSpec
+from mmalign.core.sampler import DDPMFamilySampler, DDPMForwardProcess
+from mmalign.core.types import Conditioning
 
 LORA_FILE = "unet_lora.safetensors"
-WAVEFORM_REWARDS = ("dnsmos_waveform",)
-MEL_REWARDS = ("intelligibility", "tonality", "dnsmos")
 FROZEN = ("vae", "text_encoder", "text_encoder_2", "projection_model", "language_model", "vocoder")
 
 
@@ -113,15 +110,12 @@ class AudioLDM2SpeechPolicy(DenoisingPolicy):
             raise ValueError(f"audio_length_in_s must be > 0, got {audio_length_in_s}")
         frames = math.ceil(int(audio_length_in_s / upsample) / scale) * scale
         self.num_samples = int(audio_length_in_s * vocoder.sampling_rate)  # the pipeline's cut
-        self._layout: tuple[tuple[int, ...], ...] | None = None
         super().__init__(
             unet,
-            pipeline.scheduler.config,
+            DDPMFamilySampler(pipeline.scheduler.config, sampler, num_steps, eta),
+            DDPMForwardProcess(pipeline.scheduler.config),
             (unet.config.in_channels, frames // scale, vocoder.model_in_dim // scale),
             lora=lora,
-            sampler=sampler,
-            num_steps=num_steps,
-            eta=eta,
             guidance_scale=guidance_scale,
         )
 
@@ -169,28 +163,10 @@ class AudioLDM2SpeechPolicy(DenoisingPolicy):
             if n >= tok.model_max_length:  # the pipeline also needs one slot for its end token
                 raise row.error(field, f"{n} tokens; the VITS tokenizer takes < {tok.model_max_length}")
 
-    def _pack(self, generated: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The three UNet conditioning inputs as one `[B, D]` tensor (see the module docstring)."""
-        layout = (tuple(generated.shape[1:]), tuple(embeds.shape[1:]), tuple(mask.shape[1:]))
-        if self._layout is None:
-            self._layout = layout
-        elif layout != self._layout:
-            raise ValueError(f"conditioning shapes {layout} differ from this policy's {self._layout}")
-        dtype = self.module.dtype
-        parts = [generated.to(dtype), embeds.to(dtype), mask.to(dtype)]
-        return torch.cat([p.flatten(1) for p in parts], 1)
-
-    def _unpack(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        sizes = [math.prod(s) for s in self._layout]
-        parts = torch.split(packed, sizes, dim=1)
-        generated, embeds, mask = (
-            p.reshape(len(packed), *s) for p, s in zip(parts, self._layout, strict=True)
-        )
-        return generated, embeds, mask
-
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """`AudioLDM2Pipeline.encode_prompt(description, transcription=prompt)` for each prompt, packed."""
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        """`AudioLDM2Pipeline.encode_prompt(description, transcription=prompt)` for each prompt: the GPT-2 prior's
+        generated embeddings, the VITS states and their attention mask."""
         texts = list(prompts)
         embeds, mask, generated = self.pipeline.encode_prompt(
             [self.description] * len(texts),
@@ -200,40 +176,33 @@ class AudioLDM2SpeechPolicy(DenoisingPolicy):
             transcription=texts,
             max_new_tokens=self.max_new_tokens,
         )
-        return self._pack(generated, embeds, mask)
+        return {"generated": generated, "embeds": embeds, "mask": mask}
 
-    def _negative_embeds(self, n: int) -> torch.Tensor:
+    def negative_conditioning(self) -> Conditioning:
         """The pipeline's unconditional branch: CLAP("") and zero, fully masked VITS states through the prior."""
-        if self._negative is None:
-            with torch.no_grad():
-                embeds, mask, generated = self.pipeline.encode_prompt(
-                    [self.description],
-                    self.device,
-                    1,
-                    True,
-                    transcription=[""],
-                    max_new_tokens=self.max_new_tokens,
-                )
-            self._negative = self._pack(generated[:1], embeds[:1], mask[:1])  # first half = unconditional
-        return self._negative.expand(n, -1)
+        embeds, mask, generated = self.pipeline.encode_prompt(
+            [self.description],
+            self.device,
+            1,
+            True,
+            transcription=[""],
+            max_new_tokens=self.max_new_tokens,
+        )
+        return {
+            "generated": generated[:1],
+            "embeds": embeds[:1],
+            "mask": mask[:1],
+        }  # first half = unconditional
 
-    def _denoise(self, net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor):
-        generated, states, mask = self._unpack(embeds)
+    def denoise(self, net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, conditioning: Conditioning):
         return net(
             x,
             t,
-            encoder_hidden_states=generated,
-            encoder_hidden_states_1=states,
-            encoder_attention_mask_1=mask,
+            encoder_hidden_states=conditioning["generated"],
+            encoder_hidden_states_1=conditioning["embeds"],
+            encoder_attention_mask_1=conditioning["mask"],
             return_dict=False,
         )[0]
-
-    def trajectory_denoising_loss(self, step: dict[str, torch.Tensor]) -> torch.Tensor:
-        """DLPO's penalty; written for ε-prediction, so a v-prediction scheduler is refused."""
-        kind = self.train_scheduler.config.prediction_type
-        if kind != "epsilon":
-            raise ValueError(f"DLPO's denoising penalty needs an epsilon-prediction model, got {kind!r}")
-        return super().trajectory_denoising_loss(step)
 
     # ------------------------------------------------------------------------------------------ outputs
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -242,10 +211,18 @@ class AudioLDM2SpeechPolicy(DenoisingPolicy):
         mel = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
         return self.pipeline.mel_spectrogram_to_waveform(mel)[:, : self.num_samples]
 
-    def to_waveform(self, latents: torch.Tensor) -> torch.Tensor:
-        """Audio `[B, samples]` at `sample_rate` (what `mmalign sample` writes)."""
-        with torch.no_grad():
-            return self.decode(latents)
+    def write_outputs(
+        self, outputs: torch.Tensor, prompts: Sequence[Any], out_dir: str, stem: str
+    ) -> list[str]:
+        """One WAV per decoded waveform: `<out_dir>/<stem>_<i>.wav`."""
+        from mmalign.speech.audio import write_wav
+
+        paths = []
+        for i, wave in enumerate(outputs.detach().cpu()):
+            path = Path(out_dir) / f"{stem}_{i:03d}.wav"
+            write_wav(path, wave, self.sample_rate)
+            paths.append(str(path))
+        return paths
 
     def encode_pair(self, row: Row) -> dict[str, Any]:
         """Offline audio pairs need AudioLDM 2's waveform → mel frontend, which the pipeline does not ship."""
@@ -310,92 +287,3 @@ class WaveformDNSMOS:
                 "(mel outputs of the spoken-digits policy go to the `dnsmos` reward)"
             )
         return self.scorer.audio_mos(waves, self.sample_rate)
-
-
-# ------------------------------------------------------------------------------------------- recipes
-def check_recipe(recipe: dict[str, Any]) -> None:
-    """Refuse, before any model loads, rewards and algorithms that cannot take this policy's waveforms."""
-    from mmalign.config import RecipeError
-
-    algo = recipe.get("algorithm") or {}
-    if algo.get("name") == "diffusion_dpo":
-        raise RecipeError(
-            "algorithm diffusion_dpo (offline audio pairs) is not supported for model.kind diffusion_audioldm2; "
-            "use online_diffusion_dpo"
-        )
-    if algo.get("diffusion_loss_on") == "data":
-        raise RecipeError(
-            "algorithm.diffusion_loss_on: data needs real recordings as AudioLDM 2 latents (no waveform-to-mel "
-            "frontend in AudioLDM2Pipeline); use the default (samples)"
-        )
-    specs = [("eval.rewards", r) for r in (recipe.get("eval") or {}).get("rewards") or []]
-    if "reward" in algo:
-        specs.append(("algorithm.reward", algo["reward"]))
-    for where, spec in specs:
-        name = spec if isinstance(spec, str) else (spec or {}).get("name")
-        if name not in WAVEFORM_REWARDS:
-            why = " takes the spoken-digits world's mels," if name in MEL_REWARDS else ""
-            raise RecipeError(
-                f"{where}: reward {name!r}{why} but model.kind diffusion_audioldm2 outputs waveforms; "
-                f"rewards for it: {', '.join(WAVEFORM_REWARDS)}"
-            )
-
-
-def build_policy(cfg: Any, lora: LoraSpec | None) -> AudioLDM2SpeechPolicy:
-    """`model.kind: diffusion_audioldm2`: a hub id or local directory of an AudioLDM 2 speech checkpoint."""
-    from mmalign.config import RecipeError
-    from mmalign.zoo.registry import resolve
-
-    path = resolve(cfg.name_or_path)
-    if not path:
-        raise RecipeError("model.name_or_path is required")
-    return AudioLDM2SpeechPolicy.from_pretrained(
-        path,
-        dtype=cfg.dtype,
-        lora=lora,
-        sampler=cfg.sampler,
-        num_steps=cfg.num_steps,
-        eta=cfg.eta,
-        guidance_scale=cfg.guidance_scale,
-        description=cfg.description,
-        audio_length_in_s=cfg.audio_length_in_s,
-        max_new_tokens=cfg.max_new_tokens,
-    )
-
-
-def build_reward(spec: dict[str, Any]) -> WaveformDNSMOS:
-    """`dnsmos_waveform {sample_rate: 16000, batch_size: 16}`."""
-    return WaveformDNSMOS(**spec)
-
-
-def evaluation(
-    policy: AudioLDM2SpeechPolicy,
-    eval_cfg: Any,
-    eval_prompts: list[Row],
-    train_prompts: list[Row],
-    rewards: list[Any],
-    algorithm: Any,
-) -> tuple[Any, Any]:
-    """Check transcriptions and reward sample rates, then the evaluator (rewards, win rate vs base, path KL)."""
-    from mmalign.config import RecipeError
-    from mmalign.speech.evaluate import WaveformEvaluator
-    from mmalign.speech.report import WaveformReport
-
-    policy.check_prompts([*train_prompts, *eval_prompts])
-    for reward in [*rewards, getattr(algorithm, "reward", None)]:
-        rate = getattr(reward, "sample_rate", None)
-        if rate is not None and rate != policy.sample_rate:
-            raise RecipeError(
-                f"reward {reward.name!r} is set to {rate} Hz but the model's vocoder outputs {policy.sample_rate} Hz"
-            )
-    evaluator = None
-    if eval_prompts:
-        evaluator = WaveformEvaluator(
-            eval_prompts,
-            rewards,
-            seeds=eval_cfg.seeds,
-            batch_size=eval_cfg.batch_size,
-            grid_prompts=eval_cfg.n_samples,
-            kl=eval_cfg.kl,
-        )
-    return evaluator, WaveformReport(policy.sample_rate)

@@ -1,7 +1,6 @@
 """Text-to-speech mel diffusion as a diffusion policy: char text encoder + mel UNet + Griffin-Lim vocoder.
 
-The shared `DenoisingPolicy` does sampling, per-step log-probs, DLPO's denoising penalty and Diffusion-DPO scores;
-this adapter adds what is specific to speech: prompts checked against the encoder's alphabet, final latents that
+The shared `DenoisingPolicy` does guided prediction and sampling; this adapter adds what is specific to speech: prompts checked against the encoder's alphabet, final latents that
 *are* standardised log-mels (`decode` returns them, so recogniser rewards stay differentiable on the mel),
 `to_waveform` through Griffin-Lim, and preference pairs and DLPO's real recordings read from WAV files.
 """
@@ -17,6 +16,8 @@ import torch
 from mmalign.core.data import Row
 from mmalign.core.diffusion_policy import DenoisingPolicy
 from mmalign.core.params import LoraSpec
+from mmalign.core.sampler import DDPMFamilySampler, DDPMForwardProcess
+from mmalign.core.types import Conditioning
 from mmalign.speech.audio import GriffinLimVocoder, MelFrontend, read_wav
 from mmalign.speech.text import AlphabetError
 from mmalign.speech.tts import MelTTS
@@ -42,12 +43,10 @@ class DiffusionSpeechPolicy(DenoisingPolicy):
         shape = (1, model.mel.n_mels, model.mel.frames)
         super().__init__(
             unet,
-            model.scheduler.config,
+            DDPMFamilySampler(model.scheduler.config, sampler, num_steps, eta),
+            DDPMForwardProcess(model.scheduler.config),
             shape,
             lora=lora,
-            sampler=sampler,
-            num_steps=num_steps,
-            eta=eta,
             guidance_scale=guidance_scale,
         )
         self.frontend = MelFrontend(model.mel)
@@ -89,9 +88,9 @@ class DiffusionSpeechPolicy(DenoisingPolicy):
                 raise row.error(field, str(err)) from None
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Character-encoder states `[B, L, D]` (an out-of-alphabet character is an `AlphabetError`)."""
-        return self.text_encoder(self.chars(list(prompts)).to(self.device))[0]
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        """Character-encoder states `prompt_embeds` `[B, L, D]` (an out-of-alphabet character is an `AlphabetError`)."""
+        return {"prompt_embeds": self.text_encoder(self.chars(list(prompts)).to(self.device))[0]}
 
     # ------------------------------------------------------------------------------------------ outputs
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -101,6 +100,19 @@ class DiffusionSpeechPolicy(DenoisingPolicy):
     def to_waveform(self, mels: torch.Tensor) -> torch.Tensor:
         """Audio `[B, samples]` at `sample_rate` from mels, through the Griffin-Lim vocoder."""
         return self.vocoder(mels.detach().cpu())
+
+    def write_outputs(
+        self, outputs: torch.Tensor, prompts: Sequence[Any], out_dir: str, stem: str
+    ) -> list[str]:
+        """One WAV per mel (Griffin-Lim): `<out_dir>/<stem>_<i>.wav`."""
+        from mmalign.speech.audio import write_wav
+
+        paths = []
+        for i, wave in enumerate(self.to_waveform(outputs)):
+            path = Path(out_dir) / f"{stem}_{i:03d}.wav"
+            write_wav(path, wave, self.sample_rate)
+            paths.append(str(path))
+        return paths
 
     # ------------------------------------------------------------------------------- recordings as mels
     def _mel_of(self, row: Row, field: str) -> torch.Tensor:

@@ -9,9 +9,11 @@ from typing import Any
 import torch
 
 from mmalign.core.data import Row
-from mmalign.core.diffusion import denoising_loss
+from mmalign.core.policy import DiffusionPolicy
 from mmalign.core.reward import Reward
-from mmalign.vision.evaluate import ImageEvaluator
+from mmalign.evaluation.classifier import PromptedClassReward
+from mmalign.evaluation.diffusion import DiffusionEvaluator
+from mmalign.objectives.diffusion import denoising_error
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -27,8 +29,8 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
 
 
-class SpeechEvaluator(ImageEvaluator):
-    """`ImageEvaluator` metrics on generated mels, plus `heldout_denoising_loss` and `frechet_to_real`.
+class SpeechEvaluator(DiffusionEvaluator):
+    """`DiffusionEvaluator` metrics on generated mels, plus `heldout_denoising_loss` and `frechet_to_real`.
 
     `heldout_denoising_loss`: mean ‖ε − ε_θ(x_t, t, c)‖² on real held-out recordings with their prompts, at
     `noise_draws` fixed (noise, t) draws per recording (the same draws at every evaluation, so before/after and
@@ -75,25 +77,27 @@ class SpeechEvaluator(ImageEvaluator):
         self._real = [r.data["prompt"] for r in self.real_speech], torch.stack(mels)
 
     @torch.no_grad()
-    def heldout_denoising_loss(self, policy: Any) -> float:
+    def heldout_denoising_loss(self, policy: DiffusionPolicy) -> float:
         self.prepare(policy)
         prompts, mels = self._real
+        process = policy.forward_process
         g = torch.Generator().manual_seed(1234)
         total, count = 0.0, 0
-        steps = policy.train_scheduler.config.num_train_timesteps
         for _ in range(self.noise_draws):
             noise = torch.randn(mels.shape, generator=g)
-            t = torch.randint(0, steps, (len(mels),), generator=g)
+            t = process.sample_timesteps(len(mels), generator=g)
             for s in range(0, len(mels), self.batch_size):
                 sl = slice(s, s + self.batch_size)
-                embeds = policy.encode_prompts(prompts[sl])
-                loss = denoising_loss(
-                    lambda x, tt, e=embeds: policy.predict(x, tt, e, guidance=1.0),
-                    policy.train_scheduler,
+                cond = policy.encode_prompts(prompts[sl])
+                clean, eps, tt = (
                     mels[sl].to(policy.device),
                     noise[sl].to(policy.device),
                     t[sl].to(policy.device),
                 )
+                output = policy.predict(
+                    process.add_noise(clean, eps, tt), process.model_timestep(tt), cond, guidance=1.0
+                )
+                loss = denoising_error(output, process.target(clean, eps, tt))
                 total, count = total + loss.sum().item(), count + len(loss)
         return total / count
 
@@ -106,14 +110,10 @@ class SpeechEvaluator(ImageEvaluator):
 
     @torch.no_grad()
     def frechet_to_real(self, generated: torch.Tensor) -> float | None:
-        classifier = next((r.classifier for r in self.rewards if hasattr(r, "classifier")), None)
-        if classifier is None or self._real is None:
+        embedder = next((r for r in self.rewards if isinstance(r, PromptedClassReward)), None)
+        if embedder is None or self._real is None:
             return None
-
-        def features(x: torch.Tensor) -> torch.Tensor:
-            return classifier.head[:-1](classifier.features(x.float()))
-
-        return frechet_distance(features(generated), features(self._real[1]))
+        return frechet_distance(embedder.features(generated), embedder.features(self._real[1]))
 
     def evaluate(self, policy: Any) -> dict[str, float]:
         self._last = None
@@ -140,8 +140,8 @@ def _path(row: Row):
     return Path(row.source).parent / value
 
 
-class WaveformEvaluator(ImageEvaluator):
-    """`ImageEvaluator`'s held-out metrics (every reward, win rate vs the base from the same noise, path KL to the
+class WaveformEvaluator(DiffusionEvaluator):
+    """`DiffusionEvaluator`'s held-out metrics (every reward, win rate vs the base from the same noise, path KL to the
     base) on decoded waveforms; samples carry the waveform under `image`, as the report reads them."""
 
     def evaluate(self, policy: Any) -> dict[str, float]:

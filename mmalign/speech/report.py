@@ -1,4 +1,4 @@
-"""Before/after WAV files and mel-spectrogram images of fixed prompts in the run report."""
+"""Before/after WAV files and mel-spectrogram images of fixed prompts: the speech part of a run report."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 from mmalign.speech.audio import GriffinLimVocoder, MelConfig, write_wav
-from mmalign.train.report import RunReport
 
 
 def mel_figure(mels: torch.Tensor, titles: list[str], out: Path) -> None:
@@ -31,7 +30,7 @@ def mel_figure(mels: torch.Tensor, titles: list[str], out: Path) -> None:
     plt.close(fig)
 
 
-class SpeechReport(RunReport):
+class SpeechSamples:
     """Saves `samples_<tag>_<i>.wav` (Griffin-Lim) and `mels_<tag>.png` for held-out prompts (seed 0)."""
 
     def __init__(self, mel: MelConfig):
@@ -59,7 +58,7 @@ class SpeechReport(RunReport):
         )
 
 
-class WaveformReport(RunReport):
+class WaveformSamples:
     """Run report with before/after WAV files of the evaluator's fixed-seed samples (waveform outputs, e.g. the
     AudioLDM 2 policy; samples carry the waveform under `image`, as the evaluator returns them)."""
 

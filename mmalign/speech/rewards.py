@@ -13,23 +13,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmalign.evaluation.classifier import PromptedClassReward
 from mmalign.speech.audio import GriffinLimVocoder, MelConfig
-from mmalign.vision.rewards import DigitAgreement
 
 
-class Intelligibility(DigitAgreement):
+class Intelligibility(PromptedClassReward):
     """p(prompted digit | mel) under the speech world's spoken-digit recogniser; differentiable on the mel.
 
     `agreement()` (recogniser argmax equals the prompted digit) is the held-out accuracy the recipes report.
     """
 
-    name = "intelligibility"
-
-    @classmethod
-    def from_pretrained(cls, path: str, **kwargs: Any) -> Intelligibility:
-        from mmalign.vision.digit_classifier import DigitClassifier
-
-        return cls(DigitClassifier.from_pretrained(path), **kwargs)
+    def __init__(self, classifier, **kwargs: Any):
+        super().__init__(classifier, **{"name": "intelligibility", **kwargs})
 
 
 class Tonality:

@@ -1,66 +1,20 @@
-"""Any transformers causal LM as a sequence policy, with its reference kept without a second LoRA copy."""
+"""Any transformers causal LM as a sequence policy (hub id or local directory; LoRA or full fine-tuning)."""
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mmalign.core.data import Row
-from mmalign.core.params import LoraSpec, TrainableModule
-from mmalign.core.types import SequenceLogProbs
-from mmalign.text.codec import Prompt, TextCodec
+from mmalign.core.params import LoraSpec
+from mmalign.core.sequence_policy import LanguageModelPolicy
+
+__all__ = ["CausalLMPolicy", "LoraSpec"]
 
 
-class CausalLMPolicy(TrainableModule):
-    """A causal LM and its tokenizer as a `SequencePolicy`.
-
-    The reference is the same network with the LoRA adapter disabled when training LoRA (no second copy in
-    memory), or a frozen deep copy for full fine-tuning. Plain-string prompts are tokenised as-is; conversational
-    prompts (lists of role/content messages) go through the tokenizer's chat template.
-    """
-
-    def __init__(
-        self,
-        model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
-        *,
-        lora: LoraSpec | None = None,
-        max_length: int = 512,
-        max_new_tokens: int = 64,
-        temperature: float = 1.0,
-        disable_dropout: bool = True,
-    ):
-        self.codec = TextCodec(tokenizer, max_length)
-        self.tokenizer = tokenizer
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.lora = lora
-        if lora is not None:
-            from peft import LoraConfig, get_peft_model
-
-            config = LoraConfig(
-                r=lora.r,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules=lora.target_modules,
-                task_type="CAUSAL_LM",
-            )
-            model = get_peft_model(model, config)
-            self._reference_model = None
-        else:
-            self._reference_model = copy.deepcopy(model).eval().requires_grad_(False)
-        if disable_dropout:
-            _disable_dropout(model)
-            if self._reference_model is not None:
-                _disable_dropout(self._reference_model)
-        self.module = model  # the unwrapped network; `self.model` may become a DDP wrapper around it
-        self.model: torch.nn.Module = model
-        self._use_reference = False
+class CausalLMPolicy(LanguageModelPolicy):
+    """A causal LM whose prompts are strings or conversations (rendered with the tokenizer's chat template)."""
 
     @classmethod
     def from_pretrained(
@@ -78,156 +32,3 @@ class CausalLMPolicy(TrainableModule):
             name_or_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
         )
         return cls(model, tokenizer, lora=lora, **kwargs)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.module.get_output_embeddings().weight.shape[0]
-
-    # ----------------------------------------------------------------------------------- Policy protocol
-    @contextmanager
-    def reference(self) -> Iterator[None]:
-        """Forward passes inside this context use the frozen reference model."""
-        if self.lora is not None:
-            with self.module.disable_adapter():
-                yield
-        else:
-            if self._reference_model is None:
-                raise RuntimeError("the reference model was released (reference log-probs were precomputed)")
-            self._use_reference = True
-            try:
-                yield
-            finally:
-                self._use_reference = False
-
-    def move_frozen_to(self, device: torch.device | str) -> None:
-        """Put the frozen reference copy on the device the trainer placed the model on (a GPU run moves only that)."""
-        if self._reference_model is not None:
-            self._reference_model.to(device)
-
-    def release_reference(self) -> None:
-        """Free the frozen copy once reference log-probs are precomputed."""
-        self._reference_model = None
-
-    def save_pretrained(self, path: str) -> None:
-        """Save weights (the LoRA adapter alone when training LoRA) and tokenizer as safetensors."""
-        self.module.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-
-    # ---------------------------------------------------------------------------- tokenisation (codec)
-    def encode_prompt(self, prompt: Prompt) -> list[int]:
-        return self.codec.encode_prompt(prompt)
-
-    def encode_pair(self, row: Row) -> dict[str, Any]:
-        return self.codec.encode_pair(row)
-
-    def encode_completion(self, row: Row, field: str = "completion") -> dict[str, Any]:
-        return self.codec.encode_completion(row, field)
-
-    def collate_pairs(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return self.codec.collate_pairs(examples)
-
-    def collate_completions(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return self.codec.collate_completions(examples)
-
-    # ------------------------------------------------------------------------------------------ scoring
-    def sequence_logprobs(
-        self, batch: dict[str, torch.Tensor], *, entropies: bool = False
-    ) -> SequenceLogProbs:
-        """Per-token log-probs of the response tokens (prompt and padding masked to zero)."""
-        device = next(self.module.parameters()).device
-        input_ids = batch["input_ids"].to(device)
-        model = self._reference_model if self._use_reference else self.model
-        logits = model(**self._model_inputs(batch, device), use_cache=False).logits[:, :-1]
-        logits = logits.float()
-        targets = input_ids[:, 1:]
-        log_norm = torch.logsumexp(logits, dim=-1)
-        token_logps = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - log_norm
-        mask = batch["response_mask"][:, 1:].to(device).to(token_logps.dtype)
-        ent = None
-        if entropies:
-            probs = torch.softmax(logits, dim=-1)
-            ent = (log_norm - (probs * logits).sum(-1)) * mask
-        return SequenceLogProbs(token_logps * mask, mask, ent)
-
-    def _model_inputs(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-        """The network's inputs for a collated batch (adapters with more inputs, e.g. images, extend this)."""
-        return {
-            "input_ids": batch["input_ids"].to(device),
-            "attention_mask": batch["attention_mask"].to(device),
-        }
-
-    # --------------------------------------------------------------------------------------- generation
-    @torch.no_grad()
-    def generate(
-        self,
-        prompts: Sequence[Prompt],
-        *,
-        num_samples: int = 1,
-        greedy: bool = False,
-        max_new_tokens: int | None = None,
-        generator_seed: int | None = None,
-    ) -> list[dict[str, Any]]:
-        """Decode responses with transformers generation; returns prompt/response ids and text per sample.
-
-        Samples of one prompt are contiguous. Sampling draws from torch's global RNG, which the trainer seeds
-        and checkpoints, so runs are reproducible.
-        """
-        encoded = [self.codec.encode_prompt(p) for p in prompts for _ in range(num_samples)]
-        return self._generate_from_ids(
-            encoded, {}, greedy=greedy, max_new_tokens=max_new_tokens, generator_seed=generator_seed
-        )
-
-    def _generate_from_ids(
-        self,
-        encoded: list[list[int]],
-        extra_inputs: dict[str, torch.Tensor],
-        *,
-        greedy: bool,
-        max_new_tokens: int | None,
-        generator_seed: int | None,
-    ) -> list[dict[str, Any]]:
-        """Left-pad prompt ids, decode, and cut each response after eos; `extra_inputs` go to the model as is."""
-        was_training = self.module.training
-        self.module.eval()
-        width = max(map(len, encoded))
-        pad = self.tokenizer.pad_token_id
-        device = next(self.module.parameters()).device
-        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        attention = torch.zeros_like(ids)
-        for i, e in enumerate(encoded):  # left padding so every prompt ends where generation starts
-            ids[i, width - len(e) :] = torch.tensor(e)
-            attention[i, width - len(e) :] = 1
-        if generator_seed is not None:
-            torch.manual_seed(generator_seed)
-        out = self.module.generate(
-            input_ids=ids.to(device),
-            attention_mask=attention.to(device),
-            **{k: v.to(device) for k, v in extra_inputs.items()},
-            max_new_tokens=max_new_tokens or self.max_new_tokens,
-            do_sample=not greedy,
-            temperature=None if greedy else self.temperature,
-            top_k=None if greedy else 0,
-            top_p=None if greedy else 1.0,
-            pad_token_id=pad,
-            eos_token_id=self.tokenizer.eos_token_id,
-        )
-        self.module.train(was_training)
-        results = []
-        for i, e in enumerate(encoded):
-            new = out[i, width:].tolist()
-            # generation pads only after eos, so everything up to eos (or all of it) was sampled
-            if self.tokenizer.eos_token_id in new:
-                new = new[: new.index(self.tokenizer.eos_token_id) + 1]
-            text = self.tokenizer.decode(new, skip_special_tokens=True)
-            results.append({"prompt_ids": e, "response_ids": new, "text": text})
-        return results
-
-
-def _disable_dropout(model: torch.nn.Module) -> None:
-    """Zero every dropout so policy and reference score identically at equal weights (as trl does)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "attn_pdrop", "embd_pdrop"):
-        if isinstance(getattr(model.config, name, None), float):
-            setattr(model.config, name, 0.0)

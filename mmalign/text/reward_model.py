@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
+from mmalign.core.codec import Prompt, TextCodec
 from mmalign.core.data import Row
 from mmalign.core.params import TrainableModule
-from mmalign.text.codec import Prompt, TextCodec
 
 
 class RewardModel(TrainableModule):
@@ -53,6 +53,12 @@ class RewardModel(TrainableModule):
     # -------------------------------------------------------------------------------- policy protocol
     def reference(self):
         return nullcontext()
+
+    def attach(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def move_frozen_to(self, device: torch.device | str) -> None:
+        """A reward model being trained has no frozen parts."""
 
     def save_pretrained(self, path: str) -> None:
         self.module.save_pretrained(path)

@@ -1,13 +1,16 @@
-"""What the trainer asks of an algorithm: examples in, per-sample losses out (see DESIGN.md)."""
+"""What the trainer asks of an algorithm, an evaluator and a report (see DESIGN.md)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from mmalign.core.data import Row
+
+LossTerm = Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 @runtime_checkable
@@ -15,29 +18,51 @@ class Algorithm(Protocol):
     """Glue between an objective family and a policy kind.
 
     `loss` returns per-sample losses (the trainer averages them over the global batch, which makes gradient
-    accumulation and multi-process runs exact) and a dict of scalar metrics. Offline algorithms expose
-    `train_examples`; online ones expose `prompts` and `rollout`, which samples, scores and returns examples.
+    accumulation and multi-process runs exact) and a dict of scalar metrics; `loss_terms` the same loss as closures
+    whose sum it is, which the trainer backwards one at a time so only one term's graph is alive (memory ∝ one
+    term). Offline algorithms expose `train_examples`; online ones `prompts`, `samples_per_prompt` and `rollout`,
+    which samples, scores and returns one batch (anything sliceable: a list of examples or a `Batch`).
     """
 
     online: bool
 
-    # Optional: `loss_terms(examples) -> list[Callable[[], (losses, metrics)]]`, terms whose sum is `loss`. The
-    # trainer backwards each term on its own so only one term's graph is alive at a time (memory ∝ one term).
+    def setup(self) -> None:
+        """Work done once before the first step (e.g. precomputing reference log-probs)."""
+        ...
 
-    def loss(self, examples: Sequence[Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+    def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+    def loss_terms(self, batch: Any) -> list[LossTerm]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class AlgorithmBase:
+    """Defaults for algorithms: nothing to set up, one loss term, no state to checkpoint."""
+
+    online: bool = False
+
+    def setup(self) -> None:
+        """Nothing to precompute."""
+
+    def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def loss_terms(self, batch: Any) -> list[LossTerm]:
+        return [lambda: self.loss(batch)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Stateless algorithms restore nothing."""
+
+
 @runtime_checkable
 class OfflineAlgorithm(Algorithm, Protocol):
     train_examples: Sequence[Any]
-
-    def setup(self) -> None:
-        """Work done once before the first step (e.g. precomputing reference log-probs)."""
-        ...
 
 
 @runtime_checkable
@@ -45,7 +70,7 @@ class OnlineAlgorithm(Algorithm, Protocol):
     prompts: Sequence[Row]
     samples_per_prompt: int
 
-    def rollout(self, rows: Sequence[Row]) -> tuple[list[Any], dict[str, float]]: ...
+    def rollout(self, rows: Sequence[Row]) -> tuple[Any, dict[str, float]]: ...
 
 
 class Evaluator(Protocol):
@@ -54,3 +79,15 @@ class Evaluator(Protocol):
     def evaluate(self, policy: Any) -> dict[str, float]: ...
 
     def samples(self, policy: Any) -> list[dict[str, Any]]: ...
+
+
+class Report(Protocol):
+    """Writes the human-readable part of a run directory (report.md, curves, sample files)."""
+
+    def store_samples(
+        self, run_dir: Path, tag: str, samples: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]: ...
+
+    def write(
+        self, run_dir: Path, summary: dict[str, Any], samples: dict[str, list[dict[str, Any]]]
+    ) -> None: ...

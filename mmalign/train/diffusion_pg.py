@@ -10,10 +10,12 @@ re-scores a random subset of the recorded steps under the current weights:
   between the two step Gaussians (same σ, so ‖μ_θ − μ_ref‖²/2σ², averaged over dimensions);
 - DLPO (seed 004 §4.5.6): adds `diffusion_loss_coef` (β) × the diffusion model's own denoising loss, keeping the
   fine-tuned model a good denoiser. `diffusion_loss_on: data` computes it as DLPO's reference implementation
-  does: the pretraining ε-loss on real outputs of the rollout's prompts (`data.targets`), freshly noised, once
-  per sample and update;
-  `samples` on the recorded trajectory itself (x_t and the noise implied by the policy's own final sample),
-  which pulls the model towards its own samples, reward-hacked or not.
+  does: the pretraining loss on real outputs of the rollout's prompts (`data.targets`), freshly noised, once
+  per sample and update; `samples` on the recorded trajectory itself (x_t and the noise implied by the policy's own
+  final sample), which pulls the model towards its own samples, reward-hacked or not.
+
+A rollout is one `Batch` of tensors from sampling to loss: sample i's trained steps are `steps[i]` (the same for
+every sample of a rollout, so each trained step is one sampler step for the whole micro-batch).
 """
 
 from __future__ import annotations
@@ -27,9 +29,15 @@ from typing import Any
 import torch
 
 from mmalign.core.data import Row
-from mmalign.core.diffusion import gaussian_logprob
+from mmalign.core.diffusion_policy import concat_conditioning
+from mmalign.core.policy import DiffusionPolicy
 from mmalign.core.reward import Reward, score
+from mmalign.core.types import Batch, Conditioning
 from mmalign.objectives import policy_gradient as PG
+from mmalign.objectives.diffusion import denoising_error, gaussian_kl, gaussian_logprob
+from mmalign.train.algorithm import AlgorithmBase
+
+LossTerm = Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 @dataclass
@@ -69,16 +77,65 @@ class DiffusionPGConfig:
             raise ValueError(
                 f"train_step_range must be (lo, hi) with 0 <= lo < hi <= 1, got {self.train_step_range}"
             )
+        if self.samples_per_prompt < 1:
+            raise ValueError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+
+    @property
+    def uses_data(self) -> bool:
+        """Whether DLPO's term on real outputs (data.targets) is part of the loss."""
+        return self.diffusion_loss_coef != 0 and self.diffusion_loss_on == "data"
 
 
-class DiffusionPolicyGradient:
+def trajectory_denoising_loss(
+    policy: DiffusionPolicy, latents: torch.Tensor, t: torch.Tensor, final: torch.Tensor, cond: Conditioning
+) -> torch.Tensor:
+    """DLPO's penalty read literally on the sampled trajectory: ‖ε̃ − ε_θ(x_t, c, t)‖², ε̃ the noise that takes the
+    final sample to the recorded x_t. It regresses the model onto its own (guided) samples, whatever they are."""
+    process = policy.forward_process
+    noise = process.implied_noise(latents, final, t).detach()
+    target = process.target(final, noise, t).detach()
+    output = policy.predict(latents, process.model_timestep(t).expand(len(latents)), cond, guidance=1.0)
+    return ((output - target) ** 2).flatten(1).mean(1)
+
+
+def data_denoising_loss(policy: DiffusionPolicy, clean: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    """DLPO's penalty on real data: the pretraining loss of real outputs of the prompts (seed 004 §4.5.6).
+
+    ‖target − model(x_t, c, t)‖² with x_t the forward process applied to a real output x_0 of the prompt, fresh noise
+    and a fresh training timestep, as DLPO's reference implementation noises the prompt's recording. The sampler
+    guides with the empty prompt too, so its branch gets the same loss: per sample ½(‖· (c)‖² + ‖· (∅)‖²), both on the
+    same (noise, t), in one forward of both branches.
+    """
+    n = len(clean)
+    process = policy.forward_process
+    noise = torch.randn(clean.shape, dtype=clean.dtype).to(clean.device)
+    t = process.sample_timesteps(n).to(clean.device)
+    both = concat_conditioning(cond, policy.unconditional(n))
+    x0, eps, tt = torch.cat([clean, clean]), torch.cat([noise, noise]), torch.cat([t, t])
+    output = policy.predict(process.add_noise(x0, eps, tt), process.model_timestep(tt), both, guidance=1.0)
+    loss = denoising_error(output, process.target(x0, eps, tt))
+    conditional, unconditional = loss.chunk(2)
+    return 0.5 * (conditional + unconditional)
+
+
+def trainable_steps(stochastic: torch.Tensor, step_range: tuple[float, float]) -> torch.Tensor:
+    """Indices of the steps a policy gradient may train on: stochastic, and lo <= i/n < hi."""
+    n_total = len(stochastic)
+    # step i (0 = the first, noisiest) is trainable iff lo <= i / n < hi (1e-9: 0.7 * 10 is 7.000000000000001)
+    lo, hi = (math.ceil(f * n_total - 1e-9) for f in step_range)
+    usable = stochastic.clone()
+    usable[:lo], usable[hi:] = False, False
+    return usable.nonzero().flatten()
+
+
+class DiffusionPolicyGradient(AlgorithmBase):
     """Online algorithm: rollouts of recorded trajectories, per-step PPO/REINFORCE, optional KL and denoising terms."""
 
     online = True
 
     def __init__(
         self,
-        policy: Any,
+        policy: DiffusionPolicy,
         prompts: Sequence[Row],
         reward: Reward,
         config: DiffusionPGConfig,
@@ -89,13 +146,20 @@ class DiffusionPolicyGradient:
         self.tracker = PG.PerPromptStatTracker(
             config.stat_buffer, config.stat_min_count, config.advantage_scale
         )
+        if not trainable_steps(self._stochastic(), config.train_step_range).numel():
+            raise ValueError(
+                f"the sampler has no stochastic step in train_step_range {config.train_step_range}: a policy "
+                "gradient needs steps that draw noise (e.g. DDIM with eta > 0)"
+            )
         self.targets = self._read_targets(targets)
+
+    def _stochastic(self) -> torch.Tensor:
+        sampler = self.policy.sampler
+        return torch.tensor([sampler.is_stochastic(i) for i in range(sampler.num_steps)])
 
     def _read_targets(self, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
         """Real outputs per prompt for DLPO's data loss, read (named errors) before training; {} if unused."""
-        cfg = self.config
-        used = cfg.diffusion_loss_coef != 0 and cfg.diffusion_loss_on == "data"
-        if not used:
+        if not self.config.uses_data:
             if rows:
                 raise ValueError(
                     "data.targets is only used by DLPO's data loss (diffusion_loss_on: data with "
@@ -104,8 +168,6 @@ class DiffusionPolicyGradient:
             return {}
         if not rows:
             raise ValueError("diffusion_loss_on: data needs real outputs of the prompts in data.targets")
-        if not hasattr(self.policy, "encode_target"):
-            raise TypeError(f"{type(self.policy).__name__} cannot read real outputs (data.targets)")
         pools: dict[str, list[torch.Tensor]] = {}
         for row in rows:
             encoded = self.policy.encode_target(row)
@@ -115,15 +177,19 @@ class DiffusionPolicyGradient:
                 raise row.error("prompt", "no real output for this prompt in data.targets (DLPO's data loss)")
         return {prompt: torch.stack(latents) for prompt, latents in pools.items()}
 
+    def setup(self) -> None:
+        """Nothing to precompute."""
+
     @torch.no_grad()
-    def rollout(self, rows: Sequence[Row]) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    def rollout(self, rows: Sequence[Row]) -> tuple[Batch, dict[str, float]]:
         from accelerate.utils import gather, gather_object
 
-        cfg = self.config
-        prompts = [r.data["prompt"] for r in rows for _ in range(cfg.samples_per_prompt)]
-        trajectory = self.policy.sample(prompts, record=True)
-        outputs = self.policy.decode(trajectory.final)
-        rewards = score(self.reward, prompts, outputs).float().to(trajectory.logprobs.device)
+        cfg, policy = self.config, self.policy
+        prompts = [policy.prompt_of(r) for r in rows for _ in range(cfg.samples_per_prompt)]
+        trajectory = policy.sample(prompts, record=True)
+        outputs = policy.decode(trajectory.final)
+        reward_prompts = [policy.reward_prompt(r) for r in rows for _ in range(cfg.samples_per_prompt)]
+        rewards = score(self.reward, reward_prompts, outputs).float().to(trajectory.logprobs.device)
         # Advantages from the rewards of every process, so each process normalises with the same statistics.
         all_prompts, all_rewards = gather_object(prompts), gather(rewards)
         if cfg.per_prompt_stats:
@@ -134,38 +200,32 @@ class DiffusionPolicyGradient:
         advantages = PG.clip_advantages(advantages[rank_slice].to(rewards.device), cfg.max_abs_advantage)
 
         # One random subset of the stochastic steps per rollout, shared by its samples so that every trained
-        # step is a single scheduler step with one timestep for the whole micro-batch.
-        n_total = len(trajectory.timesteps)
-        # step i (0 = the first, noisiest) is trainable iff lo <= i / n < hi (1e-9: 0.7 * 10 is 7.000000000000001)
-        lo, hi = (math.ceil(f * n_total - 1e-9) for f in cfg.train_step_range)
-        stochastic = trajectory.conditioning["stochastic"].clone()
-        stochastic[:lo], stochastic[hi:] = False, False
-        usable = stochastic.nonzero().flatten()
-        if len(usable) == 0:
-            raise ValueError(f"train_step_range {cfg.train_step_range} leaves no stochastic step to train on")
+        # step is a single sampler step for the whole micro-batch.
+        usable = trainable_steps(trajectory.stochastic, cfg.train_step_range)
         n_train = max(1, round(cfg.timestep_fraction * len(usable)))
         steps = usable[torch.randperm(len(usable))[:n_train]].sort().values
-        examples = []
-        for i in range(len(prompts)):
-            examples.append(
-                {
-                    "prompt": prompts[i],
-                    "latents": trajectory.latents[i, steps],
-                    "next_latents": trajectory.next_latents[i, steps],
-                    "timesteps": trajectory.timesteps[steps],
-                    "old_logprobs": trajectory.logprobs[i, steps],
-                    "conditioning": self.policy.conditioning_of(trajectory, i),
-                    "advantage": advantages[i],
-                }
-            )
-            if self.targets:  # one real output of the prompt, drawn per sample (DLPO's data loss)
-                pool = self.targets[prompts[i]]
-                examples[-1]["target"] = pool[int(torch.randint(len(pool), ()))]
+        n = len(prompts)
+        fields: dict[str, Any] = {
+            "prompt": prompts,
+            "steps": steps.expand(n, -1),
+            "latents": trajectory.latents[:, steps],
+            "next_latents": trajectory.next_latents[:, steps],
+            "old_logprobs": trajectory.logprobs[:, steps],
+            "final": trajectory.final,
+            "advantages": advantages,
+            **{f"cond.{k}": v for k, v in trajectory.conditioning.items()},
+        }
+        if self.targets:  # one real output of the prompt, drawn per sample (DLPO's data loss)
+            draws = []
+            for p in prompts:
+                pool = self.targets[p]
+                draws.append(pool[int(torch.randint(len(pool), ()))])
+            fields["targets"] = torch.stack(draws).to(trajectory.final.device)
         metrics = {
             "rollout/reward": all_rewards.mean().item(),
             "rollout/reward_std": all_rewards.std().item(),
         }
-        return examples, metrics
+        return Batch(**fields), metrics
 
     @staticmethod
     def _rank() -> int:
@@ -173,57 +233,63 @@ class DiffusionPolicyGradient:
 
         return PartialState().process_index
 
-    def loss(self, examples: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-sample loss: the sum of `loss_terms`."""
         total, sums = None, {}
-        for term in self._terms(examples):
+        for term in self._terms(batch):
             losses, metrics = term()
             total = losses if total is None else total + losses
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v
         return total, sums
 
-    def loss_terms(self, examples: Sequence[dict[str, Any]]) -> list[Callable[[], tuple[torch.Tensor, dict]]]:
+    def loss_terms(self, batch: Batch) -> list[LossTerm]:
         """The loss as closures the trainer backwards one at a time, each with its own graph."""
-        return self._terms(examples)
+        return self._terms(batch)
 
-    def _terms(self, examples: Sequence[dict[str, Any]]) -> list[Callable[[], tuple[torch.Tensor, dict]]]:
-        """One term per trained denoising step, and DLPO's real-data term once: it draws its own (ε, t),
+    def _terms(self, batch: Batch) -> list[LossTerm]:
+        """One term per trained denoising step, and DLPO's real-data term once: it draws its own (noise, t),
         independent of the trained steps."""
-        n_steps = examples[0]["timesteps"].shape[0]
-        terms = [partial(self._step_loss, examples, j, n_steps) for j in range(n_steps)]
-        if self.config.diffusion_loss_coef and self.config.diffusion_loss_on == "data":
-            terms.append(partial(self._data_loss, examples))
+        n_steps = batch["steps"].shape[1]
+        batch = batch.to(self.policy.device)
+        terms: list[LossTerm] = [partial(self._step_loss, batch, j, n_steps) for j in range(n_steps)]
+        if self.config.uses_data:
+            terms.append(partial(self._data_loss, batch))
         return terms
 
-    def _data_loss(self, examples: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """β × DLPO's pretraining ε-loss on the real output drawn for each sample's prompt."""
-        dloss = self.policy.data_denoising_loss(self.policy.step_batch(examples, 0))
+    @staticmethod
+    def _conditioning(batch: Batch) -> Conditioning:
+        return {name[5:]: value for name, value in batch.fields.items() if name.startswith("cond.")}
+
+    def _data_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """β × DLPO's pretraining loss on the real output drawn for each sample's prompt."""
+        dloss = data_denoising_loss(self.policy, batch["targets"], self._conditioning(batch))
         return self.config.diffusion_loss_coef * dloss, {"diffusion_loss": dloss.detach().mean()}
 
-    def _step_loss(
-        self, examples: Sequence[dict[str, Any]], j: int, n_steps: int
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _step_loss(self, batch: Batch, j: int, n_steps: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Step j's share (1/n_steps) of the per-sample loss and its metrics."""
-        cfg = self.config
-        adv = torch.stack([e["advantage"] for e in examples])
-        step = self.policy.step_batch(examples, j)
-        mean, std = self.policy.step_distribution(step)
-        logp = gaussian_logprob(step["next_latents"], mean, std)
-        old = torch.stack([e["old_logprobs"][j] for e in examples]).to(logp.device)
+        cfg, policy = self.config, self.policy
+        adv = batch["advantages"]
+        index = int(batch["steps"][0, j])
+        x, x_next = batch["latents"][:, j], batch["next_latents"][:, j]
+        cond = self._conditioning(batch)
+        t = policy.sampler.timesteps(x.device)[index]
+        step = policy.sampler.step(policy.predict(x, t, cond), index, x)
+        logp = gaussian_logprob(x_next, step.mean, step.std)
+        old = batch["old_logprobs"][:, j].to(logp.device)
         if cfg.loss_type == "ppo":
             losses, metrics = PG.ppo_clip_loss(logp, old, adv, cfg.clip_range)
         else:
             losses, metrics = PG.reinforce_loss(logp, adv), {}
         losses = cfg.reward_coef * losses
         if cfg.kl_coef:
-            with torch.no_grad(), self.policy.reference():
-                ref_mean, _ = self.policy.step_distribution(step)
-            kl = ((mean - ref_mean) ** 2).flatten(1).mean(1) / (2 * std**2)
+            with torch.no_grad(), policy.reference():
+                ref = policy.sampler.step(policy.predict(x, t, cond), index, x)
+            kl = gaussian_kl(step.mean, ref.mean, step.std)
             losses = losses + cfg.kl_coef * kl
             metrics = {**metrics, "kl": kl.detach().mean()}
         if cfg.diffusion_loss_coef and cfg.diffusion_loss_on == "samples":
-            dloss = self.policy.trajectory_denoising_loss(step)
+            dloss = trajectory_denoising_loss(policy, x, t, batch["final"], cond)
             losses = losses + cfg.diffusion_loss_coef * dloss
             metrics = {**metrics, "diffusion_loss": dloss.detach().mean()}
         metrics = {k: v.detach() / n_steps for k, v in metrics.items()}

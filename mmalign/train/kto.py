@@ -11,6 +11,7 @@ import torch
 from mmalign.core.data import Row
 from mmalign.objectives.preference import kto_kl_estimate, kto_loss
 from mmalign.objectives.sequence import sequence_logps
+from mmalign.train.algorithm import AlgorithmBase
 
 
 @dataclass
@@ -21,7 +22,7 @@ class KTOConfig:
     undesirable_weight: float = 1.0
 
 
-class KTOAlgorithm:
+class KTOAlgorithm(AlgorithmBase):
     """Per-example KTO loss with the reference point z estimated from mismatched (prompt, completion) pairs.
 
     z is the batch mean of β-free log-ratios of completion i+1 given prompt i (as in the KTO paper), detached,

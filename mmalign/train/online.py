@@ -16,6 +16,7 @@ import torch
 from mmalign.core.data import Row
 from mmalign.core.reward import Reward, score
 from mmalign.objectives import policy_gradient as PG
+from mmalign.train.algorithm import AlgorithmBase
 from mmalign.train.preference import PreferenceAlgorithm, PreferenceConfig
 
 
@@ -56,7 +57,7 @@ def best_and_worst(rewards: torch.Tensor) -> list[tuple[int, int, float]]:
     return out
 
 
-class OnlineDPO:
+class OnlineDPO(AlgorithmBase):
     """Sample `samples_per_prompt` responses per prompt, prefer the highest-reward one over the lowest, apply a
     preference loss (OAIF with two samples; best-vs-worst of k as in rejection-sampling DPO variants).
 
@@ -66,17 +67,28 @@ class OnlineDPO:
 
     online = True
 
-    def __init__(self, policy: Any, prompts: Sequence[Row], reward: Reward, config: OnlineDPOConfig):
+    def __init__(
+        self,
+        policy: Any,
+        prompts: Sequence[Row],
+        reward: Reward,
+        config: OnlineDPOConfig,
+        scorer: Any = None,
+    ):
         self.policy, self.prompts, self.reward, self.config = policy, list(prompts), reward, config
         self.samples_per_prompt = config.samples_per_prompt
-        self.preference = PreferenceAlgorithm(policy, [], PreferenceConfig(**config.preference))
+        self.preference = PreferenceAlgorithm(scorer or policy, [], PreferenceConfig(**config.preference))
+
+    def setup(self) -> None:
+        """Nothing to precompute: pairs are drawn each rollout."""
 
     @torch.no_grad()
     def rollout(self, rows: Sequence[Row]) -> tuple[list[dict[str, Any]], dict[str, float]]:
         k = self.samples_per_prompt
-        prompts = [r.data["prompt"] for r in rows]
+        prompts = [self.policy.prompt_of(r) for r in rows]
         samples, scored = self._draw(prompts, k)
-        rewards = score(self.reward, [p for p in prompts for _ in range(k)], scored).float().view(-1, k)
+        reward_prompts = [self.policy.reward_prompt(r) for r in rows for _ in range(k)]
+        rewards = score(self.reward, reward_prompts, scored).float().view(-1, k)
         examples = [
             {**self._pair(prompts[i], samples[k * i + win], samples[k * i + lose]), "weight": weight}
             for i, (win, lose, weight) in enumerate(best_and_worst(rewards))
@@ -124,7 +136,7 @@ class PolicyGradientConfig:
             raise ValueError(f"{self.advantage} needs samples_per_prompt ≥ 2")
 
 
-class SequencePolicyGradient:
+class SequencePolicyGradient(AlgorithmBase):
     """Group-baselined policy gradient with the PPO-clip surrogate (ratio is 1 on the first update of a rollout)."""
 
     online = True
@@ -133,22 +145,33 @@ class SequencePolicyGradient:
         self.policy, self.prompts, self.reward, self.config = policy, list(prompts), reward, config
         self.samples_per_prompt = config.samples_per_prompt
 
+    def setup(self) -> None:
+        """Nothing to precompute."""
+
     def _advantages(self, rewards: torch.Tensor) -> torch.Tensor:
-        cfg = self.config
+        """Advantages from the rewards of every process (so a batch-wide baseline is the same on 1 or N
+        processes), then this process's share."""
+        from accelerate.state import PartialState
+        from accelerate.utils import gather
+
+        cfg, state = self.config, PartialState()
+        everything = gather(rewards) if state.num_processes > 1 else rewards
         if cfg.advantage == "rloo":
-            adv = PG.rloo_advantages(rewards, cfg.samples_per_prompt)
+            adv = PG.rloo_advantages(everything, cfg.samples_per_prompt)
         elif cfg.advantage == "grpo":
-            adv = PG.group_normalized_advantages(rewards, cfg.samples_per_prompt)
+            adv = PG.group_normalized_advantages(everything, cfg.samples_per_prompt)
         else:
-            adv = rewards - rewards.mean()
+            adv = everything - everything.mean()
+        adv = adv[state.process_index * len(rewards) : (state.process_index + 1) * len(rewards)]
         return PG.clip_advantages(adv, cfg.max_abs_advantage) if cfg.max_abs_advantage else adv
 
     @torch.no_grad()
     def rollout(self, rows: Sequence[Row]) -> tuple[list[dict[str, Any]], dict[str, float]]:
         g = self.config.samples_per_prompt
-        prompts = [r.data["prompt"] for r in rows]
+        prompts = [self.policy.prompt_of(r) for r in rows]
         outputs = self.policy.generate(prompts, num_samples=g)
-        rewards = score(self.reward, [p for p in prompts for _ in range(g)], outputs).float()
+        reward_prompts = [self.policy.reward_prompt(r) for r in rows for _ in range(g)]
+        rewards = score(self.reward, reward_prompts, outputs).float()
         advantages = self._advantages(rewards)
         examples = [
             {"prompt_ids": o["prompt_ids"], "response_ids": o["response_ids"], "advantage": float(a)}

@@ -15,9 +15,11 @@ from typing import Any
 
 import torch
 
+from mmalign.core.corrections import apply_corrections
 from mmalign.core.data import Row
 from mmalign.objectives import preference as P
 from mmalign.objectives.sequence import sequence_logps
+from mmalign.train.algorithm import AlgorithmBase
 
 NOISY_CONTEXTS = ("clean", "noisy")
 
@@ -62,7 +64,7 @@ def nll_term(lp, n: int, weight: float) -> torch.Tensor:
     return -weight * sequence_logps(chosen.token_logps, chosen.mask, normalize=True)
 
 
-class POVIDAlgorithm:
+class POVIDAlgorithm(AlgorithmBase):
     """Rows (image, prompt, chosen, rejected, rejected_noisy?) → POVID losses; one forward per batch."""
 
     online = False
@@ -157,14 +159,12 @@ def changed_tokens(tokenizer: Any, text: str, spans: Sequence[tuple[int, int]], 
     return flags + [0] * (len(ids) - len(flags))
 
 
-class DenseDPOAlgorithm:
+class DenseDPOAlgorithm(AlgorithmBase):
     """RLHF-V rows (image, prompt, response, corrections) → dense DPO losses: corrected response preferred."""
 
     online = False
 
     def __init__(self, policy: Any, rows: Sequence[Row], config: DenseDPOConfig):
-        from mmalign.vision.vlm_data import apply_corrections
-
         if config.gamma < 0:
             raise ValueError(f"algorithm.gamma must be >= 0, got {config.gamma}")
         self.policy, self.config = policy, config

@@ -16,6 +16,7 @@ import torch
 from mmalign.core.data import Row
 from mmalign.objectives import preference as P
 from mmalign.objectives.sequence import sequence_logps
+from mmalign.train.algorithm import AlgorithmBase
 
 REFERENCE_FREE = {"orpo", "simpo", "cpo"}
 LOSSES = (
@@ -67,7 +68,7 @@ class PreferenceConfig:
             raise ValueError("algorithm.alpha must be > 0 for beta_dpo (0 would be plain DPO)")
 
 
-class PreferenceAlgorithm:
+class PreferenceAlgorithm(AlgorithmBase):
     """Pairs in, per-pair losses out; works for every policy kind that implements `sequence_logprobs`."""
 
     online = False

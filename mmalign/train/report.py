@@ -1,11 +1,12 @@
-"""The human-readable part of a run directory: training curves and a before/after table of samples."""
+"""The human-readable part of a run directory: a summary table, training curves and before/after samples."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from mmalign.evaluation.samples import markdown_cell
 from mmalign.train.logging import read_metrics
 
 
@@ -37,21 +38,25 @@ def plot_curves(run_dir: Path, out: Path) -> list[str]:
     return names
 
 
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
+class SampleSection(Protocol):
+    """The modality's part of a report: how samples are stored as files and shown in report.md."""
+
+    def store_samples(
+        self, run_dir: Path, tag: str, samples: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]: ...
+
+    def sample_lines(self, samples: dict[str, list[dict[str, Any]]]) -> list[str]: ...
 
 
 class RunReport:
-    """Markdown report: summary table and training curves; subclasses add their modality's samples."""
+    """Markdown report: summary table, training curves and the modality's before/after samples."""
+
+    def __init__(self, samples: SampleSection | None = None):
+        self.samples = samples
 
     def store_samples(self, run_dir: Path, tag: str, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Make samples JSON-safe (text samples already are)."""
-        return samples
-
-    def sample_lines(self, samples: dict[str, list[dict[str, Any]]]) -> list[str]:
-        return []
+        """Make samples JSON-safe (e.g. images saved as files, their paths kept)."""
+        return self.samples.store_samples(run_dir, tag, samples) if self.samples else samples
 
     def write(self, run_dir: Path, summary: dict[str, Any], samples: dict[str, list[dict[str, Any]]]) -> None:
         lines = [
@@ -63,32 +68,10 @@ class RunReport:
         lines += ["| metric | before | after |", "|---|---|---|"]
         for key in summary["before"]:
             lines.append(
-                f"| {key} | {_cell(summary['before'][key])} | {_cell(summary['after'].get(key, ''))} |"
+                f"| {key} | {markdown_cell(summary['before'][key])} | {markdown_cell(summary['after'].get(key, ''))} |"
             )
         if plot_curves(run_dir, run_dir / "curves.png"):
             lines += ["", "## Training curves", "", "![curves](curves.png)"]
-        lines += self.sample_lines(samples)
+        if self.samples:
+            lines += self.samples.sample_lines(samples)
         (run_dir / "report.md").write_text("\n".join(lines) + "\n")
-
-
-class TextReport(RunReport):
-    """Adds a before/after table of greedy samples on held-out prompts."""
-
-    def sample_lines(self, samples: dict[str, list[dict[str, Any]]]) -> list[str]:
-        before, after = samples.get("before", []), samples.get("after", [])
-        if not before and not after:
-            return []
-        extra = [k for k in (after or before)[0] if k not in ("prompt", "response")]
-        out = [
-            "",
-            "## Samples (greedy, held-out prompts)",
-            "",
-            "| prompt | before | after | " + " | ".join(extra) + " |",
-            "|---|---|---|" + "---|" * len(extra),
-        ]
-        for b, a in zip(before, after, strict=False):
-            cells = [b["prompt"], b["response"], a["response"]] + [
-                f"{b.get(k, '')} → {a.get(k, '')}" for k in extra
-            ]
-            out.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-        return out

@@ -10,6 +10,7 @@ import torch
 
 from mmalign.core.data import Row
 from mmalign.objectives.supervised import bradley_terry_loss, nll_loss
+from mmalign.train.algorithm import AlgorithmBase
 
 
 @dataclass
@@ -18,7 +19,7 @@ class SFTConfig:
     field: str = "completion"  # which row field is the target response
 
 
-class SFTAlgorithm:
+class SFTAlgorithm(AlgorithmBase):
     """Maximise the likelihood of target responses (per-sequence mean token NLL)."""
 
     online = False
@@ -45,7 +46,7 @@ class RewardModelConfig:
     margin_from_scores: bool = False  # use score_chosen − score_rejected as the BT margin
 
 
-class RewardModelAlgorithm:
+class RewardModelAlgorithm(AlgorithmBase):
     """Bradley–Terry training: −log σ(r(x, y_w) − r(x, y_l) − margin) for each pair."""
 
     online = False
@@ -81,24 +82,3 @@ class RewardModelAlgorithm:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
-
-
-class PairwiseAccuracy:
-    """Held-out pairwise accuracy of a reward model: share of pairs scored chosen > rejected."""
-
-    def __init__(self, rows: Sequence[Row], batch_size: int = 64):
-        self.rows, self.batch_size = list(rows), batch_size
-        self._encoded: list[dict[str, Any]] | None = None
-
-    def evaluate(self, model: Any) -> dict[str, float]:
-        if self._encoded is None:
-            self._encoded = [model.encode_pair(r) for r in self.rows]
-        wins = []
-        for start in range(0, len(self._encoded), self.batch_size):
-            chunk = self._encoded[start : start + self.batch_size]
-            scores = model.scores(model.collate_pairs(chunk))
-            wins.append((scores[: len(chunk)] > scores[len(chunk) :]).float())
-        return {"pairwise_accuracy": torch.cat(wins).mean().item(), "n_pairs": len(self._encoded)}
-
-    def samples(self, model: Any) -> list[dict[str, Any]]:
-        return []

@@ -24,8 +24,9 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from mmalign.core.policy import Policy
 from mmalign.train import checkpoint as ckpt
-from mmalign.train.algorithm import Algorithm, Evaluator
+from mmalign.train.algorithm import Algorithm, Evaluator, LossTerm, Report
 from mmalign.train.logging import MetricsLogger
 
 
@@ -78,14 +79,14 @@ class Trainer:
 
     def __init__(
         self,
-        policy: Any,
+        policy: Policy,
         algorithm: Algorithm,
         config: TrainConfig,
         output_dir: str | Path,
         *,
         evaluator: Evaluator | None = None,
         accelerator: Accelerator | None = None,
-        report: Any = None,
+        report: Report | None = None,
     ):
         self.policy, self.algorithm, self.config = policy, algorithm, config
         self.evaluator = evaluator
@@ -152,10 +153,10 @@ class Trainer:
         scheduler = get_scheduler(
             cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
         )
-        self.policy.model, optimizer = acc.prepare(self.policy.module, optimizer)
+        self.model, optimizer = acc.prepare(self.policy.module, optimizer)
+        self.policy.attach(self.model)
         # prepare() placed only the trained module: reference copies, encoders and VAEs follow it
-        if hasattr(self.policy, "move_frozen_to"):
-            self.policy.move_frozen_to(acc.device)
+        self.policy.move_frozen_to(acc.device)
         logger = MetricsLogger(self.run_dir, acc, cfg.log_with)
 
         step, elapsed_before = 0, 0.0
@@ -164,8 +165,7 @@ class Trainer:
             step, elapsed_before = self._restore(last, optimizer, scheduler)
             acc.print(f"resumed from {last} at step {step}")
         before = self._before_metrics()
-        if hasattr(self.algorithm, "setup"):
-            self.algorithm.setup()
+        self.algorithm.setup()
         if last is not None:
             ckpt.set_rng_state(ckpt.load_state(last, f"rng-rank{acc.process_index}"))
 
@@ -244,16 +244,15 @@ class Trainer:
         self.policy.module.train()
         return examples, self._mean_across(metrics)
 
-    def _loss_terms(self, batch: list[Any]) -> list[Any]:
+    def _loss_terms(self, batch: Any) -> list[LossTerm]:
         """The micro-batch's loss as closures to backward one at a time (a single closure unless the algorithm
         splits it, as the diffusion policy gradient does per denoising step to keep one step's graph alive).
 
         DeepSpeed counts every backward as a micro-step, so there the terms are summed into one backward.
         """
-        terms = getattr(self.algorithm, "loss_terms", None)
-        if terms is None or self.accelerator.distributed_type.value == "DEEPSPEED":
+        if self.accelerator.distributed_type.value == "DEEPSPEED":
             return [lambda: self.algorithm.loss(batch)]
-        return terms(batch)
+        return self.algorithm.loss_terms(batch)
 
     def _optimizer_step(self, micro_batches, optimizer, scheduler, step: int) -> dict[str, float]:
         acc, cfg = self.accelerator, self.config
@@ -263,7 +262,7 @@ class Trainer:
             terms = self._loss_terms(batch)
             for j, term in enumerate(terms):
                 sync = m == k - 1 and j == len(terms) - 1  # gradients are all-reduced once, after the last
-                with nullcontext() if sync else acc.no_sync(self.policy.model):
+                with nullcontext() if sync else acc.no_sync(self.model):
                     with acc.autocast():
                         losses, metrics = term()
                     bad = (~torch.isfinite(losses.detach())).sum()
@@ -328,17 +327,13 @@ class Trainer:
 
     def _samples(self, tag: str) -> list[dict[str, Any]]:
         """Evaluator samples made JSON-safe by the report (e.g. images saved as files, paths kept)."""
-        if self.evaluator is None or not hasattr(self.evaluator, "samples"):
+        if self.evaluator is None:
             return []
         self.policy.module.eval()
         with torch.no_grad():
             out = self.evaluator.samples(self.policy)
         self.policy.module.train()
-        if (
-            self.report is not None
-            and hasattr(self.report, "store_samples")
-            and self.accelerator.is_main_process
-        ):
+        if self.report is not None and self.accelerator.is_main_process:
             out = self.report.store_samples(self.run_dir, tag, out)
         return out
 

@@ -1,10 +1,10 @@
 """Stable Diffusion (1.x/2.x layout) as a diffusion policy: text encoder + VAE around the shared denoising policy.
 
-Loaded from a hub id or a local pipeline directory. Sampling, step log-probs, the DLPO penalty and Diffusion-DPO
-scores come from `mmalign.core.diffusion_policy.DenoisingPolicy`; this adapter adds what is specific to images:
-CLIP prompt encoding, VAE decoding, image pairs and the diffusers LoRA format, so
-`StableDiffusionPipeline.load_lora_weights` reproduces the trained samples. SDXL needs extra conditioning (pooled
-text embeddings, time ids): that is a subclass overriding `encode_prompts` and `_denoise`.
+Loaded from a hub id or a local pipeline directory. Guided prediction and sampling come from
+`mmalign.core.diffusion_policy.DenoisingPolicy`; this adapter adds what is specific to images: CLIP prompt
+encoding, VAE decoding, image pairs and the diffusers LoRA format, so `StableDiffusionPipeline.load_lora_weights`
+reproduces the trained samples. SDXL's extra conditioning (pooled text embeddings, time ids) is more entries of the
+conditioning dict: a subclass overriding `encode_prompts` and `denoise`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from PIL import Image
 from mmalign.core.data import Row
 from mmalign.core.diffusion_policy import UNET_LORA_TARGETS, DenoisingPolicy
 from mmalign.core.params import LoraSpec
+from mmalign.core.sampler import DDPMFamilySampler, DDPMForwardProcess
+from mmalign.core.types import Conditioning
 
 __all__ = ["UNET_LORA_TARGETS", "DiffusionImagePolicy"]
 
@@ -44,12 +46,10 @@ class DiffusionImagePolicy(DenoisingPolicy):
         self.latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
         super().__init__(
             unet,
-            pipeline.scheduler.config,
+            DDPMFamilySampler(pipeline.scheduler.config, sampler, num_steps, eta),
+            DDPMForwardProcess(pipeline.scheduler.config),
             self.latent_shape,
             lora=lora,
-            sampler=sampler,
-            num_steps=num_steps,
-            eta=eta,
             guidance_scale=guidance_scale,
         )
 
@@ -80,8 +80,8 @@ class DiffusionImagePolicy(DenoisingPolicy):
 
     # ------------------------------------------------------------------------------------- conditioning
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text embeddings [B, L, D] from the frozen text encoder, as the pipeline computes them."""
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        """Text embeddings `prompt_embeds` [B, L, D] from the frozen text encoder, as the pipeline computes them."""
         tokens = self.tokenizer(
             list(prompts),
             padding="max_length",
@@ -89,12 +89,11 @@ class DiffusionImagePolicy(DenoisingPolicy):
             truncation=True,
             return_tensors="pt",
         )
-        return self.text_encoder(tokens.input_ids.to(self.device))[0]
+        return {"prompt_embeds": self.text_encoder(tokens.input_ids.to(self.device))[0]}
 
     # ------------------------------------------------------------------------------------------ outputs
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1], shape [B, 3, H, W] (what image rewards take)."""
+        """Images in [-1, 1], shape [B, 3, H, W] (what image rewards take); differentiable in the latents."""
         images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
         return images.clamp(-1, 1)
 
@@ -102,6 +101,17 @@ class DiffusionImagePolicy(DenoisingPolicy):
     def to_pil(images: torch.Tensor) -> list[Image.Image]:
         arr = ((images.detach().cpu().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
         return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in arr]
+
+    def write_outputs(
+        self, outputs: torch.Tensor, prompts: Sequence[Any], out_dir: str, stem: str
+    ) -> list[str]:
+        """One PNG per image: `<out_dir>/<stem>_<i>.png`."""
+        paths = []
+        for i, image in enumerate(self.to_pil(outputs)):
+            path = Path(out_dir) / f"{stem}_{i:03d}.png"
+            image.save(path)
+            paths.append(str(path))
+        return paths
 
     # ---------------------------------------------------------------------- preference (Diffusion-DPO)
     def encode_pair(self, row: Row) -> dict[str, Any]:

@@ -12,8 +12,10 @@ descriptions, coverage (share of the facts stated), malformed statements, mean l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import torch
 
 from mmalign.core.data import Row
 from mmalign.vision import vlm_digits as D
@@ -58,6 +60,34 @@ def description_metrics(responses: Sequence[str], facts: Sequence[D.Facts]) -> d
         "malformed_rate": malformed / max(total, 1),
         "statements_per_response": statements / n,
     }
+
+
+class StatementReward:
+    """A verifiable reward for descriptions of the digits VLM world: (true − false − malformed statements) / 3.
+
+    Each prompt is the row the description answers (a VLM's `reward_prompt`: image path plus its ground truth
+    `digit`, `ink`, `frame`); a description stating all three facts truly scores 1, one naming a wrong digit loses a
+    point for it, and statements that do not parse count against it, so a model cannot gain by garbling.
+    """
+
+    differentiable = False
+
+    def __init__(self, name: str = "vlm_statements"):
+        self.name = name
+
+    def __call__(self, prompts: Sequence[Mapping[str, Any]], outputs: Sequence[Any]) -> torch.Tensor:
+        scores = []
+        for row, out in zip(prompts, outputs, strict=True):
+            if not isinstance(row, Mapping) or any(f not in row for f in D.FIELDS):
+                raise ValueError(
+                    f"reward {self.name!r} needs prompt rows with the image's ground truth {D.FIELDS}; got {row!r}"
+                )
+            parsed = D.parse(out["text"] if isinstance(out, Mapping) else str(out))
+            checkable = [s for s in parsed if s.field is not None]
+            wrong = sum(D.is_hallucinated(s, row) for s in checkable)
+            right = len({s.field for s in checkable if not D.is_hallucinated(s, row)})
+            scores.append((right - wrong - (len(parsed) - len(checkable))) / len(D.FIELDS))
+        return torch.tensor(scores)
 
 
 def statement_changes(

@@ -100,7 +100,7 @@ class ImageRewardModel(TrainableModule):
 
     def __init__(self, scorer: ImageScorer, *, name: str = "image_reward_model"):
         self.module = scorer
-        self.model: nn.Module = scorer  # the trainer swaps in its prepared (possibly wrapped) module
+        self.model: nn.Module = scorer  # the trainer attaches its prepared (possibly wrapped) module
         self.config = scorer.config
         self.name = name
 
@@ -128,6 +128,12 @@ class ImageRewardModel(TrainableModule):
     # ---------------------------------------------------------------------------------- policy protocol
     def reference(self):
         return nullcontext()
+
+    def attach(self, model: nn.Module) -> None:
+        self.model = model
+
+    def move_frozen_to(self, device: torch.device | str) -> None:
+        """A reward model being trained has no frozen parts."""
 
     def save_pretrained(self, path: str) -> None:
         out = Path(path)

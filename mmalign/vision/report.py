@@ -1,4 +1,4 @@
-"""Image grids of fixed prompts and seeds, before and after training, in the run report."""
+"""Image grids of fixed prompts and seeds, before and after training: the image part of a run report."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
-from mmalign.train.report import RunReport
 from mmalign.vision.diffusion_policy import DiffusionImagePolicy
 
 
@@ -27,7 +26,7 @@ def image_grid(rows: list[list[Image.Image]], labels: list[str] | None = None, s
     return grid
 
 
-class ImageReport(RunReport):
+class ImageSamples:
     """Saves `samples_<tag>.png` (one column per held-out prompt, seed 0) and a before/after grid in report.md."""
 
     def store_samples(self, run_dir: Path, tag: str, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:

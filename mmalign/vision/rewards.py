@@ -1,4 +1,4 @@
-"""Image rewards: JPEG (in)compressibility (DDPO's rewards) and prompt agreement of a digit classifier."""
+"""Image rewards: JPEG (in)compressibility, DDPO's rule-based rewards (classifier rewards: mmalign.evaluation)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 from PIL import Image
+
+from mmalign.evaluation.classifier import PromptedClassReward
 
 
 def _to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -45,36 +47,11 @@ class JpegIncompressibility:
         return jpeg_kilobytes(images)
 
 
-class DigitAgreement:
+class DigitAgreement(PromptedClassReward):
     """p(prompted digit | image) under the digits world's classifier: differentiable prompt–image agreement.
 
     `agreement()` is the hard version (classifier argmax equals the prompted digit), reported in evaluation.
     """
 
-    differentiable = True
-    name = "digit_classifier"
-
-    def __init__(self, classifier: torch.nn.Module, *, log_prob: bool = False):
-        self.classifier, self.log_prob = classifier, log_prob
-
-    @classmethod
-    def from_pretrained(cls, path: str, **kwargs: Any) -> DigitAgreement:
-        from mmalign.vision.digit_classifier import DigitClassifier
-
-        return cls(DigitClassifier.from_pretrained(path), **kwargs)
-
-    @staticmethod
-    def _digits(prompts: Sequence[str]) -> torch.Tensor:
-        from mmalign.zoo.image_world import digit_of
-
-        return torch.tensor([digit_of(p) for p in prompts])
-
-    def __call__(self, prompts: Sequence[str], images: torch.Tensor) -> torch.Tensor:
-        digits = self._digits(prompts).to(images.device)
-        logp = self.classifier.to(images.device).log_prob(images.float(), digits)
-        return logp if self.log_prob else logp.exp()
-
-    @torch.no_grad()
-    def agreement(self, prompts: Sequence[str], images: torch.Tensor) -> torch.Tensor:
-        digits = self._digits(prompts).to(images.device)
-        return (self.classifier.to(images.device)(images.float()).argmax(-1) == digits).float()
+    def __init__(self, classifier, **kwargs: Any):
+        super().__init__(classifier, **{"name": "digit_classifier", **kwargs})

@@ -6,10 +6,9 @@ are opened and checked by the policy when it encodes a row (missing, corrupt, wr
 
 from __future__ import annotations
 
-import itertools
 import json
-from dataclasses import dataclass
 
+from mmalign.core.corrections import apply_corrections
 from mmalign.core.data import Row, require_text
 
 
@@ -20,7 +19,8 @@ def _text(row: Row, field: str) -> str:
     return value
 
 
-def _image(row: Row, field: str = "image") -> str:
+def require_image_field(row: Row, field: str = "image") -> str:
+    """A row's image file path (a non-empty string); the file itself is checked when the row is encoded."""
     value = row.data.get(field)
     if not isinstance(value, str) or not value.strip():
         got = "missing (or null)" if value is None else f"a {type(value).__name__}"
@@ -41,7 +41,7 @@ def validate_vlm_preference_rows(rows: list[Row], *, noisy: bool = False) -> lis
     """
     seen: dict[str, Row] = {}
     for row in rows:
-        image, prompt = _image(row), _text(row, "prompt")
+        image, prompt = require_image_field(row), _text(row, "prompt")
         chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
         if chosen == rejected:
             raise row.error("rejected", "is identical to 'chosen'; the pair carries no preference")
@@ -54,78 +54,11 @@ def validate_vlm_preference_rows(rows: list[Row], *, noisy: bool = False) -> lis
     return rows
 
 
-@dataclass(frozen=True)
-class Corrected:
-    """A response and its corrected version, with the character spans that changed in each."""
-
-    rejected: str
-    chosen: str
-    rejected_spans: list[tuple[int, int]]
-    chosen_spans: list[tuple[int, int]]
-
-
-def apply_corrections(row: Row, response_field: str = "response") -> Corrected:
-    """Apply a row's segment-level corrections (RLHF-V format) to its response.
-
-    `corrections` is a non-empty list of `{"original", "corrected", "start"?}`: `original` must be the text of
-    the response at `start` (or, without `start`, occur exactly once in it); segments must not overlap.
-    """
-    response = _text(row, response_field)
-    items = row.data.get("corrections")
-    if not isinstance(items, list) or not items:
-        raise row.error("corrections", "expected a non-empty list of {original, corrected} segments")
-    segments = []
-    for i, item in enumerate(items):
-        field = f"corrections[{i}]"
-        if not isinstance(item, dict):
-            raise row.error(field, f"expected an object, got {type(item).__name__}")
-        original, corrected = item.get("original"), item.get("corrected")
-        if not isinstance(original, str) or not original:
-            raise row.error(f"{field}.original", "expected the non-empty original segment text")
-        if not isinstance(corrected, str):
-            raise row.error(f"{field}.corrected", "expected a string (empty to delete the segment)")
-        if corrected == original:
-            raise row.error(f"{field}.corrected", "equals the original; a correction must change something")
-        start = item.get("start")
-        if start is None:
-            count = response.count(original)
-            if count != 1:
-                raise row.error(
-                    f"{field}.original",
-                    f"{original!r} occurs {count} times in the {response_field}; give its 'start' offset",
-                )
-            start = response.index(original)
-        elif isinstance(start, bool) or not isinstance(start, int) or start < 0:
-            raise row.error(f"{field}.start", f"expected a character offset >= 0, got {start!r}")
-        if response[start : start + len(original)] != original:
-            found = response[start : start + len(original)]
-            raise row.error(
-                f"{field}.original",
-                f"does not match the {response_field}: {original!r} expected at offset {start}, found {found!r}",
-            )
-        segments.append((start, start + len(original), corrected, field))
-    segments.sort()
-    for (_, end, _, a), (start, _, _, b) in itertools.pairwise(segments):
-        if start < end:
-            raise row.error(b, f"overlaps {a}")
-    chosen, chosen_spans, rejected_spans, cursor = "", [], [], 0
-    for start, end, corrected, _ in segments:
-        chosen += response[cursor:start]
-        chosen_spans.append((len(chosen), len(chosen) + len(corrected)))
-        chosen += corrected
-        rejected_spans.append((start, end))
-        cursor = end
-    chosen += response[cursor:]
-    if not chosen.strip():
-        raise row.error("corrections", "the corrected response is empty")
-    return Corrected(response, chosen, rejected_spans, chosen_spans)
-
-
 def validate_correction_rows(rows: list[Row]) -> list[Row]:
     """Check RLHF-V rows (image, prompt, response, corrections) and that every correction applies."""
     seen: dict[str, Row] = {}
     for row in rows:
-        image, prompt = _image(row), _text(row, "prompt")
+        image, prompt = require_image_field(row), _text(row, "prompt")
         corrected = apply_corrections(row)
         _not_duplicate(seen, row, [image, prompt, corrected.rejected, corrected.chosen])
     return rows

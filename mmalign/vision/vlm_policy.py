@@ -1,6 +1,6 @@
 """Any transformers LLaVA-style model (image + text in, text out) as a sequence policy.
 
-It is the causal-LM policy (same LoRA/frozen-copy reference, response masks, per-token log-probs, decoding) with
+It is the language-model sequence policy (same LoRA/frozen-copy reference, response masks, per-token log-probs, decoding) with
 an image on every example: rows carry an `image` file path (relative paths from the dataset file's directory),
 the processor expands the image placeholder into the model's image tokens, and `pixel_values` travel with the
 batch. Nothing is truncated: an example whose image tokens plus text exceed `max_length` is an error naming its
@@ -19,13 +19,13 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedM
 
 from mmalign.core.data import Row
 from mmalign.core.params import LoraSpec
-from mmalign.text.policy import CausalLMPolicy
+from mmalign.core.sequence_policy import LanguageModelPolicy
 from mmalign.vision.images import load_image
 
 DEFAULT_TEMPLATE = "{image}{prompt}"
 
 
-class VisionLanguagePolicy(CausalLMPolicy):
+class VisionLanguagePolicy(LanguageModelPolicy):
     """A LLaVA-style model and its processor as a `SequencePolicy` over (image, prompt) → response.
 
     `prompt_template` places the image placeholder and the row's prompt (e.g. "USER: {image}\\n{prompt}
@@ -73,6 +73,7 @@ class VisionLanguagePolicy(CausalLMPolicy):
         self.image_size = image_size
         self.image_field = image_field
         self._image_tokens: int | None = None  # learned from the first encoded prompt, then checked on all
+        self._prompts: dict[tuple[str, int], dict[str, Any]] = {}  # encoded prompt rows, by (source, line)
 
     @classmethod
     def from_pretrained(
@@ -130,6 +131,17 @@ class VisionLanguagePolicy(CausalLMPolicy):
         if self.image_token in prompt:
             raise row.error("prompt", f"must not contain the image token {self.image_token!r}; it is added")
         return prompt
+
+    def prompt_of(self, row: Row) -> dict[str, Any]:
+        """A prompt row's ids and pixel values (what `generate` takes), encoded once per row."""
+        key = (row.source, row.line)
+        if key not in self._prompts:
+            self._prompts[key] = self.encode_row_prompt(row)
+        return self._prompts[key]
+
+    def reward_prompt(self, row: Row) -> dict[str, Any]:
+        """Rewards of a VLM's responses see the whole row (its image path and whatever ground truth it holds)."""
+        return dict(row.data, _source=row.source)
 
     def encode_row_prompt(self, row: Row, image_field: str | None = None) -> dict[str, Any]:
         """A row's prompt ids and pixel values (its `image`, or `image_field` e.g. a noisy copy)."""

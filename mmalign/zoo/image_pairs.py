@@ -34,8 +34,8 @@ def build_image_pairs(
     out_dir: str | Path, spec: ImagePairsSpec | None = None, log=print, world: str = "image"
 ) -> Path:
     """Write PNG pairs, `train_pairs.jsonl` and held-out `eval_pairs.jsonl` (prompt, image_w, image_l, scores)."""
+    from mmalign.evaluation.classifier import PromptedClassReward
     from mmalign.vision.diffusion_policy import DiffusionImagePolicy
-    from mmalign.vision.rewards import DigitAgreement
     from mmalign.zoo import registry
 
     spec = spec or ImagePairsSpec()
@@ -45,7 +45,7 @@ def build_image_pairs(
     policy = DiffusionImagePolicy.from_pretrained(
         str(source / "base"), num_steps=10, eta=1.0, guidance_scale=3.0
     )
-    judge = DigitAgreement.from_pretrained(str(source / "classifier"))
+    judge = PromptedClassReward.from_pretrained(str(source / "classifier"), name="digit_classifier")
     generator = torch.Generator().manual_seed(spec.seed)
     counts = {}
     for split, repeats in (("train", spec.repeats), ("eval", spec.eval_repeats)):

@@ -10,7 +10,6 @@ the time, which a digit classifier trained on the same images measures (and rewa
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,12 +28,11 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 from mmalign.core.data import write_jsonl
-from mmalign.vision.digit_classifier import DigitClassifier, train_digit_classifier
+from mmalign.evaluation.classifier import DIGIT_WORDS, ConvClassifier, digit_of, train_classifier
 from mmalign.zoo.tokenizer import char_tokenizer
 
 IMAGE_SIZE = 16
 MAX_PROMPT_TOKENS = 32
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TRAIN_TEMPLATES = (
     "a handwritten {word}",
     "the digit {word}",
@@ -43,7 +41,6 @@ TRAIN_TEMPLATES = (
     "a handwritten {num}",
 )
 EVAL_TEMPLATES = ("a sketch of a {word}", "an image of the digit {num}")
-DIGIT_PATTERN = re.compile(r"\b(" + "|".join(DIGIT_WORDS) + r"|[0-9])\b")
 
 
 @dataclass
@@ -98,14 +95,6 @@ def train_prompts() -> list[str]:
 def eval_prompts() -> list[str]:
     """Held-out templates the model never saw in training, for measuring and rewarding generalisation."""
     return [prompt_for(t, d) for t in EVAL_TEMPLATES for d in range(10)]
-
-
-def digit_of(prompt: str) -> int:
-    """The digit a world prompt asks for, written as a word ("seven") or a numeral ("7")."""
-    found = {m if m.isdigit() else str(DIGIT_WORDS.index(m)) for m in DIGIT_PATTERN.findall(prompt.lower())}
-    if len(found) != 1:
-        raise ValueError(f"expected exactly one digit in prompt {prompt!r}, found {sorted(found) or 'none'}")
-    return int(found.pop())
 
 
 def load_digit_images() -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,7 +263,7 @@ def train_unet(
 
 @torch.no_grad()
 def prompt_agreement(
-    pipe: StableDiffusionPipeline, classifier: DigitClassifier, prompts: list[str], spec: ImageWorldSpec
+    pipe: StableDiffusionPipeline, classifier: ConvClassifier, prompts: list[str], spec: ImageWorldSpec
 ) -> dict[str, float]:
     """How often, and how surely, the classifier reads generated images as the prompted digit."""
     prompts = [p for p in prompts for _ in range(max(1, spec.eval_images // len(prompts)))]
@@ -303,7 +292,7 @@ def build_image_world(out_dir: str | Path, spec: ImageWorldSpec | None = None, l
 
     images, digits = load_digit_images()
     train, held_out = split_indices(len(images), spec)
-    classifier = train_digit_classifier(
+    classifier = train_classifier(
         images[train],
         digits[train],
         spec.classifier_steps,

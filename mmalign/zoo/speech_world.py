@@ -22,12 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmalign.core.data import write_jsonl
+from mmalign.evaluation.classifier import DIGIT_WORDS, ConvClassifierConfig, digit_of, train_classifier
 from mmalign.speech.audio import MelConfig, MelFrontend, write_wav
 from mmalign.speech.denoiser import MelDenoiser
 from mmalign.speech.text import CharEncoder
 from mmalign.speech.tts import MelTTS
-from mmalign.vision.digit_classifier import DigitClassifierConfig, train_digit_classifier
-from mmalign.zoo.image_world import DIGIT_WORDS, digit_of
 
 TRAIN_TEMPLATES = ("{word}", "{num}", "{word}.", "{num}!")
 EVAL_TEMPLATES = ("{word}!", "{num}.")
@@ -284,12 +283,12 @@ def build_speech_world(out_dir: str | Path, spec: SpeechWorldSpec | None = None,
     negatives_generator = torch.Generator().manual_seed(spec.seed + 1)
     n_neg = round(spec.recogniser_nonspeech * len(train_mels))
     negatives = nonspeech_mels(train_mels, n_neg, negatives_generator)
-    recogniser = train_digit_classifier(
+    recogniser = train_classifier(
         torch.cat([train_mels, negatives]),
         torch.cat([train_d, torch.full((n_neg,), NONSPEECH)]),
         spec.recogniser_steps,
         batch_size=spec.batch_size * 2,
-        config=DigitClassifierConfig(
+        config=ConvClassifierConfig(
             image_size=mel.n_mels,
             in_channels=1,
             channels=spec.recogniser_channels,

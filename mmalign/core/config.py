@@ -109,7 +109,13 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 return float(value)
             except ValueError:
                 raise RecipeError(f"{where} must be a number, got {value!r}") from None
-    if int in allowed and not isinstance(value, int) | isinstance(value, bool):
+    wrong_int = isinstance(value, bool) or not isinstance(value, int)
+    if (
+        int in allowed
+        and bool not in allowed
+        and wrong_int
+        and not (str in allowed and isinstance(value, str))
+    ):
         raise RecipeError(f"{where} must be an integer, got {value!r}")
     if bool in allowed and not isinstance(value, bool):
         raise RecipeError(f"{where} must be true or false, got {value!r}")

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from mmalign.core.data import Row
+from mmalign.core.data import Row, require_text
 
 Prompt = str | list[dict[str, str]]
 
@@ -66,9 +66,9 @@ class TextCodec:
         return encoded
 
     def encode_completion(self, row: Row, field: str = "completion") -> dict[str, Any]:
-        """Tokenise prompt + one completion (SFT, KTO, reward-model scoring)."""
+        """Tokenise prompt + one completion (SFT, KTO, reward-model scoring); a missing field is named."""
         prompt_ids = self.encode_prompt(row.data["prompt"])
-        ids = self.encode_response(row.data["prompt"], prompt_ids, row.data[field])
+        ids = self.encode_response(row.data["prompt"], prompt_ids, require_text(row, field, response=True))
         self._check_length(row, field, len(prompt_ids), len(ids))
         return {"prompt_ids": prompt_ids, "response_ids": ids}
 

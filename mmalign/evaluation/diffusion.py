@@ -1,4 +1,4 @@
-"""Held-out metrics for diffusion image policies: rewards, win rate over the base model, KL to the base."""
+"""Held-out metrics for any diffusion policy: rewards, win rate over the base model, KL to the base."""
 
 from __future__ import annotations
 
@@ -8,11 +8,15 @@ from typing import Any
 import torch
 
 from mmalign.core.data import Row
+from mmalign.core.policy import DiffusionPolicy
 from mmalign.core.reward import Reward, score
+from mmalign.core.types import Trajectory
+from mmalign.objectives.diffusion import gaussian_kl
 
 
-class ImageEvaluator:
-    """Samples every held-out prompt with fixed seeds and reports, over `n_prompts × seeds` images:
+class DiffusionEvaluator:
+    """Samples every held-out prompt with fixed seeds and reports, over `n_prompts × seeds` outputs (images, mels,
+    waveforms; "image" below):
 
     - `<reward>`: the mean of each reward (a reward with an `agreement` method also reports it, e.g. the digit
       classifier's share of images showing the prompted digit);
@@ -35,7 +39,7 @@ class ImageEvaluator:
         kl: bool = True,
     ):
         if not rewards:
-            raise ValueError("ImageEvaluator needs at least one reward")
+            raise ValueError("DiffusionEvaluator needs at least one reward")
         self.prompts, self.rewards = [r.data["prompt"] for r in prompts], list(rewards)
         self.seeds, self.batch_size, self.grid_prompts, self.kl = seeds, batch_size, grid_prompts, kl
         self._base_images: dict[int, torch.Tensor] = {}
@@ -58,20 +62,16 @@ class ImageEvaluator:
         return torch.cat(images), (torch.cat(kls) if kl else torch.zeros(len(jobs)))
 
     @staticmethod
-    def _path_kl(policy: Any, traj) -> torch.Tensor:
+    def _path_kl(policy: DiffusionPolicy, traj: Trajectory) -> torch.Tensor:
         """KL of the path distributions from the recorded step means and the reference's means (same σ)."""
         total = torch.zeros(traj.latents.shape[0])
         for j in range(len(traj.timesteps)):
-            if not bool(traj.conditioning["stochastic"][j]):
+            if not bool(traj.stochastic[j]):
                 continue
-            step = {
-                "latents": traj.latents[:, j],
-                "timestep": traj.timesteps[j],
-                "prompt_embeds": traj.conditioning["prompt_embeds"],
-            }
+            x = traj.latents[:, j]
             with policy.reference():
-                ref_mean, std = policy.step_distribution(step)
-            total += (((traj.means[:, j] - ref_mean) ** 2) / (2 * std**2)).flatten(1).sum(1).cpu()
+                ref = policy.sampler.step(policy.predict(x, traj.timesteps[j], traj.conditioning), j, x)
+            total += gaussian_kl(traj.means[:, j], ref.mean, ref.std, reduction="sum").cpu()
         return total
 
     def evaluate(self, policy: Any) -> dict[str, float]:

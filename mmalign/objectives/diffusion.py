@@ -1,0 +1,56 @@
+"""Per-step terms of diffusion objectives: Gaussian step log-probs and KLs, and the denoising-error surrogate.
+
+All values are per sample (shape [B]); log-probs and errors are averaged over the non-batch dimensions, as in DDPO's
+reference implementation (Black et al. 2023), so PPO ratios and losses do not scale with the resolution.
+"""
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def gaussian_logprob(x: Tensor, mean: Tensor, std: Tensor | float) -> Tensor:
+    """Log-density of a sampled step under the Gaussian it was drawn from, the action log-prob of DDPO/DPOK/DLPO.
+
+    Seed 004 §4.5.1 (DDPO): each denoising step is a Gaussian policy π(x_{t−1} | x_t, c) = N(μ_θ(x_t, t, c), σ_t² I):
+
+        log π = mean_d [ −(x_d − μ_d)² / (2σ²) − log σ − ½ log 2π ]      (mean over the d dimensions)
+
+    `x` is treated as data (detached); gradients flow through `mean`.
+    """
+    std = torch.as_tensor(std, dtype=mean.dtype, device=mean.device)
+    logp = -((x.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return logp.flatten(1).mean(1)
+
+
+def gaussian_kl(mean_p: Tensor, mean_q: Tensor, std: Tensor | float, reduction: str = "mean") -> Tensor:
+    """KL(N(μ_p, σ²I) ‖ N(μ_q, σ²I)) of two step Gaussians with the same σ: DPOK's per-step regulariser.
+
+    DPOK (Fan et al. 2023; seed 004 §4.5.1): KL = ‖μ_p − μ_q‖² / (2σ²). `reduction="mean"` averages over the
+    dimensions (the scale of `gaussian_logprob`, used in training losses); `"sum"` is the full KL per sample in nats
+    (used to report the path KL to the base model).
+    """
+    if reduction == "mean":
+        return ((mean_p - mean_q) ** 2).flatten(1).mean(1) / (2 * std**2)
+    if reduction == "sum":
+        return (((mean_p - mean_q) ** 2) / (2 * std**2)).flatten(1).sum(1)
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def denoising_error(prediction: Tensor, target: Tensor) -> Tensor:
+    """‖target − prediction‖² averaged over the dimensions: the diffusion training loss per sample.
+
+    Ho et al. 2020's simple loss (ε-prediction), or the v-/velocity-prediction loss with the matching target.
+    """
+    return ((prediction.float() - target.float()) ** 2).flatten(1).mean(1)
+
+
+def denoising_logprob_surrogate(error: Tensor) -> Tensor:
+    """Diffusion-DPO's stand-in for log p(x₀ | c): −½ · denoising error at a shared (noise, t).
+
+    Diffusion-DPO (Wallace et al. 2023; seed 004 §5.2.1) replaces the intractable log-likelihood ratio with the
+    ELBO difference; at one (ε, t) per pair its log-ratio of the preferred sample is
+    −½[‖ε − ε_θ(x_t^w)‖² − ‖ε − ε_ref(x_t^w)‖²], and β absorbs the paper's T·ω(λ_t) weighting.
+    """
+    return -0.5 * error

@@ -1,0 +1,245 @@
+"""The algorithm table: every method name, its objective family, the policy kind it trains and its factory.
+
+A new method is its own module plus one registration here; `mmalign methods` prints the resulting matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mmalign.core.registry import AlgorithmSpec, register_algorithm
+from mmalign.train.diffusion_pg import DiffusionPGConfig, DiffusionPolicyGradient
+from mmalign.train.diffusion_preference import PairDenoisingScores
+from mmalign.train.kto import KTOAlgorithm, KTOConfig
+from mmalign.train.online import OnlineDPO, OnlineDPOConfig, PolicyGradientConfig, SequencePolicyGradient
+from mmalign.train.online_diffusion import OnlineDiffusionDPO
+from mmalign.train.povid import DenseDPOAlgorithm, DenseDPOConfig, POVIDAlgorithm, POVIDConfig
+from mmalign.train.preference import PreferenceAlgorithm, PreferenceConfig
+from mmalign.train.supervised import RewardModelAlgorithm, RewardModelConfig, SFTAlgorithm, SFTConfig
+
+# ------------------------------------------------------------------------------------- preference family
+# name → (loss, what the loss needs of the policy beyond pair log-ratios, description)
+PREFERENCE_NAMES: dict[str, tuple[str, frozenset[str], str]] = {
+    "dpo": (
+        "dpo",
+        frozenset(),
+        "DPO (sigmoid; label_smoothing > 0 is cDPO); Diffusion-DPO on diffusion policies",
+    ),
+    "cdpo": ("dpo", frozenset(), "conservative DPO: DPO with label smoothing"),
+    "ipo": ("ipo", frozenset(), "IPO: squared margin regression"),
+    "hinge": ("hinge", frozenset(), "SLiC-style hinge on the scaled margin"),
+    "slic": ("hinge", frozenset(), "SLiC (hinge)"),
+    "rdpo": ("rdpo", frozenset({"token_lengths"}), "R-DPO / LR-DPO: length-regularised DPO"),
+    "odpo": ("odpo", frozenset(), "ODPO: DPO with an offset from score differences"),
+    "fdpo": ("fdpo", frozenset(), "f-DPO: other f-divergences to the reference"),
+    "dpop": ("dpop", frozenset(), "DPO-Positive: keeps the chosen likelihood above the reference"),
+    "beta_dpo": ("beta_dpo", frozenset(), "β-DPO: batch-adaptive β"),
+    "mallows": ("mallows", frozenset({"token_entropies"}), "Mallows-DPO: dispersion-weighted DPO"),
+    "orpo": ("orpo", frozenset({"token_lengths", "log_probabilities"}), "ORPO: odds-ratio, reference-free"),
+    "simpo": (
+        "simpo",
+        frozenset({"token_lengths", "log_probabilities"}),
+        "SimPO: length-normalised, ref-free",
+    ),
+    "cpo": ("cpo", frozenset({"log_probabilities"}), "CPO: reference-free DPO + NLL"),
+    "rainbow": ("rainbow", frozenset({"token_lengths"}), "RainbowPO: composed DPO improvements"),
+}
+
+
+def _preference(policy: Any, inputs: Any, config: PreferenceConfig) -> PreferenceAlgorithm:
+    return PreferenceAlgorithm(policy, inputs.rows["pairs"], config)
+
+
+def _diffusion_preference(policy: Any, inputs: Any, config: PreferenceConfig) -> PreferenceAlgorithm:
+    return PreferenceAlgorithm(PairDenoisingScores(policy), inputs.rows["pairs"], config)
+
+
+for _name, (_loss, _needs, _about) in PREFERENCE_NAMES.items():
+    for _kind, _factory in (("sequence", _preference), ("diffusion", _diffusion_preference)):
+        register_algorithm(
+            AlgorithmSpec(
+                _name,
+                "preference",
+                _kind,
+                PreferenceConfig,
+                _factory,
+                data=("pairs",),
+                needs=_needs,
+                defaults={"loss": _loss},
+                description=_about,
+            )
+        )
+register_algorithm(
+    AlgorithmSpec(
+        "diffusion_dpo",
+        "preference",
+        "diffusion",
+        PreferenceConfig,
+        _diffusion_preference,
+        data=("pairs",),
+        defaults={"loss": "dpo"},
+        description="Diffusion-DPO (Wallace et al. 2023): DPO on pairs of outputs",
+    )
+)
+register_algorithm(
+    AlgorithmSpec(
+        "kto",
+        "preference",
+        "sequence",
+        KTOConfig,
+        lambda policy, inputs, config: KTOAlgorithm(policy, inputs.rows["unpaired"], config),
+        data=("unpaired",),
+        description="KTO on unpaired desirable/undesirable completions",
+    )
+)
+
+
+def _povid(policy: Any, inputs: Any, config: POVIDConfig) -> POVIDAlgorithm:
+    return POVIDAlgorithm(policy, inputs.rows["pairs"], config)
+
+
+def _dense_dpo(policy: Any, inputs: Any, config: DenseDPOConfig) -> DenseDPOAlgorithm:
+    return DenseDPOAlgorithm(policy, inputs.rows["corrections"], config)
+
+
+register_algorithm(
+    AlgorithmSpec(
+        "povid",
+        "preference",
+        "sequence",
+        POVIDConfig,
+        _povid,
+        data=("pairs",),
+        needs=frozenset({"image_inputs"}),
+        description="POVID: DPO against hallucination-injected and noisy-image responses",
+    )
+)
+for _name in ("rlhfv", "dense_dpo"):
+    register_algorithm(
+        AlgorithmSpec(
+            _name,
+            "preference",
+            "sequence",
+            DenseDPOConfig,
+            _dense_dpo,
+            data=("corrections",),
+            needs=frozenset({"image_inputs"}),
+            description="RLHF-V dense DPO on segment-level corrections",
+        )
+    )
+
+
+# ------------------------------------------------------------------------------------------- online
+def _online_dpo(policy: Any, inputs: Any, config: OnlineDPOConfig) -> OnlineDPO:
+    return OnlineDPO(policy, inputs.rows["prompts"], inputs.reward, config)
+
+
+def _online_diffusion_dpo(policy: Any, inputs: Any, config: OnlineDPOConfig) -> OnlineDiffusionDPO:
+    return OnlineDiffusionDPO(policy, inputs.rows["prompts"], inputs.reward, config)
+
+
+register_algorithm(
+    AlgorithmSpec(
+        "online_dpo",
+        "preference",
+        "sequence",
+        OnlineDPOConfig,
+        _online_dpo,
+        data=("prompts",),
+        description="online DPO: best vs worst of k own samples by a reward (OAIF with k = 2)",
+        online=True,
+    )
+)
+for _name in ("online_dpo", "online_diffusion_dpo"):
+    register_algorithm(
+        AlgorithmSpec(
+            _name,
+            "preference",
+            "diffusion",
+            OnlineDPOConfig,
+            _online_diffusion_dpo,
+            data=("prompts",),
+            description="online Diffusion-DPO: best vs worst of k own samples by a reward",
+            online=True,
+        )
+    )
+
+
+def _sequence_pg(policy: Any, inputs: Any, config: PolicyGradientConfig) -> SequencePolicyGradient:
+    return SequencePolicyGradient(policy, inputs.rows["prompts"], inputs.reward, config)
+
+
+for _name, _about in (
+    ("rloo", "RLOO: leave-one-out baseline over k samples, PPO-clip, KL to the reference"),
+    ("grpo", "GRPO: group-normalised advantages, PPO-clip, KL to the reference"),
+    ("reinforce", "REINFORCE with the batch-mean baseline"),
+):
+    register_algorithm(
+        AlgorithmSpec(
+            _name,
+            "policy_gradient",
+            "sequence",
+            PolicyGradientConfig,
+            _sequence_pg,
+            data=("prompts",),
+            defaults={"advantage": _name},
+            description=_about,
+            online=True,
+        )
+    )
+
+
+def _diffusion_pg(policy: Any, inputs: Any, config: DiffusionPGConfig) -> DiffusionPolicyGradient:
+    return DiffusionPolicyGradient(
+        policy, inputs.rows["prompts"], inputs.reward, config, targets=inputs.rows.get("targets", [])
+    )
+
+
+def _data_needs(config: DiffusionPGConfig) -> dict[str, str]:
+    return {"real_targets": "diffusion_loss_on: data"} if config.uses_data else {}
+
+
+for _name, _about in (
+    ("ddpo", "DDPO: PPO-clip (or the score function) over denoising steps"),
+    ("dpok", "DPOK: DDPO + KL to the base model's step distributions (kl_coef)"),
+    ("dlpo", "DLPO: DDPO + the diffusion model's denoising loss (diffusion_loss_coef, on data or samples)"),
+):
+    register_algorithm(
+        AlgorithmSpec(
+            _name,
+            "policy_gradient",
+            "diffusion",
+            DiffusionPGConfig,
+            _diffusion_pg,
+            data=("prompts",),
+            optional_data=("targets",),
+            description=_about,
+            online=True,
+            config_needs=_data_needs,
+        )
+    )
+
+
+# --------------------------------------------------------------------------------------- supervised
+register_algorithm(
+    AlgorithmSpec(
+        "sft",
+        "supervised",
+        "sequence",
+        SFTConfig,
+        lambda policy, inputs, config: SFTAlgorithm(policy, inputs.rows["completions"], config),
+        data=("completions",),
+        description="supervised fine-tuning on target responses",
+    )
+)
+register_algorithm(
+    AlgorithmSpec(
+        "reward_model",
+        "supervised",
+        "scorer",
+        RewardModelConfig,
+        lambda model, inputs, config: RewardModelAlgorithm(model, inputs.rows["pairs"], config),
+        data=("pairs",),
+        description="Bradley–Terry reward-model training on preference pairs",
+    )
+)
