@@ -18,6 +18,8 @@ the same marginals whose Gaussian gives each step a log-probability:
   with the score estimate s = −(x − (1 − σ)·x̂₀)/σ², x̂₀ = x − σ·v: mean = x + Δσ·v − ½η²·s·Δσ, and step standard
   deviation η·sqrt(−Δσ), i.e. the Flow-GRPO step with a constant σ_t = η.
 - **SDE window** (Flow-GRPO-Fast; MixGRPO, Li et al. 2025): only steps [a, b) draw noise, the others are ODE steps.
+  Flow-GRPO samples every step with the SDE but trains all but the last (whose Gaussian is very narrow); its Fast
+  variant without a window size uses the window (0, N − 1). Which steps to train is the algorithm's choice.
 
 Everything a step returns is float32 (Flow-GRPO computes its step in fp32 because bf16 overflows in the mean), so
 log-probs taken from it with `gaussian_logprob` are fp32, averaged over all but the batch dimension.
@@ -78,6 +80,15 @@ def _scheduler(config: dict[str, Any]) -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler.from_config(config)
 
 
+def _checked_window(window: tuple[int, int], num_steps: int) -> tuple[int, int]:
+    bounds = tuple(int(i) for i in window)
+    if len(bounds) != 2 or not 0 <= bounds[0] < bounds[1] <= num_steps:
+        raise ValueError(
+            f"sde_window must be (start, end) with 0 ≤ start < end ≤ num_steps={num_steps}, got {window}"
+        )
+    return bounds[0], bounds[1]
+
+
 def calculate_shift(image_seq_len: int, config: Any) -> float:
     """The resolution-dependent shift μ the SD3 and FLUX pipelines compute: linear in the image token count."""
     base_len, max_len = config.base_image_seq_len, config.max_image_seq_len
@@ -116,11 +127,7 @@ class FlowMatchSampler:
             raise ValueError(f"sde_type must be one of {SDE_TYPES}, got {sde_type!r}")
         if not math.isfinite(noise_level) or noise_level < 0:
             raise ValueError(f"noise_level must be a finite number ≥ 0, got {noise_level}")
-        window = (0, num_steps) if sde_window is None else tuple(int(i) for i in sde_window)
-        if len(window) != 2 or not 0 <= window[0] < window[1] <= num_steps:
-            raise ValueError(
-                f"sde_window must be (start, end) with 0 ≤ start < end ≤ num_steps={num_steps}, got {sde_window}"
-            )
+        window = _checked_window((0, num_steps) if sde_window is None else sde_window, num_steps)
         scheduler = _scheduler(scheduler_config)
         self.scheduler_config = dict(scheduler.config)
         self.num_steps, self.layout, self.image_seq_len = num_steps, layout, image_seq_len
@@ -145,13 +152,7 @@ class FlowMatchSampler:
     def with_window(self, sde_window: tuple[int, int]) -> FlowMatchSampler:
         """The same sampler with SDE steps only in [start, end): one rollout's window (Flow-GRPO-Fast, MixGRPO)."""
         other = copy.copy(self)
-        start, end = (int(i) for i in sde_window)
-        if not 0 <= start < end <= self.num_steps:
-            raise ValueError(
-                f"sde_window must be (start, end) with 0 ≤ start < end ≤ num_steps={self.num_steps}, "
-                f"got {sde_window}"
-            )
-        other.sde_window = (start, end)
+        other.sde_window = _checked_window(sde_window, self.num_steps)
         return other
 
     def timesteps(self, device: torch.device | str | None = None) -> torch.Tensor:

@@ -47,7 +47,7 @@ WORLDS: dict[str, tuple[str, str, str, str]] = {
         "mmalign.zoo.flow_world",
         "build_flow_world",
         "FlowWorldSpec",
-        "the digits as a tiny SD3-layout flow-matching model on the image world's VAE and classifier (~5 min)",
+        "tiny SD3-layout flow-matching digits model on the image world's VAE and classifier (~1 min + image)",
     ),
     "image-flow-tiny": (
         "mmalign.zoo.flow_world",
