@@ -43,6 +43,18 @@ WORLDS: dict[str, tuple[str, str, str, str]] = {
         "ImageWorldSpec.tiny",
         "a seconds-fast image world for tests",
     ),
+    "image-flow": (
+        "mmalign.zoo.flow_world",
+        "build_flow_world",
+        "FlowWorldSpec",
+        "tiny SD3-layout flow-matching digits model on the image world's VAE and classifier (~1 min + image)",
+    ),
+    "image-flow-tiny": (
+        "mmalign.zoo.flow_world",
+        "build_flow_world",
+        "FlowWorldSpec.tiny",
+        "a seconds-fast flow-matching image world for tests (on image-tiny)",
+    ),
     "speech": (
         "mmalign.zoo.speech_world",
         "build_speech_world",
