@@ -3,16 +3,20 @@
 Every loss returns per-sample values (shape [B], no reduction); metrics helpers return detached tensors.
 """
 
-from mmalign.objectives.policy_gradient import (
+from mmalign.objectives.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    AdvantageEstimator,
     PerPromptStatTracker,
+    RewardGroups,
     clip_advantages,
+    dynamic_sampling_mask,
     group_normalized_advantages,
-    kl_penalty,
-    ppo_clip_loss,
-    reinforce_loss,
+    make_advantage_estimator,
     remax_advantages,
     rloo_advantages,
+    soft_overlong_punishment,
 )
+from mmalign.objectives.policy_gradient import kl_penalty, ppo_clip_loss, reinforce_loss
 from mmalign.objectives.preference import (
     BetaDPOController,
     composed_preference_loss,
@@ -37,8 +41,11 @@ from mmalign.objectives.sequence import sequence_logps
 from mmalign.objectives.supervised import best_of_n_indices, bradley_terry_loss, nll_loss
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "AdvantageEstimator",
     "BetaDPOController",
     "PerPromptStatTracker",
+    "RewardGroups",
     "best_of_n_indices",
     "bradley_terry_loss",
     "clip_advantages",
@@ -46,6 +53,7 @@ __all__ = [
     "cpo_loss",
     "dpo_loss",
     "dpop_loss",
+    "dynamic_sampling_mask",
     "fdpo_loss",
     "group_normalized_advantages",
     "hinge_loss",
@@ -55,6 +63,7 @@ __all__ = [
     "kto_loss",
     "length_offset",
     "log_odds",
+    "make_advantage_estimator",
     "mallows_dispersion",
     "mallows_dpo_loss",
     "nll_loss",
@@ -67,4 +76,5 @@ __all__ = [
     "rloo_advantages",
     "sequence_logps",
     "simpo_loss",
+    "soft_overlong_punishment",
 ]

@@ -1,13 +1,20 @@
-"""Online policy-gradient losses, advantage estimators and KL penalties.
+"""Online policy-gradient losses and KL penalties.
 
 ``logprobs`` are log π_θ of sampled actions: shape [B] for one action per sample (a whole sequence, a diffusion
 step), or [B, T] per token with a [B, T] ``mask``. Losses are per-sample, shape [B], without reduction.
-"""
 
-from collections import deque
+Advantage estimators live in `mmalign.objectives.advantages`; the names imported from there are kept for callers
+that reach them through this module.
+"""
 
 import torch
 from torch import Tensor
+
+from mmalign.objectives.advantages import PerPromptStatTracker as PerPromptStatTracker
+from mmalign.objectives.advantages import clip_advantages as clip_advantages
+from mmalign.objectives.advantages import group_normalized_advantages as group_normalized_advantages
+from mmalign.objectives.advantages import remax_advantages as remax_advantages
+from mmalign.objectives.advantages import rloo_advantages as rloo_advantages
 
 _KL_ESTIMATORS = ("k1", "k3")
 
@@ -16,15 +23,6 @@ def _masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor
     if dim is None:
         return (values * mask).sum() / mask.sum().clamp(min=1.0)
     return (values * mask).sum(dim=dim) / mask.sum(dim=dim).clamp(min=1.0)
-
-
-def _check_groups(rewards: Tensor, group_size: int) -> None:
-    if rewards.dim() != 1:
-        raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
-    if group_size < 2:
-        raise ValueError(f"group_size must be >= 2, got {group_size}")
-    if rewards.numel() % group_size != 0:
-        raise ValueError(f"group_size={group_size} does not divide the number of rewards {rewards.numel()}")
 
 
 def ppo_clip_loss(
@@ -84,108 +82,6 @@ def reinforce_loss(logprobs: Tensor, advantages: Tensor, mask: Tensor | None = N
     return -advantages * logprobs
 
 
-def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
-    """Baseline each sample with the mean reward of the other samples of its prompt: unbiased and critic-free.
-
-    RLOO (Ahmadian et al., 2024; seed 004 §4.1.2 Eq. (11), seed 001 §3.8.3 Eq. (48)), k = group_size:
-
-        A_i = R_i − 1/(k − 1) · Σ_{j≠i} R_j
-
-    ``rewards`` is [N] with the k samples of each prompt in contiguous blocks.
-    """
-    _check_groups(rewards, group_size)
-    grouped = rewards.view(-1, group_size)
-    baseline = (grouped.sum(dim=-1, keepdim=True) - grouped) / (group_size - 1)
-    return (grouped - baseline).reshape(-1)
-
-
-def group_normalized_advantages(
-    rewards: Tensor, group_size: int, scale: bool = True, eps: float = 1e-4
-) -> Tensor:
-    """Replace the value network with statistics of the prompt's group of samples.
-
-    GRPO (Shao et al., 2024; listed with the REINFORCE-style methods in seed 004 Table 2), per group g:
-
-        A_i = (R_i − mean_g R) / (std_g R + eps)   (scale=True, unbiased std)
-        A_i =  R_i − mean_g R                       (scale=False)
-
-    ``rewards`` is [N] with the samples of each prompt in contiguous blocks of ``group_size``.
-    """
-    _check_groups(rewards, group_size)
-    grouped = rewards.view(-1, group_size)
-    advantages = grouped - grouped.mean(dim=-1, keepdim=True)
-    if scale:
-        advantages = advantages / (grouped.std(dim=-1, keepdim=True) + eps)
-    return advantages.reshape(-1)
-
-
-def remax_advantages(rewards: Tensor, greedy_rewards: Tensor) -> Tensor:
-    """Baseline a sampled response with the reward of the greedy response to the same prompt.
-
-    ReMax (Li et al., 2023; seed 004 §4.1.2 Eqs. (9)-(10)):
-
-        A_i = r(x_i, a_{1:T}) − r(x_i, ā_{1:T}),   ā_t ∈ argmax π_θ(· | x_i, ā_{1:t−1})
-    """
-    if rewards.shape != greedy_rewards.shape:
-        raise ValueError(
-            f"greedy_rewards must have the shape of rewards {tuple(rewards.shape)}, "
-            f"got {tuple(greedy_rewards.shape)}"
-        )
-    return rewards - greedy_rewards
-
-
-class PerPromptStatTracker:
-    """Normalise rewards per prompt so prompts with easy or hard reward scales contribute comparable advantages.
-
-    DDPO per-prompt stat tracking (Black et al., 2023; seed 004 §4.5.1 Eq. (25)). For each prompt p, the last
-    ``buffer_size`` rewards are kept (this batch's rewards included) and
-
-        A_i = (R_i − mean_p) / (std_p + 1e-6)
-
-    with the population mean/std of p's buffer, or of the whole batch while p has fewer than ``min_count``
-    rewards. ``scale="batch"`` divides by the batch's std instead of p's: with a saturating reward (a classifier
-    probability) an easy prompt's buffer has std ≈ 0 and per-prompt scaling would turn its noise into ±1
-    advantages (the mean-only baseline of Dr. GRPO, Liu et al. 2025, with the batch scale kept).
-    """
-
-    def __init__(self, buffer_size: int, min_count: int, scale: str = "prompt") -> None:
-        if scale not in ("prompt", "batch"):
-            raise ValueError(f"scale must be 'prompt' or 'batch', got {scale!r}")
-        self.scale = scale
-        if buffer_size < 1:
-            raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
-        if not 1 <= min_count <= buffer_size:
-            raise ValueError(f"min_count must be in [1, buffer_size={buffer_size}], got {min_count}")
-        self.buffer_size = buffer_size
-        self.min_count = min_count
-        self.stats: dict[str, deque[float]] = {}
-
-    def update(self, prompts: list[str], rewards: Tensor) -> Tensor:
-        if len(prompts) != rewards.numel():
-            raise ValueError(f"prompts has {len(prompts)} entries but rewards has {rewards.numel()}")
-        values = rewards.detach().double().flatten().cpu()
-        advantages = torch.empty_like(values)
-        for prompt in dict.fromkeys(prompts):
-            index = torch.tensor([i for i, p in enumerate(prompts) if p == prompt])
-            buffer = self.stats.setdefault(prompt, deque(maxlen=self.buffer_size))
-            buffer.extend(values[index].tolist())
-            reference = torch.tensor(list(buffer), dtype=torch.float64)
-            if len(buffer) < self.min_count:
-                reference = values
-            mean = reference.mean()
-            std = (reference if self.scale == "prompt" else values).std(correction=0)
-            advantages[index] = (values[index] - mean) / (std + 1e-6)
-        return advantages.to(dtype=rewards.dtype, device=rewards.device).view_as(rewards)
-
-    def state_dict(self) -> dict[str, dict[str, list[float]]]:
-        return {"stats": {prompt: list(buffer) for prompt, buffer in self.stats.items()}}
-
-    def load_state_dict(self, state: dict[str, dict[str, list[float]]]) -> None:
-        self.stats = {
-            prompt: deque(values, maxlen=self.buffer_size) for prompt, values in state["stats"].items()
-        }
-
-
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
     """Per-sample estimate of KL(π_θ‖π_ref) for the KL-regularised RLHF objective, from actions sampled by π_θ.
 
@@ -202,10 +98,3 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") ->
         return logprobs - ref_logprobs
     log_r = ref_logprobs - logprobs
     return torch.expm1(log_r) - log_r
-
-
-def clip_advantages(advantages: Tensor, max_abs: float) -> Tensor:
-    """Bound advantages so a few outlier rewards cannot dominate an update: A ← clip(A, −max_abs, max_abs)."""
-    if not max_abs > 0:
-        raise ValueError(f"max_abs must be > 0, got {max_abs}")
-    return advantages.clamp(min=-max_abs, max=max_abs)
