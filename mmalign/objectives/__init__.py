@@ -1,6 +1,7 @@
 """Pure loss functions on tensors: no models, modalities or I/O.
 
 Every loss returns per-sample values (shape [B], no reduction); metrics helpers return detached tensors.
+Per-token policy-gradient terms return [B, T] and `aggregate_token_losses` makes them per-sample.
 """
 
 from mmalign.objectives.advantages import (
@@ -16,7 +17,17 @@ from mmalign.objectives.advantages import (
     rloo_advantages,
     soft_overlong_punishment,
 )
-from mmalign.objectives.policy_gradient import kl_penalty, ppo_clip_loss, reinforce_loss
+from mmalign.objectives.policy_gradient import (
+    aggregate_token_losses,
+    clipped_surrogate,
+    gae_advantages,
+    kl_penalty,
+    kl_shaped_rewards,
+    masked_whiten,
+    ppo_clip_loss,
+    reinforce_loss,
+    value_loss,
+)
 from mmalign.objectives.preference import (
     BetaDPOController,
     composed_preference_loss,
@@ -46,19 +57,23 @@ __all__ = [
     "BetaDPOController",
     "PerPromptStatTracker",
     "RewardGroups",
+    "aggregate_token_losses",
     "best_of_n_indices",
     "bradley_terry_loss",
     "clip_advantages",
+    "clipped_surrogate",
     "composed_preference_loss",
     "cpo_loss",
     "dpo_loss",
     "dpop_loss",
     "dynamic_sampling_mask",
     "fdpo_loss",
+    "gae_advantages",
     "group_normalized_advantages",
     "hinge_loss",
     "ipo_loss",
     "kl_penalty",
+    "kl_shaped_rewards",
     "kto_kl_estimate",
     "kto_loss",
     "length_offset",
@@ -66,6 +81,7 @@ __all__ = [
     "make_advantage_estimator",
     "mallows_dispersion",
     "mallows_dpo_loss",
+    "masked_whiten",
     "nll_loss",
     "odpo_offset",
     "orpo_loss",
@@ -77,4 +93,5 @@ __all__ = [
     "sequence_logps",
     "simpo_loss",
     "soft_overlong_punishment",
+    "value_loss",
 ]
