@@ -17,6 +17,7 @@ from mmalign.objectives.advantages import (
     rloo_advantages,
     soft_overlong_punishment,
 )
+from mmalign.objectives.diffusion import gaussian_kl
 from mmalign.objectives.policy_gradient import (
     aggregate_token_losses,
     clipped_surrogate,
@@ -48,11 +49,19 @@ from mmalign.objectives.preference import (
     preference_metrics,
     simpo_loss,
 )
+from mmalign.objectives.reward_backprop import (
+    REWARD_BACKPROP_LOSSES,
+    make_reward_backprop_loss,
+    negative_reward_loss,
+    refl_loss,
+    target_reward_loss,
+)
 from mmalign.objectives.sequence import sequence_logps
 from mmalign.objectives.supervised import best_of_n_indices, bradley_terry_loss, nll_loss
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
+    "REWARD_BACKPROP_LOSSES",
     "AdvantageEstimator",
     "BetaDPOController",
     "PerPromptStatTracker",
@@ -69,6 +78,7 @@ __all__ = [
     "dynamic_sampling_mask",
     "fdpo_loss",
     "gae_advantages",
+    "gaussian_kl",
     "group_normalized_advantages",
     "hinge_loss",
     "ipo_loss",
@@ -79,19 +89,23 @@ __all__ = [
     "length_offset",
     "log_odds",
     "make_advantage_estimator",
+    "make_reward_backprop_loss",
     "mallows_dispersion",
     "mallows_dpo_loss",
     "masked_whiten",
+    "negative_reward_loss",
     "nll_loss",
     "odpo_offset",
     "orpo_loss",
     "ppo_clip_loss",
     "preference_metrics",
+    "refl_loss",
     "reinforce_loss",
     "remax_advantages",
     "rloo_advantages",
     "sequence_logps",
     "simpo_loss",
     "soft_overlong_punishment",
+    "target_reward_loss",
     "value_loss",
 ]
