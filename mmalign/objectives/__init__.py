@@ -1,17 +1,33 @@
 """Pure loss functions on tensors: no models, modalities or I/O.
 
 Every loss returns per-sample values (shape [B], no reduction); metrics helpers return detached tensors.
+Per-token policy-gradient terms return [B, T] and `aggregate_token_losses` makes them per-sample.
 """
 
-from mmalign.objectives.policy_gradient import (
+from mmalign.objectives.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    AdvantageEstimator,
     PerPromptStatTracker,
+    RewardGroups,
     clip_advantages,
+    dynamic_sampling_mask,
     group_normalized_advantages,
-    kl_penalty,
-    ppo_clip_loss,
-    reinforce_loss,
+    make_advantage_estimator,
     remax_advantages,
     rloo_advantages,
+    soft_overlong_punishment,
+)
+from mmalign.objectives.diffusion import gaussian_kl
+from mmalign.objectives.policy_gradient import (
+    aggregate_token_losses,
+    clipped_surrogate,
+    gae_advantages,
+    kl_penalty,
+    kl_shaped_rewards,
+    masked_whiten,
+    ppo_clip_loss,
+    reinforce_loss,
+    value_loss,
 )
 from mmalign.objectives.preference import (
     BetaDPOController,
@@ -33,38 +49,63 @@ from mmalign.objectives.preference import (
     preference_metrics,
     simpo_loss,
 )
+from mmalign.objectives.reward_backprop import (
+    REWARD_BACKPROP_LOSSES,
+    make_reward_backprop_loss,
+    negative_reward_loss,
+    refl_loss,
+    target_reward_loss,
+)
 from mmalign.objectives.sequence import sequence_logps
 from mmalign.objectives.supervised import best_of_n_indices, bradley_terry_loss, nll_loss
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "REWARD_BACKPROP_LOSSES",
+    "AdvantageEstimator",
     "BetaDPOController",
     "PerPromptStatTracker",
+    "RewardGroups",
+    "aggregate_token_losses",
     "best_of_n_indices",
     "bradley_terry_loss",
     "clip_advantages",
+    "clipped_surrogate",
     "composed_preference_loss",
     "cpo_loss",
     "dpo_loss",
     "dpop_loss",
+    "dynamic_sampling_mask",
     "fdpo_loss",
+    "gae_advantages",
+    "gaussian_kl",
     "group_normalized_advantages",
     "hinge_loss",
     "ipo_loss",
     "kl_penalty",
+    "kl_shaped_rewards",
     "kto_kl_estimate",
     "kto_loss",
     "length_offset",
     "log_odds",
+    "make_advantage_estimator",
+    "make_reward_backprop_loss",
     "mallows_dispersion",
     "mallows_dpo_loss",
+    "masked_whiten",
+    "negative_reward_loss",
     "nll_loss",
     "odpo_offset",
     "orpo_loss",
     "ppo_clip_loss",
     "preference_metrics",
+    "refl_loss",
     "reinforce_loss",
     "remax_advantages",
     "rloo_advantages",
     "sequence_logps",
     "simpo_loss",
+    "soft_overlong_punishment",
+    "target_reward_loss",
+    "value_loss",
 ]

@@ -25,16 +25,28 @@ def gaussian_logprob(x: Tensor, mean: Tensor, std: Tensor | float) -> Tensor:
 
 
 def gaussian_kl(mean_p: Tensor, mean_q: Tensor, std: Tensor | float, reduction: str = "mean") -> Tensor:
-    """KL(N(μ_p, σ²I) ‖ N(μ_q, σ²I)) of two step Gaussians with the same σ: DPOK's per-step regulariser.
+    """How far one sampler step of the policy is from the same step of the reference (DPOK, DRaFT+ regulariser).
 
-    DPOK (Fan et al. 2023; seed 004 §4.5.1): KL = ‖μ_p − μ_q‖² / (2σ²). `reduction="mean"` averages over the
-    dimensions (the scale of `gaussian_logprob`, used in training losses); `"sum"` is the full KL per sample in nats
-    (used to report the path KL to the base model).
+    DPOK (Fan et al. 2023; seed 004 §4.5.1): for two step Gaussians with a shared σ (a scalar or broadcastable to
+    the means), per dimension
+
+        KL(N(μ_p, σ²) ‖ N(μ_q, σ²)) = (μ_p − μ_q)² / (2σ²)
+
+    `reduction="mean"` averages over all but the batch dimension (the scale of `gaussian_logprob`, used in training
+    losses); `"sum"` is the full KL per sample in nats (the path KL reported against the base model). The KL between
+    two samplers' trajectories from the same start is the sum of their step KLs (chain rule), each step's means taken
+    at the policy's own sample. Returns [B].
     """
+    if mean_p.shape != mean_q.shape:
+        raise ValueError(f"mean_q has shape {tuple(mean_q.shape)}, mean_p {tuple(mean_p.shape)}")
+    std = torch.as_tensor(std, dtype=mean_p.dtype, device=mean_p.device)
+    if not bool((std > 0).all()):
+        raise ValueError("std must be > 0 (a deterministic step has no KL)")
+    per_dim = ((mean_p - mean_q) ** 2 / (2 * std**2)).flatten(1)
     if reduction == "mean":
-        return ((mean_p - mean_q) ** 2).flatten(1).mean(1) / (2 * std**2)
+        return per_dim.mean(1)
     if reduction == "sum":
-        return (((mean_p - mean_q) ** 2) / (2 * std**2)).flatten(1).sum(1)
+        return per_dim.sum(1)
     raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
