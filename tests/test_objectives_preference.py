@@ -103,9 +103,65 @@ def test_hinge_by_hand() -> None:
 
 def test_length_offset_gives_r_dpo() -> None:
     offset = length_offset(torch.tensor([10, 3]), torch.tensor([4, 7]), alpha=0.1)
-    assert_close(offset, torch.tensor([0.6, -0.4]))
+    assert_close(offset, torch.tensor([-0.6, 0.4]))  # α(|y_l| − |y_w|), subtracted by dpo_loss
     losses = dpo_loss(f64([1.0, 1.0]), f64([0.0, 0.0]), 0.5, offset=offset.double())
-    assert_close(losses, f64([-log_sigmoid(0.5 - 0.6), -log_sigmoid(0.5 + 0.4)]))
+    # −log σ(βh + α(|y_w| − |y_l|)): a longer chosen response already "explains" part of the preference.
+    assert_close(losses, f64([-log_sigmoid(0.5 + 0.6), -log_sigmoid(0.5 - 0.4)]))
+
+
+TOY_LENGTHS = f64([2.0, 4.0, 6.0, 8.0, 10.0])
+TOY_REWARDS = f64([0.0, 0.6, 1.0, 1.3, 1.5])  # a preference model that likes longer responses
+
+
+def _population_optimum(beta: float, offset_fn) -> torch.Tensor:
+    """The free softmax policy over five responses that minimises the population preference loss.
+
+    Pairs are every ordered (i, j), i ≠ j, drawn uniformly under a uniform π_ref, with i preferred with the
+    Bradley–Terry probability σ(r_i − r_j); the expected loss of the pair is p_ij ℓ(i ≻ j) + p_ji ℓ(j ≻ i), and
+    summing p_ij ℓ(i ≻ j) over ordered pairs counts both terms.
+    """
+    ref = torch.full((5,), -math.log(5.0), dtype=torch.float64)
+    i, j = (
+        torch.tensor(ix) for ix in zip(*[(a, b) for a in range(5) for b in range(5) if a != b], strict=True)
+    )
+    p_win = torch.sigmoid(TOY_REWARDS[i] - TOY_REWARDS[j])
+    logits = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [logits], max_iter=1000, tolerance_grad=1e-13, tolerance_change=1e-15, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        logratios = torch.log_softmax(logits, 0) - ref
+        offset = offset_fn(TOY_LENGTHS[i], TOY_LENGTHS[j])
+        loss = (p_win * dpo_loss(logratios[i], logratios[j], beta, offset=offset)).mean()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return torch.softmax(logits, 0).detach()
+
+
+def test_r_dpo_population_optimum_penalises_length() -> None:
+    """R-DPO's loss is minimised by the optimum of its objective max E[r − α|y|] − β KL, which is shorter."""
+    beta, alpha = 0.5, 0.1
+    dpo = _population_optimum(beta, lambda lw, ll: None)
+    rdpo = _population_optimum(beta, lambda lw, ll: length_offset(lw, ll, alpha))
+    # The sign seed 004 Eq. (56) and seed 001 Eq. (46) print:
+    printed_sign = _population_optimum(beta, lambda lw, ll: -length_offset(lw, ll, alpha))
+
+    # π* ∝ π_ref exp((r − α|y|)/β), solved in closed form (uniform π_ref).
+    assert_close(dpo, torch.softmax(TOY_REWARDS / beta, 0), atol=1e-6, rtol=0)
+    assert_close(rdpo, torch.softmax((TOY_REWARDS - alpha * TOY_LENGTHS) / beta, 0), atol=1e-6, rtol=0)
+    assert_close(
+        printed_sign, torch.softmax((TOY_REWARDS + alpha * TOY_LENGTHS) / beta, 0), atol=1e-6, rtol=0
+    )
+
+    def expected_length(policy: torch.Tensor) -> float:
+        return (policy * TOY_LENGTHS).sum().item()
+
+    assert expected_length(rdpo) < expected_length(dpo) - 0.5  # 7.08 < 8.14
+    assert expected_length(printed_sign) > expected_length(dpo) + 0.5  # 8.84: the printed sign rewards length
 
 
 def test_odpo_offset_transforms() -> None:

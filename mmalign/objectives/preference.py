@@ -60,8 +60,11 @@ def dpo_loss(
 
     ε > 0 is conservative DPO (cDPO, Mitchell, 2023; seed 001 Eq. (12)): labels flipped with probability ε.
     Δ is ODPO's offset Δ_r (Amini et al., 2024; seed 004 §5.1.5 Eq. (52), see ``odpo_offset``) or the
-    R-DPO/LR-DPO length term α(|y_w| − |y_l|) (Park et al., 2024; seed 004 §5.1.7 Eq. (56), see
-    ``length_offset``).
+    R-DPO/LR-DPO length term α(|y_l| − |y_w|) (Park et al., 2024; see ``length_offset`` for why its sign is
+    the opposite of seed 004 Eq. (56)).
+
+    trl 1.16's ``loss_type="sigmoid"`` has no label smoothing (trl reads ``label_smoothing`` only in its
+    robust, exo_pair and aot losses); ε here is cDPO's, as in trl before 1.0.
     """
     _check_positive("beta", beta)
     _check_label_smoothing(label_smoothing)
@@ -100,11 +103,22 @@ def hinge_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float
 def length_offset(chosen_lengths: Tensor, rejected_lengths: Tensor, alpha: float) -> Tensor:
     """Penalise the implicit reward by response length so DPO cannot win by verbosity; pass as ``offset``.
 
-    R-DPO / LR-DPO (Park et al., 2024; seed 004 §5.1.7 Eq. (56), seed 001 §3.8.1 Eq. (46)):
+    R-DPO / LR-DPO (Park et al., 2024) come from the length-penalised objective (seed 004 §5.1.7 Eq. (55),
+    seed 001 §3.8.1 Eq. (44)):
 
-        Δ = α(|y_w| − |y_l|)
+        max_π E_{y~π}[r(x, y) − α|y|] − β KL(π ‖ π_ref)
+
+    Its optimum is π*(y|x) ∝ π_ref(y|x) exp((r(x, y) − α|y|)/β), so r = β log π*/π_ref + α|y| + β log Z(x), and
+    the Bradley–Terry likelihood of r gives ℓ = −log σ(βh + α(|y_w| − |y_l|)). As ``dpo_loss`` subtracts its
+    offset, the offset is
+
+        Δ = α(|y_l| − |y_w|)
+
+    Seed 004 Eq. (56) and seed 001 Eq. (46) print the opposite sign, −log σ(βh − α(|y_w| − |y_l|)) (seed 001's
+    Eq. (45) already writes r = β log π/π_ref + β log Z − α|y|): that loss is minimised by π ∝ π_ref
+    exp((r + α|y|)/β), which rewards length instead of penalising it. This follows the objective.
     """
-    return alpha * (chosen_lengths - rejected_lengths)
+    return alpha * (rejected_lengths - chosen_lengths)
 
 
 def odpo_offset(
