@@ -252,6 +252,13 @@ def test_kto_kl_estimate_clamps_and_detaches() -> None:
     assert not estimate.requires_grad
 
 
+def test_kto_kl_estimate_averages_over_processes_before_clamping() -> None:
+    # This process's mean is +2; with another process at −5 the batch mean is −1.5, so z = 0, not mean(2, 0) = 1.
+    other_process_mean = -5.0
+    estimate = kto_kl_estimate(f64([1.0, 3.0]), mean_over_processes=lambda m: (m + other_process_mean) / 2)
+    assert estimate.item() == 0.0
+
+
 @pytest.mark.parametrize("p", [1e-6, 0.1, 0.5, 0.7, 0.9, 0.999])
 def test_log_odds_matches_math(p: float) -> None:
     assert log_odds(f64([math.log(p)])).item() == pytest.approx(math.log(p / (1 - p)), rel=1e-9)

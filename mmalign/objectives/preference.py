@@ -8,7 +8,7 @@ Conventions shared by every function of this module:
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -222,16 +222,23 @@ def kto_loss(
     return torch.where(desirable.to(torch.bool), desirable_losses, undesirable_losses)
 
 
-def kto_kl_estimate(mismatched_logratios: Tensor) -> Tensor:
+def kto_kl_estimate(
+    mismatched_logratios: Tensor, mean_over_processes: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """Estimate KTO's reference point z from log-ratios of responses paired with unrelated prompts.
 
     Seed 001 §3.6.1 Eq. (33) (without its β, which ``kto_loss`` applies):
 
         z = max(0, mean_{i≠j} log π_θ(y_j|x_i) − log π_ref(y_j|x_i)),   detached
 
-    For an estimate shared by all processes, gather the log-ratios across processes before calling this.
+    The clamp applies to the mean over the whole batch: with several processes, pass ``mean_over_processes``
+    (a scalar's average over processes); it averages this process's mean before the clamp, as trl does.
+    Clamping each process's mean first would bias z upwards (means +2 and −5 would give 1 instead of 0).
     """
-    return mismatched_logratios.mean().clamp(min=0).detach()
+    mean = mismatched_logratios.detach().mean()
+    if mean_over_processes is not None:
+        mean = mean_over_processes(mean)
+    return mean.clamp(min=0)
 
 
 def log_odds(logps: Tensor) -> Tensor:
