@@ -5,11 +5,19 @@ import torch
 from torch.testing import assert_close
 
 from mmalign.objectives import (
+    BCORewardShift,
     BetaDPOController,
+    aot_loss,
+    aot_unpaired_loss,
+    apo_down_loss,
+    apo_zero_loss,
+    bco_pair_loss,
     composed_preference_loss,
     cpo_loss,
+    discopop_loss,
     dpo_loss,
     dpop_loss,
+    exo_pair_loss,
     fdpo_loss,
     hinge_loss,
     ipo_loss,
@@ -19,10 +27,13 @@ from mmalign.objectives import (
     log_odds,
     mallows_dispersion,
     mallows_dpo_loss,
+    nca_pair_loss,
     odpo_offset,
     orpo_loss,
     preference_metrics,
+    robust_dpo_loss,
     simpo_loss,
+    sppo_hard_loss,
 )
 
 
@@ -416,3 +427,141 @@ def test_preference_metrics() -> None:
     assert metrics["rewards/chosen"].item() == pytest.approx(4 / 3)
     assert metrics["rewards/rejected"].item() == pytest.approx(1.5)
     assert not any(value.requires_grad for value in metrics.values())
+
+
+# ------------------------------------------------------------------------ trl 1.16's other loss types
+
+
+def dpo_by_hand(z: float) -> float:
+    return -log_sigmoid(z)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
+def test_robust_by_hand(eps: float) -> None:
+    expected = [
+        ((1 - eps) * dpo_by_hand(BETA * h) - eps * dpo_by_hand(-BETA * h)) / (1 - 2 * eps) for h in MARGINS
+    ]
+    assert_close(robust_dpo_loss(f64(CHOSEN), f64(REJECTED), BETA, eps), f64(expected))
+
+
+def test_robust_is_unbiased_under_label_flips() -> None:
+    # A pair whose label flips with probability ε: the mean of the rDPO loss over the flip is the clean DPO loss.
+    eps = 0.2
+    observed = robust_dpo_loss(f64(CHOSEN), f64(REJECTED), BETA, eps)
+    flipped = robust_dpo_loss(f64(REJECTED), f64(CHOSEN), BETA, eps)
+    assert_close((1 - eps) * observed + eps * flipped, dpo_loss(f64(CHOSEN), f64(REJECTED), BETA))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        robust_dpo_loss(f64(CHOSEN), f64(REJECTED), BETA, 0.5)
+
+
+def test_bco_pair_by_hand() -> None:
+    delta = 0.05
+    expected = [
+        -log_sigmoid(BETA * c - delta) - log_sigmoid(-(BETA * r - delta))
+        for c, r in zip(CHOSEN, REJECTED, strict=True)
+    ]
+    assert_close(bco_pair_loss(f64(CHOSEN), f64(REJECTED), BETA, delta), f64(expected))
+
+
+def test_bco_reward_shift_is_the_mean_of_batch_means_and_resumes() -> None:
+    shift = BCORewardShift()
+    assert shift.update(torch.tensor([1.0])) == pytest.approx(1.0)  # the current batch counts
+    assert shift.update(torch.tensor([3.0, -1.0])) == pytest.approx((1.0 + 3.0 - 1.0) / 3)  # two processes
+    resumed = BCORewardShift()
+    resumed.load_state_dict(shift.state_dict())
+    assert resumed.update(torch.tensor([5.0])) == shift.update(torch.tensor([5.0])) == pytest.approx(8.0 / 4)
+    assert resumed.state_dict() == shift.state_dict() == {"delta": 2.0, "count": 4}
+
+
+def test_sppo_hard_by_hand_and_its_minimum() -> None:
+    beta = 0.25
+    expected = [(c - 0.5 / beta) ** 2 + (r + 0.5 / beta) ** 2 for c, r in zip(CHOSEN, REJECTED, strict=True)]
+    assert_close(sppo_hard_loss(f64(CHOSEN), f64(REJECTED), beta), f64(expected))
+    # Minimised at log-ratios ±η/2 = ±1/(2β): the win probabilities 1 and 0 minus 1/2, scaled by η = 1/β.
+    assert sppo_hard_loss(f64([2.0]), f64([-2.0]), beta).item() == 0.0
+
+
+def test_nca_pair_by_hand() -> None:
+    expected = [
+        -log_sigmoid(BETA * c) - 0.5 * log_sigmoid(-BETA * c) - 0.5 * log_sigmoid(-BETA * r)
+        for c, r in zip(CHOSEN, REJECTED, strict=True)
+    ]
+    assert_close(nca_pair_loss(f64(CHOSEN), f64(REJECTED), BETA), f64(expected))
+
+
+def test_apo_zero_and_down_by_hand() -> None:
+    pairs = list(zip(CHOSEN, REJECTED, strict=True))
+    zero = [(1 - sigmoid(BETA * c)) + sigmoid(BETA * r) for c, r in pairs]
+    down = [sigmoid(BETA * c) + (1 - sigmoid(BETA * (c - r))) for c, r in pairs]
+    assert_close(apo_zero_loss(f64(CHOSEN), f64(REJECTED), BETA), f64(zero))
+    assert_close(apo_down_loss(f64(CHOSEN), f64(REJECTED), BETA), f64(down))
+
+
+def test_apo_zero_raises_chosen_and_apo_down_lowers_it() -> None:
+    chosen, rejected = f64([0.5]).requires_grad_(), f64([-0.5]).requires_grad_()
+    apo_zero_loss(chosen, rejected, 1.0).sum().backward()
+    assert chosen.grad.item() < 0 < rejected.grad.item()  # descent raises y_w, lowers y_l
+    chosen.grad = rejected.grad = None
+    apo_down_loss(chosen, rejected, 1.0).sum().backward()
+    assert chosen.grad.item() > 0 and rejected.grad.item() > 0  # descent lowers both
+    assert rejected.grad.item() > chosen.grad.item()  # the rejected one more
+
+
+def test_exo_pair_is_the_reverse_kl_of_two_point_distributions() -> None:
+    eps = 1e-3
+    expected = []
+    for c, r in zip(CHOSEN, REJECTED, strict=True):
+        weights = [math.exp(BETA * c), math.exp(BETA * r)]
+        q = [w / sum(weights) for w in weights]  # the policy's softmax over the pair
+        p = [1 - eps, eps]  # the labels'
+        expected.append(sum(qi * math.log(qi / pi) for qi, pi in zip(q, p, strict=True)))
+    assert_close(exo_pair_loss(f64(CHOSEN), f64(REJECTED), BETA, eps), f64(expected))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        exo_pair_loss(f64(CHOSEN), f64(REJECTED), BETA, 0.0)
+
+
+AOT_POLICY_W, AOT_POLICY_L = [-3.0, -1.0, -7.0, -2.0], [-4.0, -5.0, -6.0, -2.5]
+AOT_REF_W, AOT_REF_L = [-3.5, -2.0, -6.0, -1.0], [-3.0, -4.0, -6.5, -2.0]
+
+
+def test_aot_matches_quantiles_of_policy_and_reference_margins() -> None:
+    eps = 0.1
+    policy_margins = sorted(w - lo for w, lo in zip(AOT_POLICY_W, AOT_POLICY_L, strict=True))
+    ref_margins = sorted(w - lo for w, lo in zip(AOT_REF_W, AOT_REF_L, strict=True))
+    expected = [
+        -(1 - eps) * log_sigmoid(BETA * (m - q)) - eps * log_sigmoid(-BETA * (m - q))
+        for m, q in zip(policy_margins, ref_margins, strict=True)
+    ]
+    losses = aot_loss(f64(AOT_POLICY_W), f64(AOT_POLICY_L), f64(AOT_REF_W), f64(AOT_REF_L), BETA, eps)
+    assert_close(losses, f64(expected))
+    order = [2, 0, 3, 1]  # the batch's order does not matter, only its two distributions
+    shuffled = aot_loss(
+        *(f64([v[k] for k in order]) for v in (AOT_POLICY_W, AOT_POLICY_L, AOT_REF_W, AOT_REF_L)), BETA, eps
+    )
+    assert_close(shuffled, losses)
+
+
+def test_aot_unpaired_matches_sorted_chosen_and_rejected() -> None:
+    chosen = [w - r for w, r in zip(AOT_POLICY_W, AOT_REF_W, strict=True)]
+    rejected = [w - r for w, r in zip(AOT_POLICY_L, AOT_REF_L, strict=True)]
+    expected = [-log_sigmoid(BETA * (c - r)) for c, r in zip(sorted(chosen), sorted(rejected), strict=True)]
+    assert_close(aot_unpaired_loss(f64(chosen), f64(rejected), BETA), f64(expected))
+
+
+def test_discopop_by_hand() -> None:
+    tau = 0.05
+    expected = []
+    for h in MARGINS:
+        rho = BETA * h
+        mix = sigmoid(rho / tau)
+        expected.append((1 - mix) * -log_sigmoid(rho) + mix * math.exp(-rho))
+    assert_close(discopop_loss(f64(CHOSEN), f64(REJECTED), BETA, tau), f64(expected))
+
+
+def test_discopop_is_finite_where_exp_overflows() -> None:
+    # ρ = −200: exp(200) overflows float32, but σ(ρ/τ) exp(−ρ) = exp(−4000 + 200) ≈ 0; the loss is −log σ(−200).
+    losses = discopop_loss(torch.tensor([-200.0]), torch.tensor([0.0]), 1.0, 0.05)
+    assert torch.isfinite(losses).all()
+    assert losses.item() == pytest.approx(200.0)
+    with pytest.raises(ValueError, match="tau"):
+        discopop_loss(f64(CHOSEN), f64(REJECTED), BETA, 0.0)

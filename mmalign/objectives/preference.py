@@ -83,6 +83,11 @@ def ipo_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float) 
 
     Seed 004 §5.1.1 Eq. (44) writes the same objective as (βh − 1/2)² = β²(h − 1/(2β))²: both have the same
     minimiser; this form keeps the gradient scale of the original paper and of the seed-001 equation.
+
+    h is whatever log-ratios the caller passes. trl 1.16's ``loss_type="ipo"`` always divides each log-ratio by
+    its token count (per-token means; trl says the IPO authors confirmed this form); mmalign's trainer passes
+    summed log-ratios unless ``length_normalize`` is set, so trl's IPO is ``loss: ipo`` with
+    ``length_normalize: true`` (which trl's name ``loss_type: ipo`` selects).
     """
     _check_positive("beta", beta)
     return (chosen_logratios - rejected_logratios - 1.0 / (2.0 * beta)) ** 2
@@ -168,7 +173,10 @@ def fdpo_loss(
         js          f'(u) = log(2u / (1 + u))
         alpha       f'(u) = (1 − u^{−α}) / α    (α = 1 equals forward_kl; α → 0 tends to reverse_kl)
 
-    Every f'(u) is evaluated from log u without forming u.
+    Every f'(u) is evaluated from log u without forming u. α follows the f-DPO paper's α-divergence
+    f(u) = (u^{1−α} − (1 − α)u − α)/(α(α − 1)), as trl did before 1.0. trl 1.16's ``f_alpha_divergence_coef``
+    c enters as f'(u) = (u^{c−1} − 1)/(c − 1), which is this α = 1 − c (the two agree at the default 0.5);
+    trl 1.16 also writes forward KL as f'(u) = 1 − 1/u, a constant shift that cancels in the difference.
     """
     _check_positive("beta", beta)
     _check_choice("divergence", divergence, _F_DIVERGENCES)
@@ -265,6 +273,10 @@ def orpo_loss(chosen_mean_logps: Tensor, rejected_mean_logps: Tensor, lam: float
     p_θ(y|x) = exp(mean token log-prob):
 
         ℓ = −log p_θ(y_w|x) − λ log σ(log odds(p_θ(y_w|x)) − log odds(p_θ(y_l|x)))
+
+    The NLL term here is per pair, the mean token log-prob of the chosen response, so the trainer's batch mean
+    weighs every pair equally. trl 1.16's ORPOTrainer pools it instead: one cross-entropy over all tokens of the
+    chosen sequences of the batch, prompt tokens included, so long pairs weigh more (its λ is called ``beta``).
     """
     _check_non_negative("lam", lam)
     log_odds_ratio = log_odds(chosen_mean_logps) - log_odds(rejected_mean_logps)
@@ -295,7 +307,10 @@ def cpo_loss(
 
         ℓ = −log σ(β log π_θ(y_w|x) − β log π_θ(y_l|x)) + λ · NLL(y_w),  NLL(y_w) = −log π_θ(y_w|x) by default
 
-    Pass ``chosen_nll`` to use another NLL normalisation (e.g. the token mean).
+    Pass ``chosen_nll`` to use another NLL normalisation (e.g. the token mean). mmalign's trainer passes summed
+    log-probs (token means with ``length_normalize``), so the NLL is per pair. trl 1.16's CPOTrainer pools it:
+    one cross-entropy averaged over all chosen response tokens of the batch (weight ``cpo_alpha``, default 1),
+    while its sigmoid term uses summed log-probs as here.
     """
     _check_positive("beta", beta)
     _check_non_negative("lam", lam)
@@ -340,6 +355,186 @@ def mallows_dpo_loss(
     return -F.logsigmoid(dispersion * beta * (chosen_logratios - rejected_logratios))
 
 
+def robust_dpo_loss(
+    chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, label_smoothing: float
+) -> Tensor:
+    """Correct DPO for labels flipped at a known rate ε, so the expected loss is the clean one (cDPO only damps).
+
+    rDPO (Chowdhury et al., 2024, arXiv:2403.00409, §3), with ℓ(z) = −log σ(z) the DPO loss at z = βh:
+
+        ℓ̂ = ((1 − ε) ℓ(z) − ε ℓ(−z)) / (1 − 2ε)
+
+    If a label is flipped with probability ε, the mean of ℓ̂ over the flip is ℓ(z): (1 − ε)ℓ̂(z) + εℓ̂(−z) = ℓ(z).
+    ε ∈ [0, 1/2); ε = 0 is DPO. Same as trl 1.16's ``loss_type="robust"``.
+    """
+    _check_positive("beta", beta)
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5) for rDPO, got {label_smoothing}")
+    logits = beta * (chosen_logratios - rejected_logratios)
+    clean, flipped = -F.logsigmoid(logits), -F.logsigmoid(-logits)
+    return ((1.0 - label_smoothing) * clean - label_smoothing * flipped) / (1.0 - 2.0 * label_smoothing)
+
+
+def bco_pair_loss(
+    chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, delta: float | Tensor = 0.0
+) -> Tensor:
+    """Train the implicit reward as a binary classifier, chosen → 1 and rejected → 0, around a reward shift δ.
+
+    BCO (Jung et al., 2024, arXiv:2404.04656), paired form, with r = β · log-ratio:
+
+        ℓ = −log σ(r_w − δ) − log σ(−(r_l − δ))
+
+    The summed binary cross-entropies bound the DPO loss from above; the paper's reward shift δ, the running mean
+    of the rewards (``BCORewardShift``), tightens the bound. trl 1.16's ``loss_type="bco_pair"`` is this loss
+    with δ = 0 (trl before 1.0 kept the running mean).
+    """
+    _check_positive("beta", beta)
+    return -F.logsigmoid(beta * chosen_logratios - delta) - F.logsigmoid(-(beta * rejected_logratios - delta))
+
+
+def sppo_hard_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float) -> Tensor:
+    """Regress each response's log-ratio onto its win probability, so the chosen log-ratio rises (not only h).
+
+    SPPO (Wu et al., 2024; seed 004 §4.4.2 Algorithm 2 step 6, seed 001 §3.11.2 Eq. (61)) minimises
+    (log π_θ(y|x)/π_t(y|x) − η(P̂(y ≻ π_t|x) − 1/2))², where η/2 stands for log Z. With π_t = π_ref, η = 1/β and
+    the hard win probabilities P̂ = 1 for y_w and 0 for y_l (trl's ``loss_type="sppo_hard"``), r = log-ratio:
+
+        ℓ = (r_w − 1/(2β))² + (r_l + 1/(2β))²
+    """
+    _check_positive("beta", beta)
+    half_eta = 0.5 / beta
+    return (chosen_logratios - half_eta) ** 2 + (rejected_logratios + half_eta) ** 2
+
+
+def nca_pair_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float) -> Tensor:
+    """Optimise each response's own likelihood ratio, not only their margin, so the chosen one cannot fall.
+
+    NCA (Chen et al., 2024, arXiv:2402.05369, §4), noise-contrastive alignment on a pair (K = 2, the winner's
+    target 1), with r = β · log-ratio:
+
+        ℓ = −log σ(r_w) − ½ log σ(−r_w) − ½ log σ(−r_l)
+
+    Same as trl 1.16's ``loss_type="nca_pair"``.
+    """
+    _check_positive("beta", beta)
+    r_w, r_l = beta * chosen_logratios, beta * rejected_logratios
+    return -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l)
+
+
+def apo_zero_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float) -> Tensor:
+    """Raise the chosen and lower the rejected likelihood, anchored at π_ref: for winners better than the model.
+
+    APO-zero (D'Oosterlinck et al., 2024, arXiv:2408.06266, Eq. (7)), r = log-ratio:
+
+        ℓ = (1 − σ(βr_w)) + σ(βr_l)
+    """
+    _check_positive("beta", beta)
+    return (1.0 - torch.sigmoid(beta * chosen_logratios)) + torch.sigmoid(beta * rejected_logratios)
+
+
+def apo_down_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float) -> Tensor:
+    """Lower both likelihoods, the rejected one more: for winners worse than the model's own outputs.
+
+    APO-down (D'Oosterlinck et al., 2024, arXiv:2408.06266, Eq. (8)), r = log-ratio, h = r_w − r_l:
+
+        ℓ = σ(βr_w) + (1 − σ(βh))
+    """
+    _check_positive("beta", beta)
+    margin = chosen_logratios - rejected_logratios
+    return torch.sigmoid(beta * chosen_logratios) + (1.0 - torch.sigmoid(beta * margin))
+
+
+def exo_pair_loss(
+    chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, label_smoothing: float = 1e-3
+) -> Tensor:
+    """Fit the policy's pair distribution to the labels by reverse KL, which is mode-seeking (DPO's is forward).
+
+    EXO (Ji et al., 2024, arXiv:2402.00856, Eq. (16)) with K = 2: the policy's distribution over the pair is
+    q = softmax(βr_w, βr_l) = (σ(βh), σ(−βh)) and the labels' is p = (1 − ε, ε), so
+
+        ℓ = KL(q ‖ p) = σ(βh)(log σ(βh) − log(1 − ε)) + σ(−βh)(log σ(−βh) − log ε)
+
+    ε ∈ (0, 1/2) (log ε must be finite); the paper recommends 1e-3. Same as trl 1.16's ``loss_type="exo_pair"``.
+    """
+    _check_positive("beta", beta)
+    if not 0.0 < label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in (0, 0.5) for EXO, got {label_smoothing}")
+    logits = beta * (chosen_logratios - rejected_logratios)
+    log_q_w, log_q_l = F.logsigmoid(logits), F.logsigmoid(-logits)
+    return torch.exp(log_q_w) * (log_q_w - math.log1p(-label_smoothing)) + torch.exp(log_q_l) * (
+        log_q_l - math.log(label_smoothing)
+    )
+
+
+def aot_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Make the policy's distribution of margins dominate the reference's over the batch, not pair by pair.
+
+    AOT, paired (Melnyk et al., 2024, arXiv:2406.05882): with ρ = log π(y_w|x) − log π(y_l|x) under the policy
+    (ρ_θ) and the reference (ρ_ref), each sorted over the batch, and (k) the k-th smallest, the optimal transport
+    between the two empirical distributions pairs equal quantiles; with z_k = β(ρ_θ,(k) − ρ_ref,(k)):
+
+        ℓ_k = −(1 − ε) log σ(z_k) − ε log σ(−z_k)
+
+    Returns one loss per quantile k, not per pair, so per-pair weights do not apply. Same as trl 1.16's
+    ``loss_type="aot"``.
+    """
+    _check_positive("beta", beta)
+    _check_label_smoothing(label_smoothing)
+    policy_margins = torch.sort(chosen_logps - rejected_logps, dim=0).values
+    ref_margins = torch.sort(ref_chosen_logps - ref_rejected_logps, dim=0).values
+    return _sigmoid_loss(beta * (policy_margins - ref_margins), label_smoothing)
+
+
+def aot_unpaired_loss(
+    chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, label_smoothing: float = 0.0
+) -> Tensor:
+    """Make the distribution of chosen log-ratios dominate that of rejected ones, for data without pairing.
+
+    AOT, unpaired (Melnyk et al., 2024, arXiv:2406.05882): r_w and r_l are sorted separately over the batch and
+    matched quantile by quantile, z_k = β(r_w,(k) − r_l,(k)):
+
+        ℓ_k = −(1 − ε) log σ(z_k) − ε log σ(−z_k)
+
+    One loss per quantile, not per pair. Same as trl 1.16's ``loss_type="aot_unpaired"``.
+    """
+    _check_positive("beta", beta)
+    _check_label_smoothing(label_smoothing)
+    chosen = torch.sort(chosen_logratios, dim=0).values
+    rejected = torch.sort(rejected_logratios, dim=0).values
+    return _sigmoid_loss(beta * (chosen - rejected), label_smoothing)
+
+
+def discopop_loss(
+    chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, tau: float = 0.05
+) -> Tensor:
+    """Blend the logistic (DPO) and exponential losses by the margin, the loss found by LLM-driven discovery.
+
+    DiscoPOP / log-ratio modulated loss (Lu et al., 2024, arXiv:2406.08414, Eq. (5)), with ρ = βh:
+
+        ℓ = (1 − σ(ρ/τ)) · (−log σ(ρ)) + σ(ρ/τ) · exp(−ρ)
+
+    The paper's τ is 0.05. The loss is not convex: at ρ = 0 its gradient lowers the margin, towards a local
+    minimum near ρ ≈ −0.1 (τ = 0.05), and raises it only past a bump near ρ ≈ 0.07; a policy that starts at
+    π_ref first moves there. The second term is evaluated as exp(log σ(ρ/τ) − ρ), which stays finite for very
+    negative ρ when τ < 1 (trl 1.16's ``loss_type="discopop"`` forms exp(−ρ) first, which overflows to inf and
+    gives inf · 0 = nan there).
+    """
+    _check_positive("beta", beta)
+    _check_positive("tau", tau)
+    logits = beta * (chosen_logratios - rejected_logratios)
+    modulation = torch.sigmoid(logits / tau)
+    logistic = -F.logsigmoid(logits)
+    exponential = torch.exp(F.logsigmoid(logits / tau) - logits)
+    return (1.0 - modulation) * logistic + exponential
+
+
 class BetaDPOController:
     """Adapt DPO's β per batch to the quality of its pairs: larger β for pairs with larger reward gaps.
 
@@ -377,6 +572,34 @@ class BetaDPOController:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.m0 = float(state["m0"])
+
+
+class BCORewardShift:
+    """BCO's reward shift δ: the running mean of the batches' mean rewards, kept across steps and resumes.
+
+    Each update takes the mean rewards of the current batch, one value per process (gathered), and returns
+
+        δ = mean of every batch mean seen so far, the current ones included
+
+    as BCO (Jung et al., 2024) and trl before 1.0 (``RunningMoments`` on the batch mean) define it. δ starts at 0.
+    """
+
+    def __init__(self) -> None:
+        self.delta = 0.0
+        self.count = 0
+
+    def update(self, batch_means: Tensor) -> float:
+        values = batch_means.detach().double().flatten()
+        self.count += values.numel()
+        self.delta += (values.sum().item() - values.numel() * self.delta) / self.count
+        return self.delta
+
+    def state_dict(self) -> dict[str, float]:
+        return {"delta": self.delta, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.delta = float(state["delta"])
+        self.count = int(state["count"])
 
 
 def _shaped_loss(logits: Tensor, beta: float, loss_type: str, label_smoothing: float) -> Tensor:
