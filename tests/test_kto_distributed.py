@@ -31,6 +31,7 @@ def _reference_point_on_rank(rank: int, port: int, out_dir: str) -> None:
         LOCAL_RANK=str(rank),
         WORLD_SIZE="2",
         LOCAL_WORLD_SIZE="2",
+        OMP_NUM_THREADS="1",
     )
     PartialState._reset_state()  # a forked child inherits the parent's single-process state; start afresh
     state = PartialState(cpu=True)
