@@ -14,13 +14,17 @@ from mmalign.objectives.policy_gradient import (
     rloo_advantages,
 )
 from mmalign.objectives.preference import (
+    PREFERENCE_LOSSES,
     BCORewardShift,
     BetaDPOController,
+    PairScores,
+    PreferenceLoss,
     aot_loss,
     aot_unpaired_loss,
     apo_down_loss,
     apo_zero_loss,
     bco_pair_loss,
+    check_loss_params,
     composed_preference_loss,
     cpo_loss,
     discopop_loss,
@@ -48,9 +52,12 @@ from mmalign.objectives.sequence import sequence_logps
 from mmalign.objectives.supervised import best_of_n_indices, bradley_terry_loss, nll_loss
 
 __all__ = [
+    "PREFERENCE_LOSSES",
     "BCORewardShift",
     "BetaDPOController",
+    "PairScores",
     "PerPromptStatTracker",
+    "PreferenceLoss",
     "aot_loss",
     "aot_unpaired_loss",
     "apo_down_loss",
@@ -58,6 +65,7 @@ __all__ = [
     "bco_pair_loss",
     "best_of_n_indices",
     "bradley_terry_loss",
+    "check_loss_params",
     "clip_advantages",
     "composed_preference_loss",
     "cpo_loss",

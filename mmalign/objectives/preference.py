@@ -5,10 +5,15 @@ Conventions shared by every function of this module:
 * ``*_logratios`` are log π_θ(y|x) − log π_ref(y|x) per sequence, shape [B]; h = chosen − rejected.
 * ``*_logps`` are log π_θ(y|x) per sequence (summed over tokens), ``*_mean_logps`` the same divided by |y|.
 * Every loss returns per-sample losses of shape [B] without reduction; the trainer averages.
+
+``PREFERENCE_LOSSES`` (at the end) looks every pairwise loss up by name, with what the trainer must supply for it.
 """
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -731,3 +736,367 @@ def dense_token_weights(changed: Tensor, gamma: float) -> Tensor:
     _check_non_negative("gamma", gamma)
     changed = changed if changed.is_floating_point() else changed.float()
     return 1.0 + (gamma - 1.0) * changed
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+class LossParams(Protocol):
+    """Hyper-parameters a registered loss may read; ``mmalign.train.preference.PreferenceConfig`` has them all."""
+
+    beta: float
+    label_smoothing: float | None
+    length_normalize: bool
+    alpha: float | None
+    gamma: float
+    lam: float
+    divergence: str
+    offset_transform: str
+    rainbow_shape: str
+    ref_mix_alpha: float
+    mallows: bool
+    tau: float | None
+
+
+def _this_process_only(values: Tensor) -> Tensor:
+    return values
+
+
+def _per_token(logps: Tensor, lengths: Tensor, length_normalize: bool) -> Tensor:
+    return logps / lengths if length_normalize else logps
+
+
+@dataclass(frozen=True)
+class PairScores:
+    """What a registered loss may read about a batch of B preference pairs; the trainer fills what it needs."""
+
+    chosen_logps: Tensor  # log π_θ(y_w|x), summed over the response tokens, [B]
+    rejected_logps: Tensor  # log π_θ(y_l|x), [B]
+    chosen_lengths: Tensor  # |y_w| in tokens, [B]
+    rejected_lengths: Tensor  # |y_l|, [B]
+    ref_chosen_logps: Tensor | None = None  # log π_ref(y_w|x), [B]; None when the loss needs no reference
+    ref_rejected_logps: Tensor | None = None
+    score_diff: Tensor | None = None  # score(x, y_w) − score(x, y_l) given with the pairs (ODPO), [B]
+    # reference next-token entropies of y_w and y_l side by side, [B, T_w + T_l] (Mallows)
+    ref_entropies: Tensor | None = None
+    entropy_mask: Tensor | None = None  # 1 on the response positions of ref_entropies
+    vocab_size: int | None = None
+    gather: Callable[[Tensor], Tensor] = _this_process_only  # every process's values, for batch statistics
+
+    def logratios(self, length_normalize: bool = False) -> tuple[Tensor, Tensor]:
+        """(chosen, rejected) log π_θ/π_ref, or log π_θ without a reference; divided by |y| if asked."""
+        chosen, rejected = self.chosen_logps, self.rejected_logps
+        if self.ref_chosen_logps is not None and self.ref_rejected_logps is not None:
+            chosen, rejected = chosen - self.ref_chosen_logps, rejected - self.ref_rejected_logps
+        return (
+            _per_token(chosen, self.chosen_lengths, length_normalize),
+            _per_token(rejected, self.rejected_lengths, length_normalize),
+        )
+
+    def dispersion(self) -> Tensor:
+        """Mallows-DPO's φ(x) from the reference entropies (``mallows_dispersion``)."""
+        if self.ref_entropies is None or self.entropy_mask is None or self.vocab_size is None:
+            raise ValueError("Mallows dispersion needs ref_entropies, entropy_mask and vocab_size")
+        return mallows_dispersion(self.ref_entropies, self.entropy_mask, self.vocab_size)
+
+
+LossOutput = tuple[Tensor, dict[str, Tensor]]
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """A preference loss looked up by name: its function and what the trainer must give it.
+
+    ``fn(scores, params, state)`` returns per-sample losses [B] and extra metrics. ``reads`` names the parameters
+    it reads besides ``beta`` and ``length_normalize``; those left unset (None) take ``defaults``, and ``check``
+    raises ValueError naming ``where + field`` for a value out of range.
+    """
+
+    fn: Callable[[PairScores, LossParams, Any], LossOutput]
+    reads: tuple[str, ...] = ()
+    defaults: Mapping[str, float] = field(default_factory=dict)
+    check: Callable[[LossParams, str], None] | None = None
+    needs_reference: bool = True
+    needs_entropies: bool = False  # reference token entropies, for the Mallows dispersion
+    needs_score_diff: bool = False  # a score per response in every row (ODPO)
+    # builds the loss's running state (β-DPO, BCO) from the params
+    state: Callable[[LossParams], Any] | None = None
+    per_pair: bool = True  # False: one loss per batch quantile (AOT sorts), so per-pair weights do not apply
+
+    def entropies_needed(self, params: LossParams) -> bool:
+        """Whether the trainer must ask the reference for token entropies under these parameters."""
+        return self.needs_entropies or ("mallows" in self.reads and bool(params.mallows))
+
+
+def _need(ok: bool, where: str, name: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"{where}{name} must be {rule}, got {value!r}")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _check_smoothing(p: LossParams, where: str) -> None:
+    smoothing = p.label_smoothing
+    _need(_finite(smoothing) and 0.0 <= smoothing <= 0.5, where, "label_smoothing", "in [0, 0.5]", smoothing)
+
+
+def _check_robust(p: LossParams, where: str) -> None:
+    smoothing = p.label_smoothing
+    rule = "in [0, 0.5) for robust (1 − 2ε divides)"
+    _need(_finite(smoothing) and 0.0 <= smoothing < 0.5, where, "label_smoothing", rule, smoothing)
+
+
+def _check_exo(p: LossParams, where: str) -> None:
+    smoothing = p.label_smoothing
+    rule = "in (0, 0.5) for exo_pair (log ε enters)"
+    _need(_finite(smoothing) and 0.0 < smoothing < 0.5, where, "label_smoothing", rule, smoothing)
+
+
+def _check_alpha_positive(p: LossParams, where: str) -> None:
+    _need(_finite(p.alpha) and p.alpha > 0, where, "alpha", "> 0 (0 would be plain DPO)", p.alpha)
+
+
+def _check_odpo(p: LossParams, where: str) -> None:
+    _check_alpha_positive(p, where)
+    _need(
+        p.offset_transform in _ODPO_TRANSFORMS,
+        where,
+        "offset_transform",
+        f"one of {_ODPO_TRANSFORMS}",
+        p.offset_transform,
+    )
+
+
+def _check_fdpo(p: LossParams, where: str) -> None:
+    _need(p.divergence in _F_DIVERGENCES, where, "divergence", f"one of {_F_DIVERGENCES}", p.divergence)
+    if p.divergence == "alpha":
+        _need(_finite(p.alpha) and p.alpha > 0, where, "alpha", "> 0 for divergence 'alpha'", p.alpha)
+
+
+def _check_lam(p: LossParams, where: str) -> None:
+    _need(_finite(p.lam) and p.lam >= 0, where, "lam", ">= 0", p.lam)
+
+
+def _check_gamma(p: LossParams, where: str) -> None:
+    _need(_finite(p.gamma), where, "gamma", "a finite number", p.gamma)
+
+
+def _check_tau(p: LossParams, where: str) -> None:
+    _need(_finite(p.tau) and p.tau > 0, where, "tau", "> 0", p.tau)
+
+
+def _check_rainbow(p: LossParams, where: str) -> None:
+    _need(p.rainbow_shape in _LOSS_TYPES, where, "rainbow_shape", f"one of {_LOSS_TYPES}", p.rainbow_shape)
+    _check_smoothing(p, where)
+    _need(
+        p.label_smoothing == 0 or p.rainbow_shape == "sigmoid",
+        where,
+        "label_smoothing",
+        "0 unless rainbow_shape is 'sigmoid'",
+        p.label_smoothing,
+    )
+    _check_gamma(p, where)
+    _need(
+        _finite(p.ref_mix_alpha) and 0.0 <= p.ref_mix_alpha <= 1.0,
+        where,
+        "ref_mix_alpha",
+        "in [0, 1]",
+        p.ref_mix_alpha,
+    )
+    _need(
+        p.ref_mix_alpha == 1.0 or p.length_normalize,
+        where,
+        "ref_mix_alpha",
+        "1 unless length_normalize is true (π_γ is defined per token)",
+        p.ref_mix_alpha,
+    )
+
+
+def check_loss_params(name: str, params: LossParams, where: str = "") -> None:
+    """Raise ValueError naming ``where + field`` if loss ``name`` cannot run with ``params`` (unset or out of range)."""
+    if name not in PREFERENCE_LOSSES:
+        raise ValueError(f"{where}loss must be one of {', '.join(PREFERENCE_LOSSES)}; got {name!r}")
+    entry = PREFERENCE_LOSSES[name]
+    _need(_finite(params.beta) and params.beta > 0, where, "beta", "> 0", params.beta)
+    for key in entry.reads:
+        if getattr(params, key) is None:
+            raise ValueError(f"{where}{key} is required for loss {name!r}")
+    if entry.check is not None:
+        entry.check(params, where)
+
+
+def _dpo(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    lc, lr = s.logratios(p.length_normalize)
+    return dpo_loss(lc, lr, p.beta, label_smoothing=p.label_smoothing), {}
+
+
+def _ipo(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    return ipo_loss(*s.logratios(p.length_normalize), p.beta), {}
+
+
+def _hinge(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    return hinge_loss(*s.logratios(p.length_normalize), p.beta), {}
+
+
+def _robust(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    return robust_dpo_loss(*s.logratios(p.length_normalize), p.beta, p.label_smoothing), {}
+
+
+def _bco_pair(s: PairScores, p: LossParams, shift: BCORewardShift) -> LossOutput:
+    lc, lr = s.logratios(p.length_normalize)
+    batch_mean = (p.beta * torch.cat([lc, lr]).detach()).mean().reshape(1)
+    delta = shift.update(s.gather(batch_mean))
+    return bco_pair_loss(lc, lr, p.beta, delta), {"delta": torch.tensor(delta, dtype=torch.float64)}
+
+
+def _sppo_hard(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    return sppo_hard_loss(*s.logratios(p.length_normalize), p.beta), {}
+
+
+def _nca_pair(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    return nca_pair_loss(*s.logratios(p.length_normalize), p.beta), {}
+
+
+def _apo_zero(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    return apo_zero_loss(*s.logratios(p.length_normalize), p.beta), {}
+
+
+def _apo_down(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    return apo_down_loss(*s.logratios(p.length_normalize), p.beta), {}
+
+
+def _exo_pair(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    return exo_pair_loss(*s.logratios(p.length_normalize), p.beta, p.label_smoothing), {}
+
+
+def _aot(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    n = p.length_normalize
+    losses = aot_loss(
+        _per_token(s.chosen_logps, s.chosen_lengths, n),
+        _per_token(s.rejected_logps, s.rejected_lengths, n),
+        _per_token(s.ref_chosen_logps, s.chosen_lengths, n),
+        _per_token(s.ref_rejected_logps, s.rejected_lengths, n),
+        p.beta,
+        p.label_smoothing,
+    )
+    return losses, {}
+
+
+def _aot_unpaired(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    return aot_unpaired_loss(*s.logratios(p.length_normalize), p.beta, p.label_smoothing), {}
+
+
+def _discopop(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    return discopop_loss(*s.logratios(p.length_normalize), p.beta, p.tau), {}
+
+
+def _rdpo(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    offset = length_offset(s.chosen_lengths, s.rejected_lengths, p.alpha)
+    return dpo_loss(*s.logratios(p.length_normalize), p.beta, offset=offset), {}
+
+
+def _odpo(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    offset = odpo_offset(s.score_diff, torch.zeros_like(s.score_diff), p.alpha, transform=p.offset_transform)
+    return dpo_loss(*s.logratios(p.length_normalize), p.beta, offset=offset), {}
+
+
+def _fdpo(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    lc, lr = s.logratios(p.length_normalize)
+    return fdpo_loss(lc, lr, p.beta, divergence=p.divergence, alpha=p.alpha), {}
+
+
+def _dpop(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    return dpop_loss(*s.logratios(p.length_normalize), p.beta, p.lam), {}
+
+
+def _beta_dpo(s: PairScores, p: LossParams, controller: BetaDPOController) -> LossOutput:
+    lc, lr = s.logratios(p.length_normalize)
+    beta = controller.beta(s.gather((lc - lr).detach() * p.beta))
+    return dpo_loss(lc, lr, beta), {"beta": torch.tensor(beta, dtype=torch.float64)}
+
+
+def _mallows(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    return mallows_dpo_loss(*s.logratios(p.length_normalize), p.beta, s.dispersion()), {}
+
+
+def _orpo(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    chosen, rejected = s.chosen_logps / s.chosen_lengths, s.rejected_logps / s.rejected_lengths
+    return orpo_loss(chosen, rejected, p.lam), {}
+
+
+def _simpo(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    chosen, rejected = s.chosen_logps / s.chosen_lengths, s.rejected_logps / s.rejected_lengths
+    return simpo_loss(chosen, rejected, p.beta, p.gamma), {}
+
+
+def _cpo(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    chosen = _per_token(s.chosen_logps, s.chosen_lengths, p.length_normalize)
+    rejected = _per_token(s.rejected_logps, s.rejected_lengths, p.length_normalize)
+    return cpo_loss(chosen, rejected, p.beta, lam=p.lam), {}
+
+
+def _rainbow(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    losses = composed_preference_loss(
+        s.chosen_logps,
+        s.rejected_logps,
+        s.ref_chosen_logps,
+        s.ref_rejected_logps,
+        s.chosen_lengths,
+        s.rejected_lengths,
+        beta=p.beta,
+        loss_type=p.rainbow_shape,
+        length_normalize=p.length_normalize,
+        ref_mix_alpha=p.ref_mix_alpha,
+        gamma=p.gamma,
+        dispersion=s.dispersion() if p.mallows else None,
+        label_smoothing=p.label_smoothing,
+    )
+    return losses, {}
+
+
+_SMOOTHING = {"label_smoothing": 0.0}
+
+PREFERENCE_LOSSES: Mapping[str, PreferenceLoss] = MappingProxyType(
+    {
+        "dpo": PreferenceLoss(_dpo, ("label_smoothing",), _SMOOTHING, _check_smoothing),
+        "ipo": PreferenceLoss(_ipo),
+        "hinge": PreferenceLoss(_hinge),
+        "robust": PreferenceLoss(_robust, ("label_smoothing",), _SMOOTHING, _check_robust),
+        "bco_pair": PreferenceLoss(_bco_pair, state=lambda p: BCORewardShift()),
+        "sppo_hard": PreferenceLoss(_sppo_hard),
+        "nca_pair": PreferenceLoss(_nca_pair),
+        "apo_zero": PreferenceLoss(_apo_zero),
+        "apo_down": PreferenceLoss(_apo_down),
+        "exo_pair": PreferenceLoss(_exo_pair, ("label_smoothing",), {"label_smoothing": 1e-3}, _check_exo),
+        "aot": PreferenceLoss(_aot, ("label_smoothing",), _SMOOTHING, _check_smoothing, per_pair=False),
+        "aot_unpaired": PreferenceLoss(
+            _aot_unpaired, ("label_smoothing",), _SMOOTHING, _check_smoothing, per_pair=False
+        ),
+        "discopop": PreferenceLoss(_discopop, ("tau",), {"tau": 0.05}, _check_tau),
+        "rdpo": PreferenceLoss(_rdpo, ("alpha",), check=_check_alpha_positive),
+        "odpo": PreferenceLoss(
+            _odpo, ("alpha", "offset_transform"), check=_check_odpo, needs_score_diff=True
+        ),
+        "fdpo": PreferenceLoss(_fdpo, ("alpha", "divergence"), {"alpha": 0.5}, _check_fdpo),
+        "dpop": PreferenceLoss(_dpop, ("lam",), check=_check_lam),
+        "beta_dpo": PreferenceLoss(
+            _beta_dpo,
+            ("alpha",),
+            check=_check_alpha_positive,
+            state=lambda p: BetaDPOController(p.beta, p.alpha),
+        ),
+        "mallows": PreferenceLoss(_mallows, needs_entropies=True),
+        "orpo": PreferenceLoss(_orpo, ("lam",), check=_check_lam, needs_reference=False),
+        "simpo": PreferenceLoss(_simpo, ("gamma",), check=_check_gamma, needs_reference=False),
+        "cpo": PreferenceLoss(_cpo, ("lam",), check=_check_lam, needs_reference=False),
+        "rainbow": PreferenceLoss(
+            _rainbow,
+            ("rainbow_shape", "ref_mix_alpha", "gamma", "mallows", "label_smoothing"),
+            _SMOOTHING,
+            _check_rainbow,
+        ),
+    }
+)
+"""Every preference loss by name, the one list the config, the trainer and the algorithm registry read."""

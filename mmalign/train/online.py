@@ -13,9 +13,11 @@ from typing import Any
 
 import torch
 
+from mmalign.config import RecipeError, to_dataclass
 from mmalign.core.data import Row
 from mmalign.core.reward import Reward, score
 from mmalign.objectives import policy_gradient as PG
+from mmalign.objectives.preference import PREFERENCE_LOSSES
 from mmalign.train.preference import PreferenceAlgorithm, PreferenceConfig
 
 
@@ -69,7 +71,13 @@ class OnlineDPO:
     def __init__(self, policy: Any, prompts: Sequence[Row], reward: Reward, config: OnlineDPOConfig):
         self.policy, self.prompts, self.reward, self.config = policy, list(prompts), reward, config
         self.samples_per_prompt = config.samples_per_prompt
-        self.preference = PreferenceAlgorithm(policy, [], PreferenceConfig(**config.preference))
+        preference = to_dataclass(PreferenceConfig, config.preference, "algorithm.preference")
+        if not PREFERENCE_LOSSES[preference.loss].per_pair:
+            raise RecipeError(
+                f"algorithm.preference.loss {preference.loss!r} sorts the batch, so its losses are not per pair "
+                "and cannot take the weight 0 of tied pairs"
+            )
+        self.preference = PreferenceAlgorithm(policy, [], preference)
 
     @torch.no_grad()
     def rollout(self, rows: Sequence[Row]) -> tuple[list[dict[str, Any]], dict[str, float]]:
