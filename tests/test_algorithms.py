@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmalign.core.config import RecipeError
 from mmalign.run import build_run
 from mmalign.train.logging import read_metrics
 from mmalign.train.trainer import Trainer
@@ -97,11 +98,25 @@ PREFERENCE_CASES = [
     {"name": "beta_dpo", "beta": 0.5, "alpha": 0.5},
     {"name": "mallows", "beta": 0.5},
     {"name": "rainbow", "beta": 0.5, "mallows": True, "length_normalize": True},
+    {"name": "preference", "loss": "robust", "beta": 0.5, "label_smoothing": 0.1},
+    {"name": "preference", "loss": "bco_pair", "beta": 0.5},
+    {"name": "preference", "loss": "sppo_hard", "beta": 0.5},
+    {"name": "preference", "loss": "nca_pair", "beta": 0.5},
+    {"name": "preference", "loss": "apo_zero", "beta": 0.5},
+    {"name": "preference", "loss": "apo_down", "beta": 0.5},
+    {"name": "preference", "loss": "exo_pair", "beta": 0.5},
+    {"name": "preference", "loss": "aot", "beta": 0.5},
+    {"name": "preference", "loss": "aot_unpaired", "beta": 0.5},
+    # τ > 0.1: with the paper's τ = 0.05 the gradient at π_θ = π_ref first pushes the margins down, towards the
+    # loss's local minimum near βh ≈ −0.1 (test_preference_registry::test_discopop_is_non_convex_around_a_zero_margin)
+    {"name": "preference", "loss": "discopop", "beta": 0.5, "tau": 0.5},
 ]
 
 
 @pytest.mark.parametrize(
-    "algo", PREFERENCE_CASES, ids=[c["name"] + "-" + c.get("divergence", "") for c in PREFERENCE_CASES]
+    "algo",
+    PREFERENCE_CASES,
+    ids=[c.get("loss", c["name"]) + "-" + c.get("divergence", "") for c in PREFERENCE_CASES],
 )
 def test_preference_algorithm_improves_its_pairs(algo, data, tmp_path):
     recipe = _recipe(
@@ -116,6 +131,23 @@ def test_preference_algorithm_improves_its_pairs(algo, data, tmp_path):
     assert after["preference_accuracy"] >= before["preference_accuracy"] + 0.15, (before, after)
     assert after["logp_margin"] >= before["logp_margin"] + 0.25, (before, after)
     assert _own_loss(algorithm) < loss_before - 1e-3
+
+
+def test_trl_loss_type_selects_the_loss_or_is_named(data):
+    def build(algorithm: dict):
+        return build_run(_recipe(data={"train": data["pairs16"]}, algorithm=algorithm))[1]
+
+    algorithm = build({"name": "preference", "loss_type": "ipo"})
+    assert (algorithm.config.loss, algorithm.config.length_normalize) == (
+        "ipo",
+        True,
+    )  # trl's IPO is per token
+    with pytest.raises(
+        RecipeError, match=r"algorithm\.loss_type 'ipo'.*disagrees with algorithm\.loss 'dpo'"
+    ):
+        build({"name": "dpo", "loss_type": "ipo"})  # `--set algorithm.loss_type=ipo` on a DPO recipe
+    with pytest.raises(RecipeError, match=r"algorithm\.loss_type must be one of trl's loss types sigmoid"):
+        build({"name": "preference", "loss_type": "banana"})
 
 
 def test_dpo_held_out_accuracy_rises(tiny_world, tmp_path):

@@ -5,11 +5,19 @@ import torch
 from torch.testing import assert_close
 
 from mmalign.objectives import (
+    BCORewardShift,
     BetaDPOController,
+    aot_loss,
+    aot_unpaired_loss,
+    apo_down_loss,
+    apo_zero_loss,
+    bco_pair_loss,
     composed_preference_loss,
     cpo_loss,
+    discopop_loss,
     dpo_loss,
     dpop_loss,
+    exo_pair_loss,
     fdpo_loss,
     hinge_loss,
     ipo_loss,
@@ -19,10 +27,13 @@ from mmalign.objectives import (
     log_odds,
     mallows_dispersion,
     mallows_dpo_loss,
+    nca_pair_loss,
     odpo_offset,
     orpo_loss,
     preference_metrics,
+    robust_dpo_loss,
     simpo_loss,
+    sppo_hard_loss,
 )
 
 
@@ -103,9 +114,65 @@ def test_hinge_by_hand() -> None:
 
 def test_length_offset_gives_r_dpo() -> None:
     offset = length_offset(torch.tensor([10, 3]), torch.tensor([4, 7]), alpha=0.1)
-    assert_close(offset, torch.tensor([0.6, -0.4]))
+    assert_close(offset, torch.tensor([-0.6, 0.4]))  # α(|y_l| − |y_w|), subtracted by dpo_loss
     losses = dpo_loss(f64([1.0, 1.0]), f64([0.0, 0.0]), 0.5, offset=offset.double())
-    assert_close(losses, f64([-log_sigmoid(0.5 - 0.6), -log_sigmoid(0.5 + 0.4)]))
+    # −log σ(βh + α(|y_w| − |y_l|)): a longer chosen response already "explains" part of the preference.
+    assert_close(losses, f64([-log_sigmoid(0.5 + 0.6), -log_sigmoid(0.5 - 0.4)]))
+
+
+TOY_LENGTHS = f64([2.0, 4.0, 6.0, 8.0, 10.0])
+TOY_REWARDS = f64([0.0, 0.6, 1.0, 1.3, 1.5])  # a preference model that likes longer responses
+
+
+def _population_optimum(beta: float, offset_fn) -> torch.Tensor:
+    """The free softmax policy over five responses that minimises the population preference loss.
+
+    Pairs are every ordered (i, j), i ≠ j, drawn uniformly under a uniform π_ref, with i preferred with the
+    Bradley–Terry probability σ(r_i − r_j); the expected loss of the pair is p_ij ℓ(i ≻ j) + p_ji ℓ(j ≻ i), and
+    summing p_ij ℓ(i ≻ j) over ordered pairs counts both terms.
+    """
+    ref = torch.full((5,), -math.log(5.0), dtype=torch.float64)
+    i, j = (
+        torch.tensor(ix) for ix in zip(*[(a, b) for a in range(5) for b in range(5) if a != b], strict=True)
+    )
+    p_win = torch.sigmoid(TOY_REWARDS[i] - TOY_REWARDS[j])
+    logits = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [logits], max_iter=1000, tolerance_grad=1e-13, tolerance_change=1e-15, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        logratios = torch.log_softmax(logits, 0) - ref
+        offset = offset_fn(TOY_LENGTHS[i], TOY_LENGTHS[j])
+        loss = (p_win * dpo_loss(logratios[i], logratios[j], beta, offset=offset)).mean()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return torch.softmax(logits, 0).detach()
+
+
+def test_r_dpo_population_optimum_penalises_length() -> None:
+    """R-DPO's loss is minimised by the optimum of its objective max E[r − α|y|] − β KL, which is shorter."""
+    beta, alpha = 0.5, 0.1
+    dpo = _population_optimum(beta, lambda lw, ll: None)
+    rdpo = _population_optimum(beta, lambda lw, ll: length_offset(lw, ll, alpha))
+    # The sign seed 004 Eq. (56) and seed 001 Eq. (46) print:
+    printed_sign = _population_optimum(beta, lambda lw, ll: -length_offset(lw, ll, alpha))
+
+    # π* ∝ π_ref exp((r − α|y|)/β), solved in closed form (uniform π_ref).
+    assert_close(dpo, torch.softmax(TOY_REWARDS / beta, 0), atol=1e-6, rtol=0)
+    assert_close(rdpo, torch.softmax((TOY_REWARDS - alpha * TOY_LENGTHS) / beta, 0), atol=1e-6, rtol=0)
+    assert_close(
+        printed_sign, torch.softmax((TOY_REWARDS + alpha * TOY_LENGTHS) / beta, 0), atol=1e-6, rtol=0
+    )
+
+    def expected_length(policy: torch.Tensor) -> float:
+        return (policy * TOY_LENGTHS).sum().item()
+
+    assert expected_length(rdpo) < expected_length(dpo) - 0.5  # 7.08 < 8.14
+    assert expected_length(printed_sign) > expected_length(dpo) + 0.5  # 8.84: the printed sign rewards length
 
 
 def test_odpo_offset_transforms() -> None:
@@ -194,6 +261,13 @@ def test_kto_kl_estimate_clamps_and_detaches() -> None:
     estimate = kto_kl_estimate(f64([0.2, 0.4]).requires_grad_())
     assert estimate.item() == pytest.approx(0.3)
     assert not estimate.requires_grad
+
+
+def test_kto_kl_estimate_averages_over_processes_before_clamping() -> None:
+    # This process's mean is +2; with another process at −5 the batch mean is −1.5, so z = 0, not mean(2, 0) = 1.
+    other_process_mean = -5.0
+    estimate = kto_kl_estimate(f64([1.0, 3.0]), mean_over_processes=lambda m: (m + other_process_mean) / 2)
+    assert estimate.item() == 0.0
 
 
 @pytest.mark.parametrize("p", [1e-6, 0.1, 0.5, 0.7, 0.9, 0.999])
@@ -353,3 +427,141 @@ def test_preference_metrics() -> None:
     assert metrics["rewards/chosen"].item() == pytest.approx(4 / 3)
     assert metrics["rewards/rejected"].item() == pytest.approx(1.5)
     assert not any(value.requires_grad for value in metrics.values())
+
+
+# ------------------------------------------------------------------------ trl 1.16's other loss types
+
+
+def dpo_by_hand(z: float) -> float:
+    return -log_sigmoid(z)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
+def test_robust_by_hand(eps: float) -> None:
+    expected = [
+        ((1 - eps) * dpo_by_hand(BETA * h) - eps * dpo_by_hand(-BETA * h)) / (1 - 2 * eps) for h in MARGINS
+    ]
+    assert_close(robust_dpo_loss(f64(CHOSEN), f64(REJECTED), BETA, eps), f64(expected))
+
+
+def test_robust_is_unbiased_under_label_flips() -> None:
+    # A pair whose label flips with probability ε: the mean of the rDPO loss over the flip is the clean DPO loss.
+    eps = 0.2
+    observed = robust_dpo_loss(f64(CHOSEN), f64(REJECTED), BETA, eps)
+    flipped = robust_dpo_loss(f64(REJECTED), f64(CHOSEN), BETA, eps)
+    assert_close((1 - eps) * observed + eps * flipped, dpo_loss(f64(CHOSEN), f64(REJECTED), BETA))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        robust_dpo_loss(f64(CHOSEN), f64(REJECTED), BETA, 0.5)
+
+
+def test_bco_pair_by_hand() -> None:
+    delta = 0.05
+    expected = [
+        -log_sigmoid(BETA * c - delta) - log_sigmoid(-(BETA * r - delta))
+        for c, r in zip(CHOSEN, REJECTED, strict=True)
+    ]
+    assert_close(bco_pair_loss(f64(CHOSEN), f64(REJECTED), BETA, delta), f64(expected))
+
+
+def test_bco_reward_shift_is_the_mean_of_batch_means_and_resumes() -> None:
+    shift = BCORewardShift()
+    assert shift.update(torch.tensor([1.0])) == pytest.approx(1.0)  # the current batch counts
+    assert shift.update(torch.tensor([3.0, -1.0])) == pytest.approx((1.0 + 3.0 - 1.0) / 3)  # two processes
+    resumed = BCORewardShift()
+    resumed.load_state_dict(shift.state_dict())
+    assert resumed.update(torch.tensor([5.0])) == shift.update(torch.tensor([5.0])) == pytest.approx(8.0 / 4)
+    assert resumed.state_dict() == shift.state_dict() == {"delta": 2.0, "count": 4}
+
+
+def test_sppo_hard_by_hand_and_its_minimum() -> None:
+    beta = 0.25
+    expected = [(c - 0.5 / beta) ** 2 + (r + 0.5 / beta) ** 2 for c, r in zip(CHOSEN, REJECTED, strict=True)]
+    assert_close(sppo_hard_loss(f64(CHOSEN), f64(REJECTED), beta), f64(expected))
+    # Minimised at log-ratios ±η/2 = ±1/(2β): the win probabilities 1 and 0 minus 1/2, scaled by η = 1/β.
+    assert sppo_hard_loss(f64([2.0]), f64([-2.0]), beta).item() == 0.0
+
+
+def test_nca_pair_by_hand() -> None:
+    expected = [
+        -log_sigmoid(BETA * c) - 0.5 * log_sigmoid(-BETA * c) - 0.5 * log_sigmoid(-BETA * r)
+        for c, r in zip(CHOSEN, REJECTED, strict=True)
+    ]
+    assert_close(nca_pair_loss(f64(CHOSEN), f64(REJECTED), BETA), f64(expected))
+
+
+def test_apo_zero_and_down_by_hand() -> None:
+    pairs = list(zip(CHOSEN, REJECTED, strict=True))
+    zero = [(1 - sigmoid(BETA * c)) + sigmoid(BETA * r) for c, r in pairs]
+    down = [sigmoid(BETA * c) + (1 - sigmoid(BETA * (c - r))) for c, r in pairs]
+    assert_close(apo_zero_loss(f64(CHOSEN), f64(REJECTED), BETA), f64(zero))
+    assert_close(apo_down_loss(f64(CHOSEN), f64(REJECTED), BETA), f64(down))
+
+
+def test_apo_zero_raises_chosen_and_apo_down_lowers_it() -> None:
+    chosen, rejected = f64([0.5]).requires_grad_(), f64([-0.5]).requires_grad_()
+    apo_zero_loss(chosen, rejected, 1.0).sum().backward()
+    assert chosen.grad.item() < 0 < rejected.grad.item()  # descent raises y_w, lowers y_l
+    chosen.grad = rejected.grad = None
+    apo_down_loss(chosen, rejected, 1.0).sum().backward()
+    assert chosen.grad.item() > 0 and rejected.grad.item() > 0  # descent lowers both
+    assert rejected.grad.item() > chosen.grad.item()  # the rejected one more
+
+
+def test_exo_pair_is_the_reverse_kl_of_two_point_distributions() -> None:
+    eps = 1e-3
+    expected = []
+    for c, r in zip(CHOSEN, REJECTED, strict=True):
+        weights = [math.exp(BETA * c), math.exp(BETA * r)]
+        q = [w / sum(weights) for w in weights]  # the policy's softmax over the pair
+        p = [1 - eps, eps]  # the labels'
+        expected.append(sum(qi * math.log(qi / pi) for qi, pi in zip(q, p, strict=True)))
+    assert_close(exo_pair_loss(f64(CHOSEN), f64(REJECTED), BETA, eps), f64(expected))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        exo_pair_loss(f64(CHOSEN), f64(REJECTED), BETA, 0.0)
+
+
+AOT_POLICY_W, AOT_POLICY_L = [-3.0, -1.0, -7.0, -2.0], [-4.0, -5.0, -6.0, -2.5]
+AOT_REF_W, AOT_REF_L = [-3.5, -2.0, -6.0, -1.0], [-3.0, -4.0, -6.5, -2.0]
+
+
+def test_aot_matches_quantiles_of_policy_and_reference_margins() -> None:
+    eps = 0.1
+    policy_margins = sorted(w - lo for w, lo in zip(AOT_POLICY_W, AOT_POLICY_L, strict=True))
+    ref_margins = sorted(w - lo for w, lo in zip(AOT_REF_W, AOT_REF_L, strict=True))
+    expected = [
+        -(1 - eps) * log_sigmoid(BETA * (m - q)) - eps * log_sigmoid(-BETA * (m - q))
+        for m, q in zip(policy_margins, ref_margins, strict=True)
+    ]
+    losses = aot_loss(f64(AOT_POLICY_W), f64(AOT_POLICY_L), f64(AOT_REF_W), f64(AOT_REF_L), BETA, eps)
+    assert_close(losses, f64(expected))
+    order = [2, 0, 3, 1]  # the batch's order does not matter, only its two distributions
+    shuffled = aot_loss(
+        *(f64([v[k] for k in order]) for v in (AOT_POLICY_W, AOT_POLICY_L, AOT_REF_W, AOT_REF_L)), BETA, eps
+    )
+    assert_close(shuffled, losses)
+
+
+def test_aot_unpaired_matches_sorted_chosen_and_rejected() -> None:
+    chosen = [w - r for w, r in zip(AOT_POLICY_W, AOT_REF_W, strict=True)]
+    rejected = [w - r for w, r in zip(AOT_POLICY_L, AOT_REF_L, strict=True)]
+    expected = [-log_sigmoid(BETA * (c - r)) for c, r in zip(sorted(chosen), sorted(rejected), strict=True)]
+    assert_close(aot_unpaired_loss(f64(chosen), f64(rejected), BETA), f64(expected))
+
+
+def test_discopop_by_hand() -> None:
+    tau = 0.05
+    expected = []
+    for h in MARGINS:
+        rho = BETA * h
+        mix = sigmoid(rho / tau)
+        expected.append((1 - mix) * -log_sigmoid(rho) + mix * math.exp(-rho))
+    assert_close(discopop_loss(f64(CHOSEN), f64(REJECTED), BETA, tau), f64(expected))
+
+
+def test_discopop_is_finite_where_exp_overflows() -> None:
+    # ρ = −200: exp(200) overflows float32, but σ(ρ/τ) exp(−ρ) = exp(−4000 + 200) ≈ 0; the loss is −log σ(−200).
+    losses = discopop_loss(torch.tensor([-200.0]), torch.tensor([0.0]), 1.0, 0.05)
+    assert torch.isfinite(losses).all()
+    assert losses.item() == pytest.approx(200.0)
+    with pytest.raises(ValueError, match="tau"):
+        discopop_loss(f64(CHOSEN), f64(REJECTED), BETA, 0.0)

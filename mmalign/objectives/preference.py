@@ -5,10 +5,15 @@ Conventions shared by every function of this module:
 * ``*_logratios`` are log π_θ(y|x) − log π_ref(y|x) per sequence, shape [B]; h = chosen − rejected.
 * ``*_logps`` are log π_θ(y|x) per sequence (summed over tokens), ``*_mean_logps`` the same divided by |y|.
 * Every loss returns per-sample losses of shape [B] without reduction; the trainer averages.
+
+``PREFERENCE_LOSSES`` (at the end) looks every pairwise loss up by name, with what the trainer must supply for it.
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -60,8 +65,11 @@ def dpo_loss(
 
     ε > 0 is conservative DPO (cDPO, Mitchell, 2023; seed 001 Eq. (12)): labels flipped with probability ε.
     Δ is ODPO's offset Δ_r (Amini et al., 2024; seed 004 §5.1.5 Eq. (52), see ``odpo_offset``) or the
-    R-DPO/LR-DPO length term α(|y_w| − |y_l|) (Park et al., 2024; seed 004 §5.1.7 Eq. (56), see
-    ``length_offset``).
+    R-DPO/LR-DPO length term α(|y_l| − |y_w|) (Park et al., 2024; see ``length_offset`` for why its sign is
+    the opposite of seed 004 Eq. (56)).
+
+    trl 1.16's ``loss_type="sigmoid"`` has no label smoothing (trl reads ``label_smoothing`` only in its
+    robust, exo_pair and aot losses); ε here is cDPO's, as in trl before 1.0.
     """
     _check_positive("beta", beta)
     _check_label_smoothing(label_smoothing)
@@ -80,6 +88,11 @@ def ipo_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float) 
 
     Seed 004 §5.1.1 Eq. (44) writes the same objective as (βh − 1/2)² = β²(h − 1/(2β))²: both have the same
     minimiser; this form keeps the gradient scale of the original paper and of the seed-001 equation.
+
+    h is whatever log-ratios the caller passes. trl 1.16's ``loss_type="ipo"`` always divides each log-ratio by
+    its token count (per-token means; trl says the IPO authors confirmed this form); mmalign's trainer passes
+    summed log-ratios unless ``length_normalize`` is set, so trl's IPO is ``loss: ipo`` with
+    ``length_normalize: true`` (which trl's name ``loss_type: ipo`` selects).
     """
     _check_positive("beta", beta)
     return (chosen_logratios - rejected_logratios - 1.0 / (2.0 * beta)) ** 2
@@ -100,11 +113,22 @@ def hinge_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float
 def length_offset(chosen_lengths: Tensor, rejected_lengths: Tensor, alpha: float) -> Tensor:
     """Penalise the implicit reward by response length so DPO cannot win by verbosity; pass as ``offset``.
 
-    R-DPO / LR-DPO (Park et al., 2024; seed 004 §5.1.7 Eq. (56), seed 001 §3.8.1 Eq. (46)):
+    R-DPO / LR-DPO (Park et al., 2024) come from the length-penalised objective (seed 004 §5.1.7 Eq. (55),
+    seed 001 §3.8.1 Eq. (44)):
 
-        Δ = α(|y_w| − |y_l|)
+        max_π E_{y~π}[r(x, y) − α|y|] − β KL(π ‖ π_ref)
+
+    Its optimum is π*(y|x) ∝ π_ref(y|x) exp((r(x, y) − α|y|)/β), so r = β log π*/π_ref + α|y| + β log Z(x), and
+    the Bradley–Terry likelihood of r gives ℓ = −log σ(βh + α(|y_w| − |y_l|)). As ``dpo_loss`` subtracts its
+    offset, the offset is
+
+        Δ = α(|y_l| − |y_w|)
+
+    Seed 004 Eq. (56) and seed 001 Eq. (46) print the opposite sign, −log σ(βh − α(|y_w| − |y_l|)) (seed 001's
+    Eq. (45) already writes r = β log π/π_ref + β log Z − α|y|): that loss is minimised by π ∝ π_ref
+    exp((r + α|y|)/β), which rewards length instead of penalising it. This follows the objective.
     """
-    return alpha * (chosen_lengths - rejected_lengths)
+    return alpha * (rejected_lengths - chosen_lengths)
 
 
 def odpo_offset(
@@ -154,7 +178,10 @@ def fdpo_loss(
         js          f'(u) = log(2u / (1 + u))
         alpha       f'(u) = (1 − u^{−α}) / α    (α = 1 equals forward_kl; α → 0 tends to reverse_kl)
 
-    Every f'(u) is evaluated from log u without forming u.
+    Every f'(u) is evaluated from log u without forming u. α follows the f-DPO paper's α-divergence
+    f(u) = (u^{1−α} − (1 − α)u − α)/(α(α − 1)), as trl did before 1.0. trl 1.16's ``f_alpha_divergence_coef``
+    c enters as f'(u) = (u^{c−1} − 1)/(c − 1), which is this α = 1 − c (the two agree at the default 0.5);
+    trl 1.16 also writes forward KL as f'(u) = 1 − 1/u, a constant shift that cancels in the difference.
     """
     _check_positive("beta", beta)
     _check_choice("divergence", divergence, _F_DIVERGENCES)
@@ -208,16 +235,23 @@ def kto_loss(
     return torch.where(desirable.to(torch.bool), desirable_losses, undesirable_losses)
 
 
-def kto_kl_estimate(mismatched_logratios: Tensor) -> Tensor:
+def kto_kl_estimate(
+    mismatched_logratios: Tensor, mean_over_processes: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """Estimate KTO's reference point z from log-ratios of responses paired with unrelated prompts.
 
     Seed 001 §3.6.1 Eq. (33) (without its β, which ``kto_loss`` applies):
 
         z = max(0, mean_{i≠j} log π_θ(y_j|x_i) − log π_ref(y_j|x_i)),   detached
 
-    For an estimate shared by all processes, gather the log-ratios across processes before calling this.
+    The clamp applies to the mean over the whole batch: with several processes, pass ``mean_over_processes``
+    (a scalar's average over processes); it averages this process's mean before the clamp, as trl does.
+    Clamping each process's mean first would bias z upwards (means +2 and −5 would give 1 instead of 0).
     """
-    return mismatched_logratios.mean().clamp(min=0).detach()
+    mean = mismatched_logratios.detach().mean()
+    if mean_over_processes is not None:
+        mean = mean_over_processes(mean)
+    return mean.clamp(min=0)
 
 
 def log_odds(logps: Tensor) -> Tensor:
@@ -244,6 +278,10 @@ def orpo_loss(chosen_mean_logps: Tensor, rejected_mean_logps: Tensor, lam: float
     p_θ(y|x) = exp(mean token log-prob):
 
         ℓ = −log p_θ(y_w|x) − λ log σ(log odds(p_θ(y_w|x)) − log odds(p_θ(y_l|x)))
+
+    The NLL term here is per pair, the mean token log-prob of the chosen response, so the trainer's batch mean
+    weighs every pair equally. trl 1.16's ORPOTrainer pools it instead: one cross-entropy over all tokens of the
+    chosen sequences of the batch, prompt tokens included, so long pairs weigh more (its λ is called ``beta``).
     """
     _check_non_negative("lam", lam)
     log_odds_ratio = log_odds(chosen_mean_logps) - log_odds(rejected_mean_logps)
@@ -274,7 +312,10 @@ def cpo_loss(
 
         ℓ = −log σ(β log π_θ(y_w|x) − β log π_θ(y_l|x)) + λ · NLL(y_w),  NLL(y_w) = −log π_θ(y_w|x) by default
 
-    Pass ``chosen_nll`` to use another NLL normalisation (e.g. the token mean).
+    Pass ``chosen_nll`` to use another NLL normalisation (e.g. the token mean). mmalign's trainer passes summed
+    log-probs (token means with ``length_normalize``), so the NLL is per pair. trl 1.16's CPOTrainer pools it:
+    one cross-entropy averaged over all chosen response tokens of the batch (weight ``cpo_alpha``, default 1),
+    while its sigmoid term uses summed log-probs as here.
     """
     _check_positive("beta", beta)
     _check_non_negative("lam", lam)
@@ -319,6 +360,186 @@ def mallows_dpo_loss(
     return -F.logsigmoid(dispersion * beta * (chosen_logratios - rejected_logratios))
 
 
+def robust_dpo_loss(
+    chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, label_smoothing: float
+) -> Tensor:
+    """Correct DPO for labels flipped at a known rate ε, so the expected loss is the clean one (cDPO only damps).
+
+    rDPO (Chowdhury et al., 2024, arXiv:2403.00409, §3), with ℓ(z) = −log σ(z) the DPO loss at z = βh:
+
+        ℓ̂ = ((1 − ε) ℓ(z) − ε ℓ(−z)) / (1 − 2ε)
+
+    If a label is flipped with probability ε, the mean of ℓ̂ over the flip is ℓ(z): (1 − ε)ℓ̂(z) + εℓ̂(−z) = ℓ(z).
+    ε ∈ [0, 1/2); ε = 0 is DPO. Same as trl 1.16's ``loss_type="robust"``.
+    """
+    _check_positive("beta", beta)
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5) for rDPO, got {label_smoothing}")
+    logits = beta * (chosen_logratios - rejected_logratios)
+    clean, flipped = -F.logsigmoid(logits), -F.logsigmoid(-logits)
+    return ((1.0 - label_smoothing) * clean - label_smoothing * flipped) / (1.0 - 2.0 * label_smoothing)
+
+
+def bco_pair_loss(
+    chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, delta: float | Tensor = 0.0
+) -> Tensor:
+    """Train the implicit reward as a binary classifier, chosen → 1 and rejected → 0, around a reward shift δ.
+
+    BCO (Jung et al., 2024, arXiv:2404.04656), paired form, with r = β · log-ratio:
+
+        ℓ = −log σ(r_w − δ) − log σ(−(r_l − δ))
+
+    The summed binary cross-entropies bound the DPO loss from above; the paper's reward shift δ, the running mean
+    of the rewards (``BCORewardShift``), tightens the bound. trl 1.16's ``loss_type="bco_pair"`` is this loss
+    with δ = 0 (trl before 1.0 kept the running mean).
+    """
+    _check_positive("beta", beta)
+    return -F.logsigmoid(beta * chosen_logratios - delta) - F.logsigmoid(-(beta * rejected_logratios - delta))
+
+
+def sppo_hard_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float) -> Tensor:
+    """Regress each response's log-ratio onto its win probability, so the chosen log-ratio rises (not only h).
+
+    SPPO (Wu et al., 2024; seed 004 §4.4.2 Algorithm 2 step 6, seed 001 §3.11.2 Eq. (61)) minimises
+    (log π_θ(y|x)/π_t(y|x) − η(P̂(y ≻ π_t|x) − 1/2))², where η/2 stands for log Z. With π_t = π_ref, η = 1/β and
+    the hard win probabilities P̂ = 1 for y_w and 0 for y_l (trl's ``loss_type="sppo_hard"``), r = log-ratio:
+
+        ℓ = (r_w − 1/(2β))² + (r_l + 1/(2β))²
+    """
+    _check_positive("beta", beta)
+    half_eta = 0.5 / beta
+    return (chosen_logratios - half_eta) ** 2 + (rejected_logratios + half_eta) ** 2
+
+
+def nca_pair_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float) -> Tensor:
+    """Optimise each response's own likelihood ratio, not only their margin, so the chosen one cannot fall.
+
+    NCA (Chen et al., 2024, arXiv:2402.05369, §4), noise-contrastive alignment on a pair (K = 2, the winner's
+    target 1), with r = β · log-ratio:
+
+        ℓ = −log σ(r_w) − ½ log σ(−r_w) − ½ log σ(−r_l)
+
+    Same as trl 1.16's ``loss_type="nca_pair"``.
+    """
+    _check_positive("beta", beta)
+    r_w, r_l = beta * chosen_logratios, beta * rejected_logratios
+    return -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l)
+
+
+def apo_zero_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float) -> Tensor:
+    """Raise the chosen and lower the rejected likelihood, anchored at π_ref: for winners better than the model.
+
+    APO-zero (D'Oosterlinck et al., 2024, arXiv:2408.06266, Eq. (7)), r = log-ratio:
+
+        ℓ = (1 − σ(βr_w)) + σ(βr_l)
+    """
+    _check_positive("beta", beta)
+    return (1.0 - torch.sigmoid(beta * chosen_logratios)) + torch.sigmoid(beta * rejected_logratios)
+
+
+def apo_down_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float) -> Tensor:
+    """Lower both likelihoods, the rejected one more: for winners worse than the model's own outputs.
+
+    APO-down (D'Oosterlinck et al., 2024, arXiv:2408.06266, Eq. (8)), r = log-ratio, h = r_w − r_l:
+
+        ℓ = σ(βr_w) + (1 − σ(βh))
+    """
+    _check_positive("beta", beta)
+    margin = chosen_logratios - rejected_logratios
+    return torch.sigmoid(beta * chosen_logratios) + (1.0 - torch.sigmoid(beta * margin))
+
+
+def exo_pair_loss(
+    chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, label_smoothing: float = 1e-3
+) -> Tensor:
+    """Fit the policy's pair distribution to the labels by reverse KL, which is mode-seeking (DPO's is forward).
+
+    EXO (Ji et al., 2024, arXiv:2402.00856, Eq. (16)) with K = 2: the policy's distribution over the pair is
+    q = softmax(βr_w, βr_l) = (σ(βh), σ(−βh)) and the labels' is p = (1 − ε, ε), so
+
+        ℓ = KL(q ‖ p) = σ(βh)(log σ(βh) − log(1 − ε)) + σ(−βh)(log σ(−βh) − log ε)
+
+    ε ∈ (0, 1/2) (log ε must be finite); the paper recommends 1e-3. Same as trl 1.16's ``loss_type="exo_pair"``.
+    """
+    _check_positive("beta", beta)
+    if not 0.0 < label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in (0, 0.5) for EXO, got {label_smoothing}")
+    logits = beta * (chosen_logratios - rejected_logratios)
+    log_q_w, log_q_l = F.logsigmoid(logits), F.logsigmoid(-logits)
+    return torch.exp(log_q_w) * (log_q_w - math.log1p(-label_smoothing)) + torch.exp(log_q_l) * (
+        log_q_l - math.log(label_smoothing)
+    )
+
+
+def aot_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Make the policy's distribution of margins dominate the reference's over the batch, not pair by pair.
+
+    AOT, paired (Melnyk et al., 2024, arXiv:2406.05882): with ρ = log π(y_w|x) − log π(y_l|x) under the policy
+    (ρ_θ) and the reference (ρ_ref), each sorted over the batch, and (k) the k-th smallest, the optimal transport
+    between the two empirical distributions pairs equal quantiles; with z_k = β(ρ_θ,(k) − ρ_ref,(k)):
+
+        ℓ_k = −(1 − ε) log σ(z_k) − ε log σ(−z_k)
+
+    Returns one loss per quantile k, not per pair, so per-pair weights do not apply. Same as trl 1.16's
+    ``loss_type="aot"``.
+    """
+    _check_positive("beta", beta)
+    _check_label_smoothing(label_smoothing)
+    policy_margins = torch.sort(chosen_logps - rejected_logps, dim=0).values
+    ref_margins = torch.sort(ref_chosen_logps - ref_rejected_logps, dim=0).values
+    return _sigmoid_loss(beta * (policy_margins - ref_margins), label_smoothing)
+
+
+def aot_unpaired_loss(
+    chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, label_smoothing: float = 0.0
+) -> Tensor:
+    """Make the distribution of chosen log-ratios dominate that of rejected ones, for data without pairing.
+
+    AOT, unpaired (Melnyk et al., 2024, arXiv:2406.05882): r_w and r_l are sorted separately over the batch and
+    matched quantile by quantile, z_k = β(r_w,(k) − r_l,(k)):
+
+        ℓ_k = −(1 − ε) log σ(z_k) − ε log σ(−z_k)
+
+    One loss per quantile, not per pair. Same as trl 1.16's ``loss_type="aot_unpaired"``.
+    """
+    _check_positive("beta", beta)
+    _check_label_smoothing(label_smoothing)
+    chosen = torch.sort(chosen_logratios, dim=0).values
+    rejected = torch.sort(rejected_logratios, dim=0).values
+    return _sigmoid_loss(beta * (chosen - rejected), label_smoothing)
+
+
+def discopop_loss(
+    chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, tau: float = 0.05
+) -> Tensor:
+    """Blend the logistic (DPO) and exponential losses by the margin, the loss found by LLM-driven discovery.
+
+    DiscoPOP / log-ratio modulated loss (Lu et al., 2024, arXiv:2406.08414, Eq. (5)), with ρ = βh:
+
+        ℓ = (1 − σ(ρ/τ)) · (−log σ(ρ)) + σ(ρ/τ) · exp(−ρ)
+
+    The paper's τ is 0.05. The loss is not convex: at ρ = 0 its gradient lowers the margin, towards a local
+    minimum near ρ ≈ −0.1 (τ = 0.05), and raises it only past a bump near ρ ≈ 0.07; a policy that starts at
+    π_ref first moves there. The second term is evaluated as exp(log σ(ρ/τ) − ρ), which stays finite for very
+    negative ρ when τ < 1 (trl 1.16's ``loss_type="discopop"`` forms exp(−ρ) first, which overflows to inf and
+    gives inf · 0 = nan there).
+    """
+    _check_positive("beta", beta)
+    _check_positive("tau", tau)
+    logits = beta * (chosen_logratios - rejected_logratios)
+    modulation = torch.sigmoid(logits / tau)
+    logistic = -F.logsigmoid(logits)
+    exponential = torch.exp(F.logsigmoid(logits / tau) - logits)
+    return (1.0 - modulation) * logistic + exponential
+
+
 class BetaDPOController:
     """Adapt DPO's β per batch to the quality of its pairs: larger β for pairs with larger reward gaps.
 
@@ -356,6 +577,34 @@ class BetaDPOController:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.m0 = float(state["m0"])
+
+
+class BCORewardShift:
+    """BCO's reward shift δ: the running mean of the batches' mean rewards, kept across steps and resumes.
+
+    Each update takes the mean rewards of the current batch, one value per process (gathered), and returns
+
+        δ = mean of every batch mean seen so far, the current ones included
+
+    as BCO (Jung et al., 2024) and trl before 1.0 (``RunningMoments`` on the batch mean) define it. δ starts at 0.
+    """
+
+    def __init__(self) -> None:
+        self.delta = 0.0
+        self.count = 0
+
+    def update(self, batch_means: Tensor) -> float:
+        values = batch_means.detach().double().flatten()
+        self.count += values.numel()
+        self.delta += (values.sum().item() - values.numel() * self.delta) / self.count
+        return self.delta
+
+    def state_dict(self) -> dict[str, float]:
+        return {"delta": self.delta, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.delta = float(state["delta"])
+        self.count = int(state["count"])
 
 
 def _shaped_loss(logits: Tensor, beta: float, loss_type: str, label_smoothing: float) -> Tensor:
@@ -487,3 +736,370 @@ def dense_token_weights(changed: Tensor, gamma: float) -> Tensor:
     _check_non_negative("gamma", gamma)
     changed = changed if changed.is_floating_point() else changed.float()
     return 1.0 + (gamma - 1.0) * changed
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+class LossParams(Protocol):
+    """Hyper-parameters a registered loss may read; ``mmalign.train.preference.PreferenceConfig`` has them all."""
+
+    beta: float
+    label_smoothing: float | None
+    length_normalize: bool
+    alpha: float | None
+    gamma: float
+    lam: float
+    divergence: str
+    offset_transform: str
+    rainbow_shape: str
+    ref_mix_alpha: float
+    mallows: bool
+    tau: float | None
+
+
+def _this_process_only(values: Tensor) -> Tensor:
+    return values
+
+
+def _per_token(logps: Tensor, lengths: Tensor, length_normalize: bool) -> Tensor:
+    return logps / lengths if length_normalize else logps
+
+
+@dataclass(frozen=True)
+class PairScores:
+    """What a registered loss may read about a batch of B preference pairs; the trainer fills what it needs."""
+
+    chosen_logps: Tensor  # log π_θ(y_w|x), summed over the response tokens, [B]
+    rejected_logps: Tensor  # log π_θ(y_l|x), [B]
+    chosen_lengths: Tensor  # |y_w| in tokens, [B]
+    rejected_lengths: Tensor  # |y_l|, [B]
+    ref_chosen_logps: Tensor | None = None  # log π_ref(y_w|x), [B]; None when the loss needs no reference
+    ref_rejected_logps: Tensor | None = None
+    score_diff: Tensor | None = None  # score(x, y_w) − score(x, y_l) given with the pairs (ODPO), [B]
+    # reference next-token entropies of y_w and y_l side by side, [B, T_w + T_l] (Mallows)
+    ref_entropies: Tensor | None = None
+    entropy_mask: Tensor | None = None  # 1 on the response positions of ref_entropies
+    vocab_size: int | None = None
+    gather: Callable[[Tensor], Tensor] = _this_process_only  # every process's values, for batch statistics
+
+    def logratios(self, length_normalize: bool = False) -> tuple[Tensor, Tensor]:
+        """(chosen, rejected) log π_θ/π_ref, or log π_θ without a reference; divided by |y| if asked."""
+        chosen, rejected = self.chosen_logps, self.rejected_logps
+        if self.ref_chosen_logps is not None and self.ref_rejected_logps is not None:
+            chosen, rejected = chosen - self.ref_chosen_logps, rejected - self.ref_rejected_logps
+        return (
+            _per_token(chosen, self.chosen_lengths, length_normalize),
+            _per_token(rejected, self.rejected_lengths, length_normalize),
+        )
+
+    def dispersion(self) -> Tensor:
+        """Mallows-DPO's φ(x) from the reference entropies (``mallows_dispersion``)."""
+        if self.ref_entropies is None or self.entropy_mask is None or self.vocab_size is None:
+            raise ValueError("Mallows dispersion needs ref_entropies, entropy_mask and vocab_size")
+        return mallows_dispersion(self.ref_entropies, self.entropy_mask, self.vocab_size)
+
+
+LossOutput = tuple[Tensor, dict[str, Tensor]]
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """A preference loss looked up by name: its function and what the trainer must give it.
+
+    ``fn(scores, params, state)`` returns per-sample losses [B] and extra metrics. ``reads`` names the parameters
+    it reads besides ``beta`` and ``length_normalize``; those left unset (None) take ``defaults``, and ``check``
+    raises ValueError naming ``where + field`` for a value out of range.
+    """
+
+    fn: Callable[[PairScores, LossParams, Any], LossOutput]
+    reads: tuple[str, ...] = ()
+    defaults: Mapping[str, float] = field(default_factory=dict)
+    check: Callable[[LossParams, str], None] | None = None
+    needs_reference: bool = True
+    needs_entropies: bool = False  # reference token entropies, for the Mallows dispersion
+    needs_score_diff: bool = False  # a score per response in every row (ODPO)
+    needs_lengths: bool = False  # response lengths in tokens (length offsets and length-normalised scores)
+    # builds the loss's running state (β-DPO, BCO) from the params
+    state: Callable[[LossParams], Any] | None = None
+    per_pair: bool = True  # False: one loss per batch quantile (AOT sorts), so per-pair weights do not apply
+
+    def entropies_needed(self, params: LossParams) -> bool:
+        """Whether the trainer must ask the reference for token entropies under these parameters."""
+        return self.needs_entropies or ("mallows" in self.reads and bool(params.mallows))
+
+
+def _need(ok: bool, where: str, name: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"{where}{name} must be {rule}, got {value!r}")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _check_smoothing(p: LossParams, where: str) -> None:
+    smoothing = p.label_smoothing
+    _need(_finite(smoothing) and 0.0 <= smoothing <= 0.5, where, "label_smoothing", "in [0, 0.5]", smoothing)
+
+
+def _check_robust(p: LossParams, where: str) -> None:
+    smoothing = p.label_smoothing
+    rule = "in [0, 0.5) for robust (1 − 2ε divides)"
+    _need(_finite(smoothing) and 0.0 <= smoothing < 0.5, where, "label_smoothing", rule, smoothing)
+
+
+def _check_exo(p: LossParams, where: str) -> None:
+    smoothing = p.label_smoothing
+    rule = "in (0, 0.5) for exo_pair (log ε enters)"
+    _need(_finite(smoothing) and 0.0 < smoothing < 0.5, where, "label_smoothing", rule, smoothing)
+
+
+def _check_alpha_positive(p: LossParams, where: str) -> None:
+    _need(_finite(p.alpha) and p.alpha > 0, where, "alpha", "> 0 (0 would be plain DPO)", p.alpha)
+
+
+def _check_odpo(p: LossParams, where: str) -> None:
+    _check_alpha_positive(p, where)
+    _need(
+        p.offset_transform in _ODPO_TRANSFORMS,
+        where,
+        "offset_transform",
+        f"one of {_ODPO_TRANSFORMS}",
+        p.offset_transform,
+    )
+
+
+def _check_fdpo(p: LossParams, where: str) -> None:
+    _need(p.divergence in _F_DIVERGENCES, where, "divergence", f"one of {_F_DIVERGENCES}", p.divergence)
+    if p.divergence == "alpha":
+        _need(_finite(p.alpha) and p.alpha > 0, where, "alpha", "> 0 for divergence 'alpha'", p.alpha)
+
+
+def _check_lam(p: LossParams, where: str) -> None:
+    _need(_finite(p.lam) and p.lam >= 0, where, "lam", ">= 0", p.lam)
+
+
+def _check_gamma(p: LossParams, where: str) -> None:
+    _need(_finite(p.gamma), where, "gamma", "a finite number", p.gamma)
+
+
+def _check_tau(p: LossParams, where: str) -> None:
+    _need(_finite(p.tau) and p.tau > 0, where, "tau", "> 0", p.tau)
+
+
+def _check_rainbow(p: LossParams, where: str) -> None:
+    _need(p.rainbow_shape in _LOSS_TYPES, where, "rainbow_shape", f"one of {_LOSS_TYPES}", p.rainbow_shape)
+    _check_smoothing(p, where)
+    _need(
+        p.label_smoothing == 0 or p.rainbow_shape == "sigmoid",
+        where,
+        "label_smoothing",
+        "0 unless rainbow_shape is 'sigmoid'",
+        p.label_smoothing,
+    )
+    _check_gamma(p, where)
+    _need(
+        _finite(p.ref_mix_alpha) and 0.0 <= p.ref_mix_alpha <= 1.0,
+        where,
+        "ref_mix_alpha",
+        "in [0, 1]",
+        p.ref_mix_alpha,
+    )
+    _need(
+        p.ref_mix_alpha == 1.0 or p.length_normalize,
+        where,
+        "ref_mix_alpha",
+        "1 unless length_normalize is true (π_γ is defined per token)",
+        p.ref_mix_alpha,
+    )
+
+
+def check_loss_params(name: str, params: LossParams, where: str = "") -> None:
+    """Raise ValueError naming ``where + field`` if loss ``name`` cannot run with ``params`` (unset or out of range)."""
+    if name not in PREFERENCE_LOSSES:
+        raise ValueError(f"{where}loss must be one of {', '.join(PREFERENCE_LOSSES)}; got {name!r}")
+    entry = PREFERENCE_LOSSES[name]
+    _need(_finite(params.beta) and params.beta > 0, where, "beta", "> 0", params.beta)
+    for key in entry.reads:
+        if getattr(params, key) is None:
+            raise ValueError(f"{where}{key} is required for loss {name!r}")
+    if entry.check is not None:
+        entry.check(params, where)
+
+
+def _dpo(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    lc, lr = s.logratios(p.length_normalize)
+    return dpo_loss(lc, lr, p.beta, label_smoothing=p.label_smoothing), {}
+
+
+def _ipo(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    return ipo_loss(*s.logratios(p.length_normalize), p.beta), {}
+
+
+def _hinge(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    return hinge_loss(*s.logratios(p.length_normalize), p.beta), {}
+
+
+def _robust(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    return robust_dpo_loss(*s.logratios(p.length_normalize), p.beta, p.label_smoothing), {}
+
+
+def _bco_pair(s: PairScores, p: LossParams, shift: BCORewardShift) -> LossOutput:
+    lc, lr = s.logratios(p.length_normalize)
+    batch_mean = (p.beta * torch.cat([lc, lr]).detach()).mean().reshape(1)
+    delta = shift.update(s.gather(batch_mean))
+    return bco_pair_loss(lc, lr, p.beta, delta), {"delta": torch.tensor(delta, dtype=torch.float64)}
+
+
+def _sppo_hard(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    return sppo_hard_loss(*s.logratios(p.length_normalize), p.beta), {}
+
+
+def _nca_pair(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    return nca_pair_loss(*s.logratios(p.length_normalize), p.beta), {}
+
+
+def _apo_zero(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    return apo_zero_loss(*s.logratios(p.length_normalize), p.beta), {}
+
+
+def _apo_down(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    return apo_down_loss(*s.logratios(p.length_normalize), p.beta), {}
+
+
+def _exo_pair(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    return exo_pair_loss(*s.logratios(p.length_normalize), p.beta, p.label_smoothing), {}
+
+
+def _aot(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    n = p.length_normalize
+    losses = aot_loss(
+        _per_token(s.chosen_logps, s.chosen_lengths, n),
+        _per_token(s.rejected_logps, s.rejected_lengths, n),
+        _per_token(s.ref_chosen_logps, s.chosen_lengths, n),
+        _per_token(s.ref_rejected_logps, s.rejected_lengths, n),
+        p.beta,
+        p.label_smoothing,
+    )
+    return losses, {}
+
+
+def _aot_unpaired(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    return aot_unpaired_loss(*s.logratios(p.length_normalize), p.beta, p.label_smoothing), {}
+
+
+def _discopop(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    return discopop_loss(*s.logratios(p.length_normalize), p.beta, p.tau), {}
+
+
+def _rdpo(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    offset = length_offset(s.chosen_lengths, s.rejected_lengths, p.alpha)
+    return dpo_loss(*s.logratios(p.length_normalize), p.beta, offset=offset), {}
+
+
+def _odpo(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    offset = odpo_offset(s.score_diff, torch.zeros_like(s.score_diff), p.alpha, transform=p.offset_transform)
+    return dpo_loss(*s.logratios(p.length_normalize), p.beta, offset=offset), {}
+
+
+def _fdpo(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    lc, lr = s.logratios(p.length_normalize)
+    return fdpo_loss(lc, lr, p.beta, divergence=p.divergence, alpha=p.alpha), {}
+
+
+def _dpop(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    return dpop_loss(*s.logratios(p.length_normalize), p.beta, p.lam), {}
+
+
+def _beta_dpo(s: PairScores, p: LossParams, controller: BetaDPOController) -> LossOutput:
+    lc, lr = s.logratios(p.length_normalize)
+    beta = controller.beta(s.gather((lc - lr).detach() * p.beta))
+    return dpo_loss(lc, lr, beta), {"beta": torch.tensor(beta, dtype=torch.float64)}
+
+
+def _mallows(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    return mallows_dpo_loss(*s.logratios(p.length_normalize), p.beta, s.dispersion()), {}
+
+
+def _orpo(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    chosen, rejected = s.chosen_logps / s.chosen_lengths, s.rejected_logps / s.rejected_lengths
+    return orpo_loss(chosen, rejected, p.lam), {}
+
+
+def _simpo(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    chosen, rejected = s.chosen_logps / s.chosen_lengths, s.rejected_logps / s.rejected_lengths
+    return simpo_loss(chosen, rejected, p.beta, p.gamma), {}
+
+
+def _cpo(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    chosen = _per_token(s.chosen_logps, s.chosen_lengths, p.length_normalize)
+    rejected = _per_token(s.rejected_logps, s.rejected_lengths, p.length_normalize)
+    return cpo_loss(chosen, rejected, p.beta, lam=p.lam), {}
+
+
+def _rainbow(s: PairScores, p: LossParams, _: Any) -> LossOutput:
+    losses = composed_preference_loss(
+        s.chosen_logps,
+        s.rejected_logps,
+        s.ref_chosen_logps,
+        s.ref_rejected_logps,
+        s.chosen_lengths,
+        s.rejected_lengths,
+        beta=p.beta,
+        loss_type=p.rainbow_shape,
+        length_normalize=p.length_normalize,
+        ref_mix_alpha=p.ref_mix_alpha,
+        gamma=p.gamma,
+        dispersion=s.dispersion() if p.mallows else None,
+        label_smoothing=p.label_smoothing,
+    )
+    return losses, {}
+
+
+_SMOOTHING = {"label_smoothing": 0.0}
+
+PREFERENCE_LOSSES: Mapping[str, PreferenceLoss] = MappingProxyType(
+    {
+        "dpo": PreferenceLoss(_dpo, ("label_smoothing",), _SMOOTHING, _check_smoothing),
+        "ipo": PreferenceLoss(_ipo),
+        "hinge": PreferenceLoss(_hinge),
+        "robust": PreferenceLoss(_robust, ("label_smoothing",), _SMOOTHING, _check_robust),
+        "bco_pair": PreferenceLoss(_bco_pair, state=lambda p: BCORewardShift()),
+        "sppo_hard": PreferenceLoss(_sppo_hard),
+        "nca_pair": PreferenceLoss(_nca_pair),
+        "apo_zero": PreferenceLoss(_apo_zero),
+        "apo_down": PreferenceLoss(_apo_down),
+        "exo_pair": PreferenceLoss(_exo_pair, ("label_smoothing",), {"label_smoothing": 1e-3}, _check_exo),
+        "aot": PreferenceLoss(_aot, ("label_smoothing",), _SMOOTHING, _check_smoothing, per_pair=False),
+        "aot_unpaired": PreferenceLoss(
+            _aot_unpaired, ("label_smoothing",), _SMOOTHING, _check_smoothing, per_pair=False
+        ),
+        "discopop": PreferenceLoss(_discopop, ("tau",), {"tau": 0.05}, _check_tau),
+        "rdpo": PreferenceLoss(_rdpo, ("alpha",), check=_check_alpha_positive, needs_lengths=True),
+        "odpo": PreferenceLoss(
+            _odpo, ("alpha", "offset_transform"), check=_check_odpo, needs_score_diff=True
+        ),
+        "fdpo": PreferenceLoss(_fdpo, ("alpha", "divergence"), {"alpha": 0.5}, _check_fdpo),
+        "dpop": PreferenceLoss(_dpop, ("lam",), check=_check_lam),
+        "beta_dpo": PreferenceLoss(
+            _beta_dpo,
+            ("alpha",),
+            check=_check_alpha_positive,
+            state=lambda p: BetaDPOController(p.beta, p.alpha),
+        ),
+        "mallows": PreferenceLoss(_mallows, needs_entropies=True),
+        "orpo": PreferenceLoss(_orpo, ("lam",), check=_check_lam, needs_reference=False, needs_lengths=True),
+        "simpo": PreferenceLoss(
+            _simpo, ("gamma",), check=_check_gamma, needs_reference=False, needs_lengths=True
+        ),
+        "cpo": PreferenceLoss(_cpo, ("lam",), check=_check_lam, needs_reference=False),
+        "rainbow": PreferenceLoss(
+            _rainbow,
+            ("rainbow_shape", "ref_mix_alpha", "gamma", "mallows", "label_smoothing"),
+            _SMOOTHING,
+            _check_rainbow,
+        ),
+    }
+)
+"""Every preference loss by name, the one list the config, the trainer and the algorithm registry read."""

@@ -26,7 +26,7 @@ class KTOAlgorithm(AlgorithmBase):
     """Per-example KTO loss with the reference point z estimated from mismatched (prompt, completion) pairs.
 
     z is the batch mean of β-free log-ratios of completion i+1 given prompt i (as in the KTO paper), detached,
-    clamped at 0 and averaged over processes so every rank uses the same value.
+    averaged over processes and then clamped at 0 (trl's order), so every rank uses the same value.
     """
 
     online = False
@@ -54,8 +54,7 @@ class KTOAlgorithm(AlgorithmBase):
             for i, e in enumerate(examples)
         ]
         with torch.no_grad():
-            kl = kto_kl_estimate(self._logratios(mismatched))
-        kl = _mean_over_processes(kl)
+            kl = kto_reference_point(self._logratios(mismatched))
         desirable = torch.tensor([e["label"] for e in examples], device=logratios.device)
         losses = kto_loss(logratios, desirable, kl, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
         rewards = cfg.beta * logratios.detach()
@@ -72,6 +71,11 @@ class KTOAlgorithm(AlgorithmBase):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def kto_reference_point(mismatched_logratios: torch.Tensor) -> torch.Tensor:
+    """KTO's z over the whole batch: this process's mean log-ratio, averaged over processes, then clamped at 0."""
+    return kto_kl_estimate(mismatched_logratios, mean_over_processes=_mean_over_processes)
 
 
 def _mean_over_processes(value: torch.Tensor) -> torch.Tensor:

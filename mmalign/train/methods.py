@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from mmalign.core.registry import AlgorithmSpec, register_algorithm
+from mmalign.objectives.preference import PREFERENCE_LOSSES
 from mmalign.train.diffusion_pg import DiffusionPGConfig, DiffusionPolicyGradient
 from mmalign.train.diffusion_preference import PairDenoisingScores
 from mmalign.train.kto import KTOAlgorithm, KTOConfig
@@ -18,32 +19,36 @@ from mmalign.train.preference import PreferenceAlgorithm, PreferenceConfig
 from mmalign.train.supervised import RewardModelAlgorithm, RewardModelConfig, SFTAlgorithm, SFTConfig
 
 # ------------------------------------------------------------------------------------- preference family
-# name → (loss, what the loss needs of the policy beyond pair log-ratios, description)
-PREFERENCE_NAMES: dict[str, tuple[str, frozenset[str], str]] = {
-    "dpo": (
-        "dpo",
-        frozenset(),
-        "DPO (sigmoid; label_smoothing > 0 is cDPO); Diffusion-DPO on diffusion policies",
-    ),
-    "cdpo": ("dpo", frozenset(), "conservative DPO: DPO with label smoothing"),
-    "ipo": ("ipo", frozenset(), "IPO: squared margin regression"),
-    "hinge": ("hinge", frozenset(), "SLiC-style hinge on the scaled margin"),
-    "slic": ("hinge", frozenset(), "SLiC (hinge)"),
-    "rdpo": ("rdpo", frozenset({"token_lengths"}), "R-DPO / LR-DPO: length-regularised DPO"),
-    "odpo": ("odpo", frozenset(), "ODPO: DPO with an offset from score differences"),
-    "fdpo": ("fdpo", frozenset(), "f-DPO: other f-divergences to the reference"),
-    "dpop": ("dpop", frozenset(), "DPO-Positive: keeps the chosen likelihood above the reference"),
-    "beta_dpo": ("beta_dpo", frozenset(), "β-DPO: batch-adaptive β"),
-    "mallows": ("mallows", frozenset({"token_entropies"}), "Mallows-DPO: dispersion-weighted DPO"),
-    "orpo": ("orpo", frozenset({"token_lengths", "log_probabilities"}), "ORPO: odds-ratio, reference-free"),
-    "simpo": (
-        "simpo",
-        frozenset({"token_lengths", "log_probabilities"}),
-        "SimPO: length-normalised, ref-free",
-    ),
-    "cpo": ("cpo", frozenset({"log_probabilities"}), "CPO: reference-free DPO + NLL"),
-    "rainbow": ("rainbow", frozenset({"token_lengths"}), "RainbowPO: composed DPO improvements"),
-}
+# every loss of the registry is an algorithm name, plus the names papers use for some of them
+ALIASES = {"cdpo": "dpo", "slic": "hinge"}
+
+
+def _loss_needs(name: str) -> frozenset[str]:
+    """Model capabilities a preference loss needs beyond pair log-ratios."""
+    spec = PREFERENCE_LOSSES[name]
+    needs = set()
+    if spec.needs_entropies:
+        needs.add("token_entropies")
+    if spec.needs_lengths:
+        needs.add("token_lengths")
+    if (
+        not spec.needs_reference
+    ):  # a reference-free loss reads log π itself, which must be a probability's log
+        needs.add("log_probabilities")
+    return frozenset(needs)
+
+
+def _config_needs(config: PreferenceConfig) -> dict[str, str]:
+    """Capabilities the chosen loss and settings need (`loss` may differ from the name's, e.g. via `loss_type`)."""
+    needs = {capability: f"loss: {config.loss}" for capability in _loss_needs(config.loss)}
+    if config.length_normalize:
+        needs["token_lengths"] = "length_normalize: true"
+    return needs
+
+
+def _about(loss: str) -> str:
+    doc = (PREFERENCE_LOSSES[loss].fn.__doc__ or "").strip().splitlines()
+    return doc[0] if doc else loss
 
 
 def _preference(policy: Any, inputs: Any, config: PreferenceConfig) -> PreferenceAlgorithm:
@@ -54,7 +59,7 @@ def _diffusion_preference(policy: Any, inputs: Any, config: PreferenceConfig) ->
     return PreferenceAlgorithm(PairDenoisingScores(policy), inputs.rows["pairs"], config)
 
 
-for _name, (_loss, _needs, _about) in PREFERENCE_NAMES.items():
+for _name, _loss in [*((n, n) for n in PREFERENCE_LOSSES), *ALIASES.items(), ("preference", "dpo")]:
     for _kind, _factory in (("sequence", _preference), ("diffusion", _diffusion_preference)):
         register_algorithm(
             AlgorithmSpec(
@@ -64,9 +69,11 @@ for _name, (_loss, _needs, _about) in PREFERENCE_NAMES.items():
                 PreferenceConfig,
                 _factory,
                 data=("pairs",),
-                needs=_needs,
-                defaults={"loss": _loss},
-                description=_about,
+                needs=_loss_needs(_loss),
+                # `dpo` and `preference` leave `loss` unset, so trl's `loss_type` can choose it
+                defaults={} if _name in ("dpo", "preference") else {"loss": _loss},
+                description=_about(_loss) if _name == _loss else f"{_name}: the {_loss} loss",
+                config_needs=_config_needs,
             )
         )
 register_algorithm(

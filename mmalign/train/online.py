@@ -13,9 +13,11 @@ from typing import Any
 
 import torch
 
+from mmalign.core.config import RecipeError, to_dataclass
 from mmalign.core.data import Row
 from mmalign.core.reward import Reward, score
 from mmalign.objectives import policy_gradient as PG
+from mmalign.objectives.preference import PREFERENCE_LOSSES
 from mmalign.train.algorithm import AlgorithmBase
 from mmalign.train.preference import PreferenceAlgorithm, PreferenceConfig
 
@@ -77,7 +79,13 @@ class OnlineDPO(AlgorithmBase):
     ):
         self.policy, self.prompts, self.reward, self.config = policy, list(prompts), reward, config
         self.samples_per_prompt = config.samples_per_prompt
-        self.preference = PreferenceAlgorithm(scorer or policy, [], PreferenceConfig(**config.preference))
+        preference = to_dataclass(PreferenceConfig, config.preference, "algorithm.preference")
+        if not PREFERENCE_LOSSES[preference.loss].per_pair:
+            raise RecipeError(
+                f"algorithm.preference.loss {preference.loss!r} sorts the batch, so its losses are not per pair "
+                "and cannot take the weight 0 of tied pairs"
+            )
+        self.preference = PreferenceAlgorithm(scorer or policy, [], preference)
 
     def setup(self) -> None:
         """Nothing to precompute: pairs are drawn each rollout."""

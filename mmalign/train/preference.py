@@ -2,7 +2,7 @@
 
 The policy supplies per-token log-probs of chosen and rejected outputs in one concatenated batch (chosen
 first); this module reduces them to sequence scores, takes the reference's in a no-grad pass (or from a
-precomputed cache) and hands tensors to a pure loss in `mmalign.objectives.preference`.
+precomputed cache) and hands them to the loss that `mmalign.objectives.preference.PREFERENCE_LOSSES` names.
 """
 
 from __future__ import annotations
@@ -18,54 +18,122 @@ from mmalign.objectives import preference as P
 from mmalign.objectives.sequence import sequence_logps
 from mmalign.train.algorithm import AlgorithmBase
 
-REFERENCE_FREE = {"orpo", "simpo", "cpo"}
-LOSSES = (
-    "dpo",
-    "ipo",
-    "hinge",
-    "rdpo",
-    "odpo",
-    "fdpo",
-    "dpop",
-    "beta_dpo",
-    "mallows",
-    "orpo",
-    "simpo",
-    "cpo",
-    "rainbow",
-)
+TRL_LOSS_TYPES: dict[str, tuple[str, bool]] = {
+    "sigmoid": ("dpo", False),
+    "sigmoid_norm": ("dpo", True),
+    "ipo": ("ipo", True),
+    "hinge": ("hinge", False),
+    "robust": ("robust", False),
+    "bco_pair": ("bco_pair", False),
+    "sppo_hard": ("sppo_hard", False),
+    "nca_pair": ("nca_pair", False),
+    "apo_zero": ("apo_zero", False),
+    "apo_down": ("apo_down", False),
+    "exo_pair": ("exo_pair", False),
+    "aot": ("aot", False),
+    "aot_unpaired": ("aot_unpaired", False),
+    "discopop": ("discopop", False),
+}
+"""trl 1.16 DPOTrainer `loss_type` → (mmalign `loss`, whether trl divides the log-ratios by their length)."""
+
+_TRL_ONLY = {
+    "sft": "trl's loss_type 'sft' is mmalign's algorithm sft, or the NLL term of the losses cpo and orpo",
+}
+_TRL_RENAMED = {
+    "f_divergence_type": "algorithm.divergence with loss fdpo (reverse_kl, forward_kl, js, alpha; trl's "
+    "js_divergence is js, alpha_divergence is alpha)",
+    "f_alpha_divergence_coef": "algorithm.alpha with loss fdpo and divergence alpha; it follows the f-DPO paper, "
+    "so trl 1.16's coefficient c is alpha = 1 - c",
+    "precompute_ref_log_probs": "algorithm.precompute_reference",
+}
+# None means "this loss's default"; a value given for a loss that does not read it is an error.
+_PER_LOSS = ("alpha", "label_smoothing", "tau")
 
 
 @dataclass
 class PreferenceConfig:
-    """The `algorithm:` section of a preference recipe; fields not used by `loss` are ignored by it.
+    """The `algorithm:` section of a preference recipe.
 
-    loss: dpo (sigmoid; label_smoothing>0 is cDPO) · ipo · hinge (SLiC) · rdpo (length offset α(|y_w|−|y_l|)) ·
-    odpo (offset α·f(score_w − score_l) from the rows' score fields) · fdpo (divergence, alpha) · dpop (lam) ·
-    beta_dpo (alpha) · mallows (dispersion from reference entropies) · orpo (lam) · simpo (gamma) · cpo (lam) ·
-    rainbow (loss_type, length_normalize, ref_mix_alpha, gamma, mallows, label_smoothing composed).
+    loss: any name of `PREFERENCE_LOSSES` (default dpo): dpo (label_smoothing>0 is cDPO) · ipo · hinge (SLiC) ·
+    robust (rDPO, label_smoothing = flip rate) · bco_pair · sppo_hard · nca_pair · apo_zero · apo_down ·
+    exo_pair (label_smoothing, default 1e-3) · aot · aot_unpaired (label_smoothing) · discopop (tau, default
+    0.05) · rdpo (alpha: length penalty) · odpo (alpha, offset_transform; score_chosen/score_rejected on the
+    rows) · fdpo (divergence, alpha default 0.5) · dpop (lam) · beta_dpo (alpha) · mallows · orpo (lam) ·
+    simpo (gamma) · cpo (lam) · rainbow (rainbow_shape, length_normalize, ref_mix_alpha, gamma, mallows,
+    label_smoothing composed). alpha, label_smoothing and tau are None until a loss that reads them gives them
+    its default; rdpo, odpo and beta_dpo have no default alpha; a value given for a loss that does not read it is
+    an error.
+
+    trl 1.16's names: `loss_type` (sigmoid, sigmoid_norm, ipo, hinge and trl's other names, which equal
+    mmalign's; sigmoid_norm and ipo also set length_normalize, as trl normalises them) and `discopop_tau`;
+    f_divergence_type, f_alpha_divergence_coef and precompute_ref_log_probs are errors naming mmalign's key.
     """
 
     name: str = "preference"
-    loss: str = "dpo"
+    loss: str | None = None
     beta: float = 0.1
-    label_smoothing: float = 0.0
+    label_smoothing: float | None = None
     length_normalize: bool = False
-    alpha: float = 0.0
+    alpha: float | None = None
     gamma: float = 0.0
     lam: float = 1.0
     divergence: str = "reverse_kl"
     offset_transform: str = "log1p"
-    loss_type: str = "sigmoid"
+    rainbow_shape: str = "sigmoid"
     ref_mix_alpha: float = 1.0
     mallows: bool = False
+    tau: float | None = None
     precompute_reference: bool = False
+    loss_type: str | None = None
+    discopop_tau: float | None = None
+    f_divergence_type: str | None = None
+    f_alpha_divergence_coef: float | None = None
+    precompute_ref_log_probs: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.loss not in LOSSES:
-            raise ValueError(f"algorithm.loss must be one of {', '.join(LOSSES)}; got {self.loss!r}")
-        if self.loss == "beta_dpo" and self.alpha <= 0:
-            raise ValueError("algorithm.alpha must be > 0 for beta_dpo (0 would be plain DPO)")
+        self._take_trl_names()
+        entry = P.PREFERENCE_LOSSES.get(self.loss)
+        if entry is None:
+            known = ", ".join(P.PREFERENCE_LOSSES)
+            raise ValueError(f"algorithm.loss must be one of {known}; got {self.loss!r}")
+        for key in _PER_LOSS:
+            value = getattr(self, key)
+            if key not in entry.reads and value not in (None, 0):
+                raise ValueError(f"algorithm.{key} is not read by loss {self.loss!r}; got {value!r}")
+            if value is None and key in entry.defaults:
+                setattr(self, key, entry.defaults[key])
+        P.check_loss_params(self.loss, self, where="algorithm.")
+
+    def _take_trl_names(self) -> None:
+        """Fold trl's spellings into mmalign's keys, or say which mmalign key to use."""
+        for key, ours in _TRL_RENAMED.items():
+            if getattr(self, key) is not None:
+                raise ValueError(f"algorithm.{key} is trl's key; mmalign's is {ours}")
+        if self.discopop_tau is not None:
+            if self.tau is not None and self.tau != self.discopop_tau:
+                raise ValueError(
+                    f"algorithm.discopop_tau ({self.discopop_tau}) and algorithm.tau ({self.tau}) disagree"
+                )
+            self.tau = self.discopop_tau
+        if self.loss_type is not None:
+            if self.loss_type in _TRL_ONLY:
+                raise ValueError(f"algorithm.loss_type: {_TRL_ONLY[self.loss_type]}")
+            if self.loss_type not in TRL_LOSS_TYPES:
+                raise ValueError(
+                    f"algorithm.loss_type must be one of trl's loss types {', '.join(TRL_LOSS_TYPES)}; got "
+                    f"{self.loss_type!r} (mmalign's own names go in algorithm.loss: "
+                    f"{', '.join(P.PREFERENCE_LOSSES)})"
+                )
+            loss, normalized = TRL_LOSS_TYPES[self.loss_type]
+            if self.loss is not None and self.loss != loss:
+                raise ValueError(
+                    f"algorithm.loss_type {self.loss_type!r} (trl's name for loss {loss!r}) disagrees with "
+                    f"algorithm.loss {self.loss!r}; give one of them (algorithm.name sets algorithm.loss unless "
+                    "it is 'preference')"
+                )
+            self.loss = loss
+            self.length_normalize = self.length_normalize or normalized
+        self.loss = self.loss or "dpo"
 
 
 class PreferenceAlgorithm(AlgorithmBase):
@@ -75,21 +143,22 @@ class PreferenceAlgorithm(AlgorithmBase):
 
     def __init__(self, policy: Any, rows: Sequence[Row], config: PreferenceConfig):
         self.policy, self.config = policy, config
-        if config.loss == "odpo" and any("score_chosen" not in r.data for r in rows):
+        self.entry = P.PREFERENCE_LOSSES[config.loss]
+        if self.entry.needs_score_diff and any("score_chosen" not in r.data for r in rows):
             missing = next(r for r in rows if "score_chosen" not in r.data)
-            raise missing.error("score_chosen", "odpo needs score_chosen and score_rejected on every row")
+            raise missing.error(
+                "score_chosen", f"{config.loss} needs score_chosen and score_rejected on every row"
+            )
         self.train_examples = []
         for i, row in enumerate(rows):
             example = policy.encode_pair(row)
             example["index"] = i
-            if config.loss == "odpo":
+            if self.entry.needs_score_diff:
                 example["score_diff"] = float(row.data["score_chosen"]) - float(row.data["score_rejected"])
             self.train_examples.append(example)
-        self.needs_reference = config.loss not in REFERENCE_FREE
-        self.needs_entropy = config.loss == "mallows" or (config.loss == "rainbow" and config.mallows)
-        self.beta_controller = (
-            P.BetaDPOController(config.beta, config.alpha) if config.loss == "beta_dpo" else None
-        )
+        self.needs_reference = self.entry.needs_reference
+        self.needs_entropy = self.entry.entropies_needed(config)
+        self.loss_state = self.entry.state(config) if self.entry.state else None
         self._ref_cache: dict[int, tuple[float, float]] | None = None
 
     # ---------------------------------------------------------------------------------- reference
@@ -130,85 +199,50 @@ class PreferenceAlgorithm(AlgorithmBase):
         batch = self.policy.collate_pairs(examples)
         lp = self.policy.sequence_logprobs(batch)
         chosen, rejected = lp.split(n)
-        cl, rl = chosen.lengths, rejected.lengths
-        sc, sr = (
-            sequence_logps(chosen.token_logps, chosen.mask),
-            sequence_logps(rejected.token_logps, rejected.mask),
-        )
-        ref_lp = None
-        if not self.needs_reference:
-            ref_sc = ref_sr = torch.zeros_like(sc)
-        elif self._ref_cache is not None:
+        sc = sequence_logps(chosen.token_logps, chosen.mask)
+        sr = sequence_logps(rejected.token_logps, rejected.mask)
+        ref_sc = ref_sr = ref_lp = None
+        if self.needs_reference and self._ref_cache is not None:
             ref = torch.tensor(
                 [self._ref_cache[e["index"]] for e in examples], device=sc.device, dtype=sc.dtype
             )
             ref_sc, ref_sr = ref[:, 0], ref[:, 1]
-        else:
+        elif self.needs_reference:
             ref_sc, ref_sr, ref_lp = self._reference_scores(batch, n)
-        norm_c, norm_r = (cl, rl) if cfg.length_normalize else (1.0, 1.0)
-        lc, lr = (sc - ref_sc) / norm_c, (sr - ref_sr) / norm_r  # (length-normalised) log-ratios
-        beta = cfg.beta
-        metrics: dict[str, torch.Tensor] = {}
-
-        if cfg.loss == "dpo":
-            losses = P.dpo_loss(lc, lr, beta, label_smoothing=cfg.label_smoothing)
-        elif cfg.loss == "ipo":
-            losses = P.ipo_loss(lc, lr, beta)
-        elif cfg.loss == "hinge":
-            losses = P.hinge_loss(lc, lr, beta)
-        elif cfg.loss == "rdpo":
-            losses = P.dpo_loss(lc, lr, beta, offset=P.length_offset(cl, rl, cfg.alpha))
-        elif cfg.loss == "odpo":
-            diff = torch.tensor([e["score_diff"] for e in examples], device=sc.device, dtype=sc.dtype)
-            offset = P.odpo_offset(diff, torch.zeros_like(diff), cfg.alpha, transform=cfg.offset_transform)
-            losses = P.dpo_loss(lc, lr, beta, offset=offset)
-        elif cfg.loss == "fdpo":
-            losses = P.fdpo_loss(lc, lr, beta, divergence=cfg.divergence, alpha=cfg.alpha or 0.5)
-        elif cfg.loss == "dpop":
-            losses = P.dpop_loss(lc, lr, beta, cfg.lam)
-        elif cfg.loss == "beta_dpo":
-            beta = self.beta_controller.beta(self._gathered((lc - lr).detach() * cfg.beta))
-            losses = P.dpo_loss(lc, lr, beta)
-            metrics["beta"] = torch.tensor(beta)
-        elif cfg.loss == "mallows":
-            losses = P.mallows_dpo_loss(lc, lr, beta, self._dispersion(ref_lp, n))
-        elif cfg.loss == "orpo":
-            losses = P.orpo_loss(sc / cl, sr / rl, cfg.lam)
-        elif cfg.loss == "simpo":
-            losses = P.simpo_loss(sc / cl, sr / rl, beta, cfg.gamma)
-        elif cfg.loss == "cpo":
-            losses = P.cpo_loss(sc / norm_c, sr / norm_r, beta, lam=cfg.lam)
-        else:  # rainbow: the composition applies its own length normalisation to summed log-probs
-            losses = P.composed_preference_loss(
-                sc,
-                sr,
-                ref_sc,
-                ref_sr,
-                cl,
-                rl,
-                beta=beta,
-                loss_type=cfg.loss_type,
-                length_normalize=cfg.length_normalize,
-                ref_mix_alpha=cfg.ref_mix_alpha,
-                gamma=cfg.gamma,
-                label_smoothing=cfg.label_smoothing,
-                dispersion=self._dispersion(ref_lp, n) if cfg.mallows else None,
-            )
+        scores = P.PairScores(
+            chosen_logps=sc,
+            rejected_logps=sr,
+            chosen_lengths=chosen.lengths,
+            rejected_lengths=rejected.lengths,
+            ref_chosen_logps=ref_sc,
+            ref_rejected_logps=ref_sr,
+            score_diff=self._score_diff(examples, sc) if self.entry.needs_score_diff else None,
+            **(self._entropies(ref_lp, n) if self.needs_entropy else {}),
+            gather=self._gathered,
+        )
+        losses, metrics = self.entry.fn(scores, cfg, self.loss_state)
+        beta = metrics["beta"].item() if "beta" in metrics else cfg.beta  # β-DPO's batch β
+        lc, lr = scores.logratios(cfg.length_normalize)
         metrics.update(P.preference_metrics(beta * lc.detach(), beta * lr.detach()))
         metrics["logps/chosen"] = sc.detach().mean()
         metrics["logps/rejected"] = sr.detach().mean()
         return losses, metrics
 
-    def _dispersion(self, ref_lp, n: int) -> torch.Tensor:
-        """Mallows φ(x): reference entropies of both responses of each pair, side by side."""
+    @staticmethod
+    def _score_diff(examples: Sequence[dict[str, Any]], like: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([e["score_diff"] for e in examples], device=like.device, dtype=like.dtype)
+
+    def _entropies(self, ref_lp, n: int) -> dict[str, Any]:
+        """Reference entropies of both responses of each pair side by side, for the Mallows dispersion."""
         rc, rr = ref_lp.split(n)
-        entropies = torch.cat([rc.entropies, rr.entropies], dim=-1)
-        mask = torch.cat([rc.mask, rr.mask], dim=-1)
-        vocab = self.policy.vocab_size
-        return P.mallows_dispersion(entropies, mask, vocab)
+        return {
+            "ref_entropies": torch.cat([rc.entropies, rr.entropies], dim=-1),
+            "entropy_mask": torch.cat([rc.mask, rr.mask], dim=-1),
+            "vocab_size": self.policy.vocab_size,
+        }
 
     def _gathered(self, values: torch.Tensor) -> torch.Tensor:
-        """All processes' values, so batch statistics (β-DPO) agree across ranks."""
+        """All processes' values, so batch statistics (β-DPO, BCO) agree across ranks."""
         from accelerate.state import PartialState
 
         if PartialState().num_processes == 1:
@@ -219,8 +253,9 @@ class PreferenceAlgorithm(AlgorithmBase):
 
     # ------------------------------------------------------------------------------------ resumable
     def state_dict(self) -> dict[str, Any]:
-        return {"beta_controller": self.beta_controller.state_dict()} if self.beta_controller else {}
+        return {"loss_state": self.loss_state.state_dict()} if self.loss_state else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.beta_controller and "beta_controller" in state:
-            self.beta_controller.load_state_dict(state["beta_controller"])
+        saved = state.get("loss_state", state.get("beta_controller"))  # beta_controller: before the registry
+        if self.loss_state and saved is not None:
+            self.loss_state.load_state_dict(saved)
