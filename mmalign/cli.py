@@ -18,14 +18,20 @@ def _recipe_and_run(target: str, overrides: list[str]) -> tuple[dict, Path | Non
     return load_recipe(path, overrides), None
 
 
-def _load_trained(policy, run_dir: Path) -> None:
+def _load_trained(policy, run_dir: Path, recipe: dict) -> None:
+    """Weights of the newest valid checkpoint (an unusable newer one is named on stderr), refused if non-finite."""
     from mmalign.core.params import load_trainable
-    from mmalign.train.checkpoint import latest_checkpoint, load_state
+    from mmalign.train.checkpoint import latest_valid_checkpoint, load_state, require_finite
 
-    last = latest_checkpoint(run_dir)
+    on_corrupt = (recipe.get("train") or {}).get("on_corrupt_checkpoint", "fallback")
+    last, skipped = latest_valid_checkpoint(run_dir, on_corrupt)
     if last is None:
         raise SystemExit(f"{run_dir} has no complete checkpoint")
-    load_trainable(policy.module, load_state(last, "policy"))
+    for note in skipped:
+        print(f"mmalign: {note}; using {last.name} instead", file=sys.stderr)
+    weights = load_state(last, "policy")
+    require_finite(weights, f"{last}/policy.safetensors")
+    load_trainable(policy.module, weights)
 
 
 def _check_same_run(recipe: dict, out: Path) -> None:
@@ -57,22 +63,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from mmalign.run import build_run
+    from mmalign.train import run_dir
     from mmalign.train.trainer import Trainer
+    from mmalign.zoo.registry import resolve
 
     recipe = load_recipe(args.recipe, args.set)
     state = PartialState()
-    with state.main_process_first():  # the main process builds any zoo world first; the others then load it
-        run = build_run(recipe)
     out = Path(args.output_dir)
-    _check_same_run(recipe, out)
+    with run_dir.hold_run_dir(out):  # checked and locked before anything is built
+        _check_same_run(recipe, out)
+        # the main process builds any zoo world first; the others then load it
+        with state.main_process_first():
+            policy, algorithm, train_cfg, evaluator, report = build_run(recipe)
+        fingerprint = run_dir.recipe_fingerprint(recipe, lambda p: resolve(p, log=lambda *_: None))
+        # the recipe is valid: only now start over (train.resume=false) or resume
+        with run_dir.prepare_run_dir(out, resume=train_cfg.resume):
+            if state.is_main_process:
+                with run_dir.atomic_path(out / "recipe.yaml") as tmp:
+                    dump_recipe(recipe, tmp)
+            trainer = Trainer(
+                policy, algorithm, train_cfg, out, evaluator=evaluator, report=report, fingerprint=fingerprint
+            )
+            summary = trainer.train()
     if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        dump_recipe(recipe, out / "recipe.yaml")
-    summary = Trainer(
-        run.policy, run.algorithm, run.train, out, evaluator=run.evaluator, report=run.report
-    ).train()
-    if state.is_main_process:
-        print(json.dumps(summary, indent=2))
+        print(run_dir.finite_json(summary, "summary", indent=2))
     return 0
 
 
@@ -80,16 +94,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from mmalign.run import build_evaluation
+    from mmalign.train.run_dir import finite_json
 
     recipe, run_dir = _recipe_and_run(args.target, args.set)
     policy, evaluator = build_evaluation(recipe)
     if evaluator is None:
         raise RecipeError("the recipe has no held-out data to evaluate on (eval.prompts / eval.pairs)")
     if run_dir is not None and not args.base:
-        _load_trained(policy, run_dir)
+        _load_trained(policy, run_dir, recipe)
     policy.module.eval()
     with torch.no_grad():
-        print(json.dumps(evaluator.evaluate(policy), indent=2))
+        print(finite_json(evaluator.evaluate(policy), "mmalign eval", indent=2))
     return 0
 
 
@@ -127,7 +142,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     policy = load_policy(kind, model_cfg)
     if run_dir is not None and not args.base:
-        _load_trained(policy, run_dir)
+        _load_trained(policy, run_dir, recipe)
     policy.module.eval()
     if not isinstance(policy, DiffusionPolicy):
         prompts = _sample_prompts(policy, args.prompt, args.image)
@@ -216,12 +231,22 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as err:
         print(f"mmalign: recipe error: {err}", file=sys.stderr)
         return 2
-    except ValueError as err:
-        from mmalign.core.data import DataError  # imported late: it loads torch, which `--help` does not need
+    except (ValueError, RuntimeError) as err:
+        # imported late: they load torch, which `--help` does not need
+        from mmalign.core.data import DataError
+        from mmalign.train.checkpoint import CheckpointError
+        from mmalign.train.run_dir import NonFiniteMetricError, RunDirError
 
-        if not isinstance(err, DataError):
+        kinds = [
+            (DataError, "data error"),
+            (CheckpointError, "checkpoint error"),
+            (RunDirError, "run directory error"),
+            (NonFiniteMetricError, "non-finite metric"),
+        ]
+        kind = next((name for cls, name in kinds if isinstance(err, cls)), None)
+        if kind is None:
             raise
-        print(f"mmalign: data error: {err}", file=sys.stderr)
+        print(f"mmalign: {kind}: {err}", file=sys.stderr)
         return 2
 
 

@@ -1,12 +1,16 @@
-"""metrics.jsonl on disk plus any accelerate trackers (TensorBoard, W&B) the recipe asks for."""
+"""metrics.jsonl on disk plus any accelerate trackers (TensorBoard, W&B) the recipe asks for, and `run.log`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from accelerate import Accelerator
+from mmalign.train.run_dir import atomic_path, log_event
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 class MetricsLogger:
@@ -14,10 +18,16 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path, accelerator: Accelerator, trackers: list[str]):
         self.accelerator = accelerator
+        self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
         self.trackers = bool(trackers)
         if self.trackers:
             accelerator.init_trackers(run_dir.name)
+
+    def resume_at(self, step: int) -> None:
+        """Forget rows after `step` (the steps a resumed run redoes) and a partial last line (a kill mid-write)."""
+        if self.accelerator.is_main_process:
+            truncate_metrics(self.path, step)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.accelerator.is_main_process or not metrics:
@@ -27,9 +37,40 @@ class MetricsLogger:
         if self.trackers:
             self.accelerator.log(metrics, step=step)
 
+    def event(self, message: str) -> None:
+        """Say what happened to the run directory: printed once and kept in `run.log`."""
+        self.accelerator.print(f"mmalign: {message}")
+        if self.accelerator.is_main_process:
+            log_event(self.run_dir, message)
+
     def close(self) -> None:
         if self.trackers:
             self.accelerator.end_training()
+
+
+def _complete_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics file; an unfinished last line (a kill mid-write) is dropped, any other bad line is an
+    error naming it."""
+    *lines, last = path.read_text().split("\n")  # `last` is "" when the file ends with a newline
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as err:
+                raise ValueError(f"{path}, line {number}: not a JSON row ({err})") from None
+    with contextlib.suppress(ValueError):  # a last line cut short by a kill: its step is redone on resume
+        rows.append(json.loads(last))
+    return rows
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Rewrite `metrics.jsonl` with only its complete rows of steps ≤ `step` (atomically)."""
+    if not path.exists():
+        return
+    keep = [row for row in _complete_rows(path) if row["step"] <= step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in keep))
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -38,7 +79,6 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     rows: dict[tuple[int, tuple[str, ...]], dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
+    for row in _complete_rows(path):
         rows[(row["step"], tuple(sorted(row)))] = row
     return sorted(rows.values(), key=lambda r: r["step"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -28,6 +28,7 @@ from mmalign.core.policy import Policy
 from mmalign.train import checkpoint as ckpt
 from mmalign.train.algorithm import Algorithm, Evaluator, LossTerm, Report
 from mmalign.train.logging import MetricsLogger
+from mmalign.train.run_dir import atomic_dir, prepare_run_dir, read_before, write_json_atomic
 
 
 class TrainingError(RuntimeError):
@@ -54,7 +55,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     log_with: list[str] = field(default_factory=list)  # accelerate trackers: "tensorboard", "wandb"
-    resume: bool = True
+    resume: bool = True  # false: start over, moving an earlier run's files in the directory aside
+    # the newest checkpoint fails verification: "fallback" to the newest valid one (and say so) | "error"
+    on_corrupt_checkpoint: str = "fallback"
     ppo_epochs: int = 1  # online: optimizer steps per rollout (PPO-style reuse of samples)
     rollout_prompts: int = 0  # online: prompts per rollout (global); 0 → batch_size / samples_per_prompt
     progress: bool = True
@@ -70,6 +73,10 @@ class TrainConfig:
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(
                 f"train.mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}"
+            )
+        if self.on_corrupt_checkpoint not in ckpt.ON_CORRUPT:
+            raise ValueError(
+                f"train.on_corrupt_checkpoint must be 'fallback' or 'error', got {self.on_corrupt_checkpoint!r}"
             )
         self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
 
@@ -87,8 +94,11 @@ class Trainer:
         evaluator: Evaluator | None = None,
         accelerator: Accelerator | None = None,
         report: Report | None = None,
+        fingerprint: Mapping[str, str] | None = None,
     ):
         self.policy, self.algorithm, self.config = policy, algorithm, config
+        # what identifies the starting point besides its weights (e.g. run_dir.recipe_fingerprint); kept in before.json
+        self.fingerprint = dict(fingerprint or {})
         self.evaluator = evaluator
         self.report = report
         self.run_dir = Path(output_dir)
@@ -138,7 +148,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- loop
     def train(self) -> dict[str, Any]:
-        """Train to `max_steps` (resuming from the newest checkpoint if any) and return the summary."""
+        """Train to `max_steps` (resuming from the newest valid checkpoint if any) and return the summary."""
+        with prepare_run_dir(self.run_dir, resume=self.config.resume):
+            return self._train()
+
+    def _train(self) -> dict[str, Any]:
         cfg, acc = self.config, self.accelerator
         start_time = time.time()
         set_seed(cfg.seed)
@@ -160,11 +174,20 @@ class Trainer:
         logger = MetricsLogger(self.run_dir, acc, cfg.log_with)
 
         step, elapsed_before = 0, 0.0
-        last = ckpt.latest_checkpoint(self.run_dir) if cfg.resume else None
+        last, skipped = (
+            ckpt.agreed_checkpoint(
+                self.run_dir, cfg.on_corrupt_checkpoint, is_main_process=acc.is_main_process
+            )
+            if cfg.resume
+            else (None, [])
+        )
+        for note in skipped:
+            logger.event(f"{note}; resuming from {last.name} instead")
+        before = self._before_metrics(logger)  # of the starting weights, so before any checkpoint is restored
         if last is not None:
             step, elapsed_before = self._restore(last, optimizer, scheduler)
             acc.print(f"resumed from {last} at step {step}")
-        before = self._before_metrics()
+        logger.resume_at(step)
         self.algorithm.setup()
         if last is not None:
             ckpt.set_rng_state(ckpt.load_state(last, f"rng-rank{acc.process_index}"))
@@ -214,8 +237,9 @@ class Trainer:
             "after": after,
         }
         if acc.is_main_process:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            self.policy.save_pretrained(str(self.run_dir / "final"))
+            write_json_atomic(self.run_dir / "summary.json", summary, "summary.json")
+            with atomic_dir(self.run_dir / "final") as tmp:
+                self.policy.save_pretrained(str(tmp))
             if self.report is not None:
                 self.report.write(self.run_dir, summary, self._after_samples())
         logger.close()
@@ -313,16 +337,24 @@ class Trainer:
         self.policy.module.train(was)
         return result
 
-    def _before_metrics(self) -> dict[str, float]:
-        """Metrics of the starting model, computed once per run and kept across resumes."""
-        path = self.run_dir / "before.json"
-        if path.exists():
-            return json.loads(path.read_text())["metrics"]
+    def _before_metrics(self, logger: MetricsLogger) -> dict[str, float]:
+        """Metrics of the starting model, kept across resumes while its weights and evaluation set are the same."""
+        path, acc = self.run_dir / "before.json", self.accelerator
+        fingerprint, stored = {}, [None]
+        if acc.is_main_process:
+            fingerprint = {"weights": ckpt.state_digest(self.policy.module.state_dict()), **self.fingerprint}
+            stored = [read_before(path, fingerprint)]
+        stored_metrics, note = broadcast_object_list(stored)[0]
+        if stored_metrics is not None:
+            return stored_metrics
+        if note:
+            logger.event(note)
         before = self._evaluate()
         samples = self._samples("before")
-        if self.accelerator.is_main_process:
-            path.write_text(json.dumps({"metrics": before, "samples": samples}, indent=2))
-        self.accelerator.wait_for_everyone()
+        if acc.is_main_process:
+            record = {"fingerprint": fingerprint, "metrics": before, "samples": samples}
+            write_json_atomic(path, record, "before.json")
+        acc.wait_for_everyone()
         return before
 
     def _samples(self, tag: str) -> list[dict[str, Any]]:
@@ -362,7 +394,7 @@ class Trainer:
             parts,
             rank=acc.process_index,
             world_size=acc.num_processes,
-            barrier=acc.wait_for_everyone,
+            all_ok=ckpt.all_ranks_ok(acc),
         )
         if acc.is_main_process:
             ckpt.prune_checkpoints(self.run_dir, self.config.keep_checkpoints)
@@ -375,7 +407,9 @@ class Trainer:
                 f"{path} was written by {trainer['world_size']} processes; resume with the same number "
                 f"(got {self.accelerator.num_processes}) so the random streams continue exactly"
             )
-        self.policy.load_trainable_state_dict(ckpt.load_state(path, "policy"))
+        weights = ckpt.load_state(path, "policy")
+        ckpt.require_finite(weights, f"{path}/policy.safetensors")
+        self.policy.load_trainable_state_dict(weights)
         optimizer.load_state_dict(ckpt.load_state(path, "optimizer"))
         scheduler.load_state_dict({**scheduler.state_dict(), **ckpt.load_state(path, "scheduler")})
         self.algorithm.load_state_dict(ckpt.load_state(path, "algorithm"))
