@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from mmalign.build import build_run
-from mmalign.config import apply_overrides
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from mmalign.core.config import apply_overrides
+from mmalign.run import build_run
 from mmalign.train import checkpoint as ckpt
 from mmalign.train.checkpoint import CheckpointError
 from mmalign.train.trainer import Trainer
@@ -136,7 +136,7 @@ def test_no_valid_checkpoint_at_all_is_an_error_not_a_silent_restart(recipe, tmp
 
 
 def test_on_corrupt_checkpoint_setting_is_validated(tiny_recipe):
-    from mmalign.config import RecipeError
+    from mmalign.core.config import RecipeError
 
     with pytest.raises(RecipeError, match=r"train\.on_corrupt_checkpoint must be 'fallback' or 'error'"):
         build_run(apply_overrides(tiny_recipe, ["train.on_corrupt_checkpoint=ignore"]))
@@ -252,9 +252,8 @@ def test_eval_falls_back_past_a_corrupt_checkpoint_and_says_so(recipe, tmp_path,
 
 
 def test_eval_never_prints_nan_it_names_the_metric(recipe, tmp_path, capsys, monkeypatch):
-    from mmalign.text.evaluate import SequenceEvaluator
-
     from mmalign.cli import main
+    from mmalign.evaluation.sequence import SequenceEvaluator
 
     out = _cli_run(recipe, tmp_path)
     real = SequenceEvaluator.evaluate

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mmalign.build import build_run
-from mmalign.config import apply_overrides
 
+from mmalign.core.config import apply_overrides
+from mmalign.run import build_run
 from mmalign.train import run_dir
 from mmalign.train.logging import read_metrics
 from mmalign.train.run_dir import NonFiniteMetricError, RunDirError
@@ -57,12 +57,12 @@ def recipe(tiny_recipe) -> dict:
 
 # ------------------------------------------------------------------------------------- bad output paths
 def test_output_dir_that_is_a_file_is_refused_before_building(recipe, tmp_path, capsys, monkeypatch):
-    import mmalign.build
+    import mmalign.run
 
     def must_not_build(_recipe):
         raise AssertionError("the recipe was built before the output directory was checked")
 
-    monkeypatch.setattr(mmalign.build, "build_run", must_not_build)
+    monkeypatch.setattr(mmalign.run, "build_run", must_not_build)
     out = tmp_path / "out"
     out.write_text("not a directory")
     assert _cli(recipe, tmp_path, out) == 2
