@@ -151,12 +151,10 @@ def _read_jsonl(source: str) -> list[Row]:
 
 
 def _read_parquet(source: str) -> list[Row]:
-    """Read a Parquet file with pyarrow (an optional dependency); rows are numbered from 1."""
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as exc:
-        raise ImportError("reading Parquet files needs pyarrow: pip install 'mmalign[parquet]'") from exc
+    """Read a Parquet file with pyarrow (installed with ``datasets``); rows are numbered from 1."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
         records = pq.read_table(source).to_pylist()
     except (OSError, pa.ArrowException) as exc:
