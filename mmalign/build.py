@@ -13,12 +13,12 @@ from typing import Any
 from mmalign.config import RecipeError, to_dataclass
 from mmalign.core.data import (
     Row,
-    read_rows,
     validate_image_pair_rows,
     validate_preference_rows,
     validate_prompt_rows,
     validate_unpaired_rows,
 )
+from mmalign.core.hf_data import load_rows
 from mmalign.train.trainer import TrainConfig
 from mmalign.vision.vlm_build import VLMModelConfig
 from mmalign.zoo.registry import resolve
@@ -102,8 +102,9 @@ MODEL_CONFIGS = {
 }
 
 
-def _rows(path: str | None, validate) -> list[Row]:
-    return validate(read_rows(resolve(path))) if path else []
+def _rows(source: str | dict[str, Any] | None, validate) -> list[Row]:
+    """Rows of a data source (a path, hub id or mapping; see mmalign.core.hf_data), validated."""
+    return validate(load_rows(source, resolve)) if source else []
 
 
 def _lora(section: dict[str, Any] | None):
@@ -476,7 +477,7 @@ def build_algorithm(
     raise RecipeError(f"unknown algorithm.name {name!r}; known: {', '.join(known)}")
 
 
-def _need(data: dict[str, Any], key: str) -> str:
+def _need(data: dict[str, Any], key: str) -> str | dict[str, Any]:
     if not data.get(key):
         raise RecipeError(f"data.{key} is required for this algorithm")
     return data[key]

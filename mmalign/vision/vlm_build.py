@@ -7,6 +7,7 @@ from typing import Any
 
 from mmalign.config import RecipeError, to_dataclass
 from mmalign.core.data import read_rows
+from mmalign.core.hf_data import load_rows
 from mmalign.zoo.registry import resolve
 
 VLM_ALGORITHMS = ("dpo", "povid", "rlhfv", "dense_dpo")
@@ -50,7 +51,7 @@ def build_vlm_policy(cfg: VLMModelConfig, lora: Any) -> Any:
 def _train_rows(data: dict[str, Any]):
     if not data.get("train"):
         raise RecipeError("data.train is required for this algorithm")
-    return read_rows(resolve(data["train"]))
+    return load_rows(data["train"], resolve)
 
 
 def build_vlm_algorithm(name: str, algo: dict[str, Any], policy: Any, data: dict[str, Any]) -> Any:

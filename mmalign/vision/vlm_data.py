@@ -10,7 +10,7 @@ import itertools
 import json
 from dataclasses import dataclass
 
-from mmalign.core.data import Row, require_text
+from mmalign.core.data import Row, image_identity, require_image, require_text
 
 
 def _text(row: Row, field: str) -> str:
@@ -21,11 +21,8 @@ def _text(row: Row, field: str) -> str:
 
 
 def _image(row: Row, field: str = "image") -> str:
-    value = row.data.get(field)
-    if not isinstance(value, str) or not value.strip():
-        got = "missing (or null)" if value is None else f"a {type(value).__name__}"
-        raise row.error(field, f"expected an image file path, got {got}")
-    return value
+    """A key for the row's image (a path, bytes or a `datasets` image mapping), for duplicate checks."""
+    return image_identity(require_image(row, field))
 
 
 def _not_duplicate(rows_seen: dict[str, Row], row: Row, key: object) -> None:
