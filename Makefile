@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
-EXTRAS := vision,speech,speech-world,speech-mos,tracking,parquet,dev
+EXTRAS := vision,speech,speech-world,speech-mos,tracking,dev
 
 .PHONY: setup demo demo-text test test-all lint zoo bench clean
 

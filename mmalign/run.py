@@ -14,7 +14,8 @@ from typing import Any, NamedTuple
 
 from mmalign import plugins
 from mmalign.core.config import RecipeError, to_dataclass
-from mmalign.core.data import Row, read_rows
+from mmalign.core.data import Row
+from mmalign.core.hf_data import load_rows
 from mmalign.core.params import LoraSpec
 from mmalign.core.registry import (
     CAPABILITIES,
@@ -38,8 +39,8 @@ RECIPE_KEYS = ("name", "reward")  # algorithm keys read here, not by the algorit
 class EvalConfig:
     """`eval:` held-out data, the rewards reported, and sampling budget."""
 
-    pairs: str | None = None
-    prompts: str | None = None
+    pairs: str | dict[str, Any] | None = None  # a data source (see README: Data)
+    prompts: str | dict[str, Any] | None = None
     rewards: list[Any] = field(default_factory=list)
     batch_size: int = 64
     n_samples: int = 8  # samples shown in the report
@@ -101,8 +102,9 @@ class Plan:
     reward_specs: list[tuple[str, Any]]
 
 
-def _rows(path: Any) -> list[Row]:
-    return read_rows(resolve(path)) if isinstance(path, str) else read_rows(path)
+def _rows(source: Any) -> list[Row]:
+    """Rows of a data source: a file, a `save_to_disk` or data-file directory, a hub id, or a mapping with options."""
+    return load_rows(source, resolve)
 
 
 def _answers(*row_lists: list[Row]) -> dict[str, str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -196,13 +195,6 @@ def test_corrupt_parquet(tmp_path: Path) -> None:
     with pytest.raises(DataError) as info:
         read_rows(path)
     check_error(info.value, path, None, None, "cannot read file")
-
-
-def test_parquet_without_pyarrow_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "pyarrow", None)
-    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    with pytest.raises(ImportError, match=r"pip install 'mmalign\[parquet\]'"):
-        read_rows(tmp_path / "train.parquet")
 
 
 def test_rows_from_records_numbers_rows_from_one() -> None:

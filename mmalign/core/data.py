@@ -14,10 +14,16 @@ Rules worth knowing:
   missing columns with nulls.
 * A text field is a non-empty string or a conversation (a non-empty list of ``{"role", "content"}``
   turns); one dataset must use one of the two formats throughout.
+* An image field is a file path, encoded image bytes, a ``{"bytes", "path"}`` mapping (how ``datasets``
+  stores images) or a PIL image; the pixels are decoded and checked when a model encodes the row.
+* Files are read here; directories (``save_to_disk``, data files) and hub ids go through ``datasets``
+  (:mod:`mmalign.core.hf_data`), and :func:`mmalign.core.hf_data.load_rows` also converts known
+  formats (trl, Pick-a-Pic, RLAIF-V, RLHF-V; :mod:`mmalign.core.formats`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -59,15 +65,23 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Row:
-    """One record plus where it came from, so any later check can report its location."""
+    """One record plus where it came from, so any later check can report its location.
+
+    ``renamed`` maps a field a format adapter created to the field it was read from (``image_w`` ->
+    ``jpg_1``), so errors name the column the user has in their data.
+    """
 
     source: str
     line: int
     data: dict[str, Any]
     unit: Unit = "line"
+    renamed: tuple[tuple[str, str], ...] = ()
 
     def error(self, field: str | None, message: str) -> DataError:
         """Build an error located at this row (raise it yourself)."""
+        original = dict(self.renamed).get(field) if field is not None else None
+        if original is not None:
+            return DataError(self.source, self.line, original, f"{message} (read as {field!r})", self.unit)
         return DataError(self.source, self.line, field, message, self.unit)
 
 
@@ -75,7 +89,11 @@ class Row:
 
 
 def read_rows(path: str | os.PathLike[str]) -> list[Row]:
-    """Read a JSONL or Parquet file into located rows, failing on the first unreadable line."""
+    """Read a JSONL or Parquet file into located rows, failing on the first unreadable line.
+
+    A directory (``save_to_disk`` output or data files) or a hub dataset id is read through ``datasets``
+    (train split, rows as stored); :func:`mmalign.core.hf_data.load_rows` takes the full source spec.
+    """
     source = os.fspath(path)
     suffix = Path(source).suffix.lower()
     if suffix in JSONL_SUFFIXES:
@@ -83,8 +101,18 @@ def read_rows(path: str | os.PathLike[str]) -> list[Row]:
     elif suffix in PARQUET_SUFFIXES:
         rows = _read_parquet(source)
     else:
+        from mmalign.core import hf_data
+
+        if Path(source).is_dir() or hf_data.is_hub_id(source):
+            return hf_data.read_source(hf_data.DataSpec.parse(source))
         supported = ", ".join(JSONL_SUFFIXES + PARQUET_SUFFIXES)
-        raise DataError(source, None, None, f"unsupported file extension {suffix!r}; supported: {supported}")
+        raise DataError(
+            source,
+            None,
+            None,
+            f"unsupported file extension {suffix!r}; supported: {supported}, "
+            "a directory (save_to_disk or data files) or a hub dataset id",
+        )
     if not rows:
         raise DataError(source, None, None, "the file contains no rows")
     return rows
@@ -151,12 +179,10 @@ def _read_jsonl(source: str) -> list[Row]:
 
 
 def _read_parquet(source: str) -> list[Row]:
-    """Read a Parquet file with pyarrow (an optional dependency); rows are numbered from 1."""
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as exc:
-        raise ImportError("reading Parquet files needs pyarrow: pip install 'mmalign[parquet]'") from exc
+    """Read a Parquet file with pyarrow (installed with ``datasets``); rows are numbered from 1."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
         records = pq.read_table(source).to_pylist()
     except (OSError, pa.ArrowException) as exc:
@@ -182,8 +208,7 @@ def require_text(row: Row, field: str, *, response: bool = False) -> str | list[
     if not isinstance(value, list) or not value:
         got = "an empty list" if isinstance(value, list) else _type_name(value)
         raise row.error(field, f"expected a non-empty string or a list of role/content turns, got {got}")
-    for number, turn in enumerate(value, start=1):
-        _check_turn(row, field, number, turn)
+    require_conversation(row, field)
     roles = [turn["role"] for turn in value]
     if response and set(roles) != {"assistant"}:
         raise row.error(
@@ -192,6 +217,64 @@ def require_text(row: Row, field: str, *, response: bool = False) -> str | list[
     if not response and roles[-1] == "assistant":
         raise row.error(field, "a prompt conversation must not end with an assistant turn")
     return value
+
+
+def require_conversation(row: Row, field: str) -> list[dict[str, Any]]:
+    """Return a field that is a non-empty list of well-formed ``{"role", "content"}`` turns (any order)."""
+    value = _require_present(row, field)
+    if not isinstance(value, list) or not value:
+        got = "an empty list" if isinstance(value, list) else _type_name(value)
+        raise row.error(field, f"expected a non-empty list of role/content turns, got {got}")
+    for number, turn in enumerate(value, start=1):
+        _check_turn(row, field, number, turn)
+    return value
+
+
+def require_image(row: Row, field: str) -> Any:
+    """Return an image field: a file path, encoded bytes, a ``{"bytes", "path"}`` mapping or a PIL image.
+
+    Only the shape is checked here; decoding (corrupt data, mode, size, decompression bombs) happens in
+    :mod:`mmalign.vision.images` when the row is encoded.
+    """
+    value = row.data.get(field)
+    if is_image_value(value):
+        return value
+    if value is None:
+        got = "missing (or null)"
+    elif isinstance(value, Mapping):
+        got = "a mapping with neither non-empty 'bytes' nor a 'path'"
+    else:
+        empty = {str: "an empty string", bytes: "empty bytes"}
+        got = empty.get(type(value)) or _type_name(value)
+    raise row.error(
+        field, f"expected an image file path (or image bytes, a {{'bytes', 'path'}} mapping), got {got}"
+    )
+
+
+def is_image_value(value: Any) -> bool:
+    """Whether a value has the shape of an image reference (see :func:`require_image`)."""
+    if isinstance(value, str):
+        return bool(value.strip())
+    if isinstance(value, bytes | bytearray | memoryview):
+        return len(value) > 0
+    if isinstance(value, Mapping):
+        data, path = value.get("bytes"), value.get("path")
+        return (isinstance(data, bytes | bytearray) and len(data) > 0) or (
+            isinstance(path, str) and bool(path.strip())
+        )
+    return type(value).__module__.startswith("PIL.")  # a PIL image (core does not import PIL)
+
+
+def image_identity(value: Any) -> str:
+    """A key under which two references to the same image compare equal (paths, bytes, PIL pixels)."""
+    if isinstance(value, Mapping):
+        value = value["bytes"] if value.get("bytes") else value["path"]
+    if isinstance(value, str):
+        return f"path:{value}"
+    if isinstance(value, bytes | bytearray | memoryview):
+        return f"bytes:{hashlib.sha256(value).hexdigest()}"
+    pixels = hashlib.sha256(value.tobytes()).hexdigest()
+    return f"pixels:{value.mode}:{value.size}:{pixels}"
 
 
 def require_number(row: Row, field: str) -> float:
@@ -290,17 +373,18 @@ def validate_preference_rows(rows: list[Row], *, allow_scores: bool = True) -> l
 
 
 def validate_image_pair_rows(rows: list[Row]) -> list[Row]:
-    """Check image preference rows: a text prompt, two different image paths, optional ordered scores."""
+    """Check image preference rows: a text prompt, two different images, optional ordered scores.
+
+    Images are paths, bytes, ``{"bytes", "path"}`` mappings or PIL images (see :func:`require_image`).
+    """
     for row in rows:
         prompt = require_text(row, "prompt")
         if not isinstance(prompt, str):
             raise row.error("prompt", "image pairs need a plain-string prompt, got a conversation")
-        for name in ("image_w", "image_l"):
-            value = row.data.get(name)
-            if not isinstance(value, str) or not value.strip():
-                raise row.error(name, f"expected an image file path, got {type(value).__name__}")
-        if row.data["image_w"] == row.data["image_l"]:
-            raise row.error("image_l", "is the same file as 'image_w'; the pair carries no preference")
+        image_w, image_l = require_image(row, "image_w"), require_image(row, "image_l")
+        if image_identity(image_w) == image_identity(image_l):
+            same = "file" if isinstance(image_w, str) else "image"
+            raise row.error("image_l", f"is the same {same} as 'image_w'; the pair carries no preference")
         has = [k for k in ("score_chosen", "score_rejected") if row.data.get(k) is not None]
         if len(has) == 1:
             raise row.error(has[0], "score_chosen and score_rejected come together")

@@ -1,38 +1,71 @@
-"""Image files in datasets: loaded and checked with errors that name the file, row and field."""
+"""Images in datasets, loaded and checked with errors that name the source, row and field.
+
+An image field is a file path, encoded bytes, a ``{"bytes", "path"}`` mapping (how ``datasets`` stores an
+``Image`` column) or a PIL image. Relative paths are taken from the dataset file's directory, or from the
+dataset directory itself for rows read through ``datasets`` from a local directory. Every image is checked
+the same way: missing, undecodable, an unsupported mode, a header claiming more pixels than PIL's
+decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``), and (for tensors) a size other than the model's.
+"""
 
 from __future__ import annotations
 
+import io
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mmalign.core.data import Row
+from mmalign.core.data import Row, require_image
+from mmalign.core.hf_data import local_directory
+
+MODES = ("RGB", "RGBA", "L", "P")
 
 
 def resolve_image_path(row: Row, field: str, base: Path) -> Path:
-    """A row's image path, relative paths taken from the dataset file's directory."""
+    """A row's image path; relative paths are taken from `base` (or the row's dataset directory)."""
     value = row.data.get(field)
+    if isinstance(value, Mapping):
+        value = value.get("path")
     if not isinstance(value, str) or not value.strip():
         raise row.error(field, f"expected an image file path, got {type(value).__name__}")
     path = Path(value)
-    return path if path.is_absolute() else base / path
+    return path if path.is_absolute() else (local_directory(row.source) or base) / path
 
 
 def load_image(row: Row, field: str, base: Path) -> Image.Image:
-    """Open a row's image and convert it to RGB; missing or unreadable files are a `DataError`."""
+    """A row's image as RGB; a missing, unreadable, wrong-mode or oversized image is a `DataError`."""
+    value = require_image(row, field)
+    if isinstance(value, Image.Image):
+        return _checked_rgb(row, field, value, "in-memory image")
+    data = value.get("bytes") if isinstance(value, Mapping) else value
+    if isinstance(data, bytes | bytearray | memoryview) and len(data) > 0:
+        return _open(row, field, io.BytesIO(data), f"image bytes ({len(data)} bytes)")
     path = resolve_image_path(row, field, base)
+    if not path.exists():
+        raise row.error(field, f"image file not found: {path}")
+    return _open(row, field, path, f"image {path}")
+
+
+def _open(row: Row, field: str, source: Path | io.BytesIO, what: str) -> Image.Image:
+    """Decode an image file or buffer, turning every failure into a located error."""
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.load()
-            if img.mode not in ("RGB", "RGBA", "L", "P"):
-                raise row.error(field, f"{path}: unsupported image mode {img.mode!r} (use RGB or grayscale)")
-            return img.convert("RGB")
-    except FileNotFoundError:
-        raise row.error(field, f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise row.error(field, f"cannot read image {path}: {err}") from None
+            return _checked_rgb(row, field, img, what)
+    except Image.DecompressionBombError as err:  # raised from the header, before any pixel is decoded
+        raise row.error(field, f"refusing to decode {what}, a possible decompression bomb: {err}") from None
+    except UnidentifiedImageError:
+        raise row.error(field, f"cannot read {what}: not in an image format PIL recognises") from None
+    except OSError as err:  # truncated or damaged data
+        raise row.error(field, f"cannot read {what}: {err}") from None
+
+
+def _checked_rgb(row: Row, field: str, img: Image.Image, what: str) -> Image.Image:
+    if img.mode not in MODES:
+        raise row.error(field, f"{what}: unsupported image mode {img.mode!r} (use RGB or grayscale)")
+    return img.convert("RGB")
 
 
 def load_image_tensor(row: Row, field: str, base: Path, size: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from mmalign.core.corrections import apply_corrections
-from mmalign.core.data import Row, require_text
+from mmalign.core.data import Row, image_identity, require_image, require_text
 
 
 def _text(row: Row, field: str) -> str:
@@ -20,12 +20,9 @@ def _text(row: Row, field: str) -> str:
 
 
 def require_image_field(row: Row, field: str = "image") -> str:
-    """A row's image file path (a non-empty string); the file itself is checked when the row is encoded."""
-    value = row.data.get(field)
-    if not isinstance(value, str) or not value.strip():
-        got = "missing (or null)" if value is None else f"a {type(value).__name__}"
-        raise row.error(field, f"expected an image file path, got {got}")
-    return value
+    """A key for the row's image (a path, bytes or a `datasets` image mapping), for duplicate checks; the image
+    itself is decoded and checked when the row is encoded."""
+    return image_identity(require_image(row, field))
 
 
 def _not_duplicate(rows_seen: dict[str, Row], row: Row, key: object) -> None:
