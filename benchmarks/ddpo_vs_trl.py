@@ -19,7 +19,7 @@ on the two sides:
     train_gradient_accumulation_steps = g
   train_timestep_fraction                     DiffusionPGConfig.timestep_fraction
   train_clip_range, train_adv_clip_max        clip_range, max_abs_advantage
-  per_prompt_stat_tracking (buffer, min)      per_prompt_stats, stat_buffer, stat_min_count
+  per_prompt_stat_tracking (buffer, min)      advantage=per_prompt, stat_buffer, stat_min_count
   train_learning_rate, adam wd/eps, max norm  lr, weight_decay, max_grad_norm (AdamW, constant LR)
   DefaultDDPOStableDiffusionPipeline(use_lora=True): LoRA r=4, alpha=4, gaussian init, to_q/to_k/to_v/to_out.0
                                               LoraSpec(r=4, alpha=4) (mmalign's UNet targets are the same four)
@@ -222,7 +222,7 @@ def run_mmalign(args) -> dict:
             max_abs_advantage=args.adv_clip,
             timestep_fraction=args.timestep_fraction,
             samples_per_prompt=args.samples_per_prompt,
-            per_prompt_stats=True,
+            advantage="per_prompt",
             stat_buffer=args.stat_buffer,
             stat_min_count=args.stat_min_count,
         ),

@@ -10,6 +10,7 @@ import importlib
 from importlib.metadata import entry_points
 
 BUILTIN = (
+    "mmalign.zoo.registry",  # the zoo:// paths of the offline worlds
     "mmalign.text.kinds",
     "mmalign.vision.kinds",
     "mmalign.speech.kinds",

@@ -17,6 +17,7 @@ from mmalign.core.config import RecipeError, to_dataclass
 from mmalign.core.data import Row
 from mmalign.core.hf_data import load_rows
 from mmalign.core.params import LoraSpec
+from mmalign.core.paths import resolve
 from mmalign.core.registry import (
     CAPABILITIES,
     DATA_KEYS,
@@ -29,7 +30,6 @@ from mmalign.core.registry import (
 )
 from mmalign.train.report import RunReport
 from mmalign.train.trainer import TrainConfig
-from mmalign.zoo.registry import resolve
 
 SECTIONS = ("seed", "model", "data", "algorithm", "eval", "train")
 RECIPE_KEYS = ("name", "reward")  # algorithm keys read here, not by the algorithm's config

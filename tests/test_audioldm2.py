@@ -283,7 +283,7 @@ def test_dlpo_with_lora_trains_only_lora_and_the_saved_lora_loads_back(pipeline_
     modules.update(language_model=policy.pipeline.language_model, vocoder=policy.pipeline.vocoder)
     before = {f"{m}.{n}": p.detach().clone() for m, mod in modules.items() for n, p in mod.named_parameters()}
     rows = rows_from_records([{"prompt": p} for p in PROMPTS])
-    cfg = DiffusionPGConfig(name="dlpo", clip_range=0.2, per_prompt_stats=False, diffusion_loss_coef=1.0)
+    cfg = DiffusionPGConfig(name="dlpo", clip_range=0.2, advantage="reinforce", diffusion_loss_coef=1.0)
     Trainer(
         policy,
         DiffusionPolicyGradient(policy, rows, Loudness(), cfg),
@@ -330,9 +330,7 @@ def test_full_fine_tuning_trains_the_unet_against_a_frozen_copy_and_saves_the_pi
     reference = {n: p.detach().clone() for n, p in policy._reference_model.named_parameters()}
     vae = {n: p.detach().clone() for n, p in policy.pipeline.vae.named_parameters()}
     rows = rows_from_records([{"prompt": p} for p in PROMPTS])
-    cfg = DiffusionPGConfig(
-        clip_range=0.2, per_prompt_stats=False, kl_coef=0.1
-    )  # DPOK: reference in the loss
+    cfg = DiffusionPGConfig(clip_range=0.2, advantage="reinforce", kl_coef=0.1)  # DPOK: reference in the loss
     Trainer(
         policy,
         DiffusionPolicyGradient(policy, rows, Loudness(), cfg),

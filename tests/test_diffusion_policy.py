@@ -119,7 +119,7 @@ def test_ppo_ratio_is_one_on_the_first_inner_step(pipeline_dir):
     _perturb_lora(policy)
     rows = rows_from_records([{"prompt": "a handwritten seven"}, {"prompt": "the digit one"}])
     algo = DiffusionPolicyGradient(
-        policy, rows, JpegCompressibility(), DiffusionPGConfig(per_prompt_stats=False, timestep_fraction=0.5)
+        policy, rows, JpegCompressibility(), DiffusionPGConfig(advantage="reinforce", timestep_fraction=0.5)
     )
     batch, _ = algo.rollout(rows)
     assert len(batch) == 2 and batch["steps"].shape == (2, 2)

@@ -550,8 +550,7 @@ def _margin(algorithm) -> float:
 
 
 def test_text_dpo_trains_from_a_saved_dataset_directory(tiny_world, tmp_path):
-    from mmalign.build import build_run
-
+    from mmalign.run import build_run
     from mmalign.train.trainer import Trainer
 
     pairs = _read_jsonl(tiny_world / "train_pairs.jsonl")[:32]
@@ -567,8 +566,7 @@ def test_text_dpo_trains_from_a_saved_dataset_directory(tiny_world, tmp_path):
 
 
 def test_trl_implicit_prompt_conversations_train_dpo(tiny_world, tmp_path):
-    from mmalign.build import build_run
-
+    from mmalign.run import build_run
     from mmalign.train.trainer import Trainer
     from mmalign.zoo.tokenizer import CHAT_TEMPLATE
 
@@ -599,8 +597,8 @@ def test_trl_implicit_prompt_conversations_train_dpo(tiny_world, tmp_path):
 def test_pick_a_pic_dataset_trains_offline_diffusion_dpo(tmp_path):
     import torch
     from diffusion_fixtures import tiny_pipeline
-    from mmalign.build import build_run
 
+    from mmalign.run import build_run
     from mmalign.train.trainer import Trainer
 
     pipeline_dir = tmp_path / "tiny-sd"

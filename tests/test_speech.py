@@ -105,7 +105,7 @@ def test_dlpo_data_term_enters_each_update_once(world):
     policy, reward = _policy(world, num_steps=4), Intelligibility.from_pretrained(str(world / "recogniser"))
     prompts = rows_from_records([{"prompt": "seven"}, {"prompt": "7!"}])
     targets = [r for r in read_rows(world / "train_speech.jsonl") if r.data["prompt"] in ("seven", "7!")]
-    common = {"clip_range": 0.2, "per_prompt_stats": False, "samples_per_prompt": 2}
+    common = {"clip_range": 0.2, "advantage": "reinforce", "samples_per_prompt": 2}
     dlpo = DiffusionPolicyGradient(
         policy,
         prompts,

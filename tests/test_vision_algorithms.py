@@ -76,7 +76,7 @@ def test_diffusion_policy_gradient_raises_its_reward(pipeline_dir, tmp_path, nam
     policy = _policy(pipeline_dir)
     before = _mean_reward(policy)
     rows = rows_from_records([{"prompt": p} for p in PROMPTS])
-    cfg = DiffusionPGConfig(clip_range=0.2, per_prompt_stats=False, **extra)
+    cfg = DiffusionPGConfig(clip_range=0.2, advantage="reinforce", **extra)
     algo = DiffusionPolicyGradient(policy, rows, Brightness(), cfg)
     Trainer(
         policy,
@@ -102,7 +102,7 @@ class SingleBackward(DiffusionPolicyGradient):
 
 def test_backward_per_denoising_step_equals_one_backward_of_the_sum(pipeline_dir, tmp_path):
     rows = rows_from_records([{"prompt": p} for p in PROMPTS])
-    cfg = DiffusionPGConfig(clip_range=0.2, per_prompt_stats=False, kl_coef=0.01, diffusion_loss_coef=0.1)
+    cfg = DiffusionPGConfig(clip_range=0.2, advantage="reinforce", kl_coef=0.01, diffusion_loss_coef=0.1)
     weights, losses = [], []
     for cls in (DiffusionPolicyGradient, SingleBackward):
         policy = _policy(pipeline_dir)
@@ -269,12 +269,12 @@ def test_diffusion_dpo_recipe_reads_image_pairs_and_names_bad_rows(pipeline_dir,
 def test_train_step_range_keeps_training_off_the_last_low_noise_steps(pipeline_dir):
     policy = _policy(pipeline_dir)  # 4 DDIM steps
     rows = rows_from_records([{"prompt": p} for p in PROMPTS])
-    cfg = DiffusionPGConfig(per_prompt_stats=False, train_step_range=(0.0, 0.5))
+    cfg = DiffusionPGConfig(advantage="reinforce", train_step_range=(0.0, 0.5))
     batch, _ = DiffusionPolicyGradient(policy, rows, Brightness(), cfg).rollout(rows)
     assert batch["steps"][0].tolist() == [0, 1]
     # step i of 4 is trained iff lo <= i/4 < hi: (0, 0.2) keeps step 0, (0.3, 0.8) steps 2 and 3
     for step_range, expected in [((0.0, 0.2), [0]), ((0.3, 0.8), [2, 3]), ((0.25, 0.5), [1])]:
-        cfg = DiffusionPGConfig(per_prompt_stats=False, train_step_range=step_range)
+        cfg = DiffusionPGConfig(advantage="reinforce", train_step_range=step_range)
         batch, _ = DiffusionPolicyGradient(policy, rows, Brightness(), cfg).rollout(rows)
         assert batch["steps"][0].tolist() == expected, step_range
     with pytest.raises(ValueError, match="train_step_range"):
@@ -300,7 +300,7 @@ def test_diffusion_policy_gradient_recipes_parse(name):
 def test_ddpo_resume_matches_an_uninterrupted_run(pipeline_dir, tmp_path, stop_at):
     """Per-prompt statistics, the reused rollout of PPO epochs and the RNG all come back from the checkpoint."""
     rows = rows_from_records([{"prompt": p} for p in PROMPTS])
-    cfg = DiffusionPGConfig(clip_range=0.2, per_prompt_stats=True, stat_min_count=2)
+    cfg = DiffusionPGConfig(clip_range=0.2, stat_min_count=2)
 
     def run(out, max_steps):
         policy = _policy(pipeline_dir)

@@ -8,8 +8,8 @@ from typing import Any
 from mmalign.core.config import RecipeError
 from mmalign.core.data import Row, require_text, validate_prompt_rows
 from mmalign.core.diffusion_policy import DiffusionModelConfig
+from mmalign.core.paths import resolve
 from mmalign.core.registry import ModelKind, RewardSpec, register_model_kind, register_reward
-from mmalign.zoo.registry import resolve
 
 
 @dataclass

@@ -11,8 +11,8 @@ from mmalign.core.data import (
     validate_prompt_rows,
     validate_unpaired_rows,
 )
+from mmalign.core.paths import resolve
 from mmalign.core.registry import ModelKind, RewardSpec, register_model_kind, register_reward
-from mmalign.zoo.registry import resolve
 
 
 @dataclass

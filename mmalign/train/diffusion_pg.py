@@ -4,6 +4,9 @@ One rollout samples images (or spectrograms) with the trajectory recorded, score
 reward, turns rewards into advantages (per-prompt normalisation with DDPO's stat tracker), and each update
 re-scores a random subset of the recorded steps under the current weights:
 
+Advantages come from any estimator of `mmalign.objectives.advantages` by name (`advantage`): DDPO's per-prompt
+tracker by default, GRPO's group normalisation over `samples_per_prompt` samples of a prompt, RLOO, ...
+
 - DDPO (Black et al. 2023; seed 004 §4.5.1): PPO-clip on the per-step likelihood ratio (`loss_type: ppo`) or the
   plain score function (`loss_type: reinforce`, DDPO-SF);
 - DPOK (Fan et al. 2023; seed 004 §4.5.1): adds `kl_coef` × KL(p_θ(x_{t-1}|x_t) ‖ p_ref(x_{t-1}|x_t)), the KL
@@ -34,6 +37,14 @@ from mmalign.core.policy import DiffusionPolicy
 from mmalign.core.reward import Reward, score
 from mmalign.core.types import Batch, Conditioning
 from mmalign.objectives import policy_gradient as PG
+from mmalign.objectives.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    AdvantageEstimator,
+    PerPromptStatTracker,
+    RewardGroups,
+    clip_advantages,
+    make_advantage_estimator,
+)
 from mmalign.objectives.diffusion import denoising_error, gaussian_kl, gaussian_logprob
 from mmalign.train.algorithm import AlgorithmBase
 
@@ -54,11 +65,15 @@ class DiffusionPGConfig:
     # can dominate the update with noise; (0, 0.8) leaves out the last fifth, (0, 0.2) keeps the first fifth.
     train_step_range: tuple[float, float] = (0.0, 1.0)
     samples_per_prompt: int = 1
-    stat_buffer: int = 32  # per-prompt reward history kept by the stat tracker
-    stat_min_count: int = 16  # fewer rewards than this for a prompt: normalise with batch statistics
-    per_prompt_stats: bool = True
+    # per_prompt: DDPO's stat tracker · reinforce: the batch's mean and std · grpo / dr_grpo / batch / rloo: over
+    # the samples_per_prompt samples of each prompt (mmalign.objectives.advantages)
+    advantage: str = "per_prompt"
+    stat_buffer: int = 32  # per_prompt: reward history kept per prompt
+    stat_min_count: int = (
+        16  # per_prompt: fewer rewards than this for a prompt: normalise with batch statistics
+    )
     advantage_scale: str = (
-        "prompt"  # prompt: DDPO's per-prompt std | batch: the batch's std (saturating rewards)
+        "prompt"  # per_prompt: prompt = DDPO's per-prompt std | batch = the batch's std (saturating rewards)
     )
     kl_coef: float = 0.0  # DPOK's β
     reward_coef: float = 1.0  # DPOK/DLPO's α on the policy-gradient term
@@ -79,6 +94,22 @@ class DiffusionPGConfig:
             )
         if self.samples_per_prompt < 1:
             raise ValueError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        if self.advantage not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(
+                f"advantage must be one of {', '.join(ADVANTAGE_ESTIMATORS)}, got {self.advantage!r}"
+            )
+        if self.advantage in ("rloo", "grpo", "dr_grpo", "batch") and self.samples_per_prompt < 2:
+            raise ValueError(
+                f"advantage {self.advantage!r} compares the samples of a prompt: samples_per_prompt >= 2"
+            )
+
+    def estimator(self) -> AdvantageEstimator:
+        """The advantage estimator these settings name (DDPO's batch normalisation for `reinforce`)."""
+        if self.advantage == "per_prompt":
+            return PerPromptStatTracker(self.stat_buffer, self.stat_min_count, self.advantage_scale)
+        if self.advantage == "reinforce":
+            return make_advantage_estimator("reinforce", scale=True, eps=1e-6)
+        return make_advantage_estimator(self.advantage)
 
     @property
     def uses_data(self) -> bool:
@@ -143,9 +174,7 @@ class DiffusionPolicyGradient(AlgorithmBase):
     ):
         self.policy, self.prompts, self.reward, self.config = policy, list(prompts), reward, config
         self.samples_per_prompt = config.samples_per_prompt
-        self.tracker = PG.PerPromptStatTracker(
-            config.stat_buffer, config.stat_min_count, config.advantage_scale
-        )
+        self.advantages = config.estimator()
         if not trainable_steps(self._stochastic(), config.train_step_range).numel():
             raise ValueError(
                 f"the sampler has no stochastic step in train_step_range {config.train_step_range}: a policy "
@@ -192,12 +221,10 @@ class DiffusionPolicyGradient(AlgorithmBase):
         rewards = score(self.reward, reward_prompts, outputs).float().to(trajectory.logprobs.device)
         # Advantages from the rewards of every process, so each process normalises with the same statistics.
         all_prompts, all_rewards = gather_object(prompts), gather(rewards)
-        if cfg.per_prompt_stats:
-            advantages = self.tracker.update(list(all_prompts), all_rewards.cpu())
-        else:
-            advantages = (all_rewards - all_rewards.mean()) / (all_rewards.std() + 1e-6)
+        groups = RewardGroups(cfg.samples_per_prompt, [str(p) for p in all_prompts])
+        advantages = self.advantages(all_rewards.cpu(), groups)
         rank_slice = slice(self._rank() * len(prompts), (self._rank() + 1) * len(prompts))
-        advantages = PG.clip_advantages(advantages[rank_slice].to(rewards.device), cfg.max_abs_advantage)
+        advantages = clip_advantages(advantages[rank_slice].to(rewards.device), cfg.max_abs_advantage)
 
         # One random subset of the stochastic steps per rollout, shared by its samples so that every trained
         # step is a single sampler step for the whole micro-batch.
@@ -298,8 +325,7 @@ class DiffusionPolicyGradient(AlgorithmBase):
         return losses / n_steps, metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tracker": self.tracker.state_dict()}
+        return {"advantages": self.advantages.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "tracker" in state:
-            self.tracker.load_state_dict(state["tracker"])
+        self.advantages.load_state_dict(state["advantages"])

@@ -206,10 +206,19 @@ def _data_needs(config: DiffusionPGConfig) -> dict[str, str]:
     return {"real_targets": "diffusion_loss_on: data"} if config.uses_data else {}
 
 
-for _name, _about in (
-    ("ddpo", "DDPO: PPO-clip (or the score function) over denoising steps"),
-    ("dpok", "DPOK: DDPO + KL to the base model's step distributions (kl_coef)"),
-    ("dlpo", "DLPO: DDPO + the diffusion model's denoising loss (diffusion_loss_coef, on data or samples)"),
+for _name, _defaults, _about in (
+    ("ddpo", {}, "DDPO: PPO-clip (or the score function) over denoising steps"),
+    ("dpok", {}, "DPOK: DDPO + KL to the base model's step distributions (kl_coef)"),
+    (
+        "dlpo",
+        {},
+        "DLPO: DDPO + the diffusion model's denoising loss (diffusion_loss_coef, on data or samples)",
+    ),
+    (
+        "grpo",
+        {"advantage": "grpo", "samples_per_prompt": 4},
+        "GRPO on denoising trajectories: advantages normalised over each prompt's group of samples",
+    ),
 ):
     register_algorithm(
         AlgorithmSpec(
@@ -220,6 +229,7 @@ for _name, _about in (
             _diffusion_pg,
             data=("prompts",),
             optional_data=("targets",),
+            defaults=_defaults,
             description=_about,
             online=True,
             config_needs=_data_needs,

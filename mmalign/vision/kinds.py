@@ -9,8 +9,8 @@ from typing import Any
 from mmalign.core.config import RecipeError, to_dataclass
 from mmalign.core.data import validate_image_pair_rows, validate_prompt_rows, validate_unpaired_rows
 from mmalign.core.diffusion_policy import DiffusionModelConfig
+from mmalign.core.paths import resolve
 from mmalign.core.registry import ModelKind, RewardSpec, register_model_kind, register_reward
-from mmalign.zoo.registry import resolve
 
 
 @dataclass

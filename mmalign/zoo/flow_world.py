@@ -34,7 +34,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrained
 
 from mmalign.core.data import write_jsonl
 from mmalign.core.flow import TIMESTEP_SAMPLING, FlowMatchForwardProcess, flow_matching_loss
-from mmalign.vision.digit_classifier import DigitClassifier
+from mmalign.evaluation.classifier import ConvClassifier
 from mmalign.zoo.image_world import (
     EVAL_TEMPLATES,
     IMAGE_SIZE,
@@ -262,7 +262,7 @@ def train_transformer(
 
 @torch.no_grad()
 def prompt_agreement(
-    pipe: StableDiffusion3Pipeline, classifier: DigitClassifier, prompts: list[str], spec: FlowWorldSpec
+    pipe: StableDiffusion3Pipeline, classifier: ConvClassifier, prompts: list[str], spec: FlowWorldSpec
 ) -> dict[str, float]:
     """How often, and how surely, a classifier reads the pipeline's images as the prompted digit."""
     prompts = [p for p in prompts for _ in range(max(1, spec.eval_images // len(prompts)))]
@@ -319,11 +319,11 @@ def _build(out: Path, spec: FlowWorldSpec, base: Path, log) -> Path:
     base_spec = ImageWorldSpec(seed=base_world["seed"], eval_fraction=base_world["eval_fraction"])
     train, _ = split_indices(len(images), base_spec)  # the base world's split: the same training images
     shutil.copytree(base / "classifier", out / "classifier", dirs_exist_ok=True)
-    classifier = DigitClassifier.from_pretrained(out / "classifier")
+    classifier = ConvClassifier.from_pretrained(out / "classifier")
     judge = None
     if (base / "judge").exists():
         shutil.copytree(base / "judge", out / "judge", dirs_exist_ok=True)
-        judge = DigitClassifier.from_pretrained(out / "judge")
+        judge = ConvClassifier.from_pretrained(out / "judge")
     vae = (
         AutoencoderKL.from_pretrained(base / "base" / "vae", local_files_only=True)
         .eval()

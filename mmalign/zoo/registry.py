@@ -11,6 +11,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from mmalign.core.paths import register_scheme
+
 # name → (module, builder, spec factory, description); imported lazily so text users never import diffusers.
 WORLDS: dict[str, tuple[str, str, str, str]] = {
     "text": (
@@ -142,3 +144,6 @@ def resolve(path: str, log=print) -> str:
         return path
     world, _, rest = path[len("zoo://") :].partition("/")
     return str(build(world, log=log) / rest)
+
+
+register_scheme("zoo://", resolve)
