@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import json
 import os
 import shutil
 import sys
 import tempfile
 import traceback
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
@@ -496,6 +498,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Progress bars and info logs off in the libraries already imported (QUIET_ENV covers those imported later)."""
+    undo = []
+    for name in ("transformers", "diffusers"):
+        if name in sys.modules:
+            logging = importlib.import_module(f"{name}.utils.logging")
+            verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+            logging.set_verbosity_error()
+            logging.disable_progress_bar()
+            undo.append(
+                lambda lg=logging, v=verbosity, b=bars: (lg.set_verbosity(v), b and lg.enable_progress_bar())
+            )
+    for name in ("huggingface_hub.utils", "datasets"):
+        if name.split(".")[0] in sys.modules:
+            module = importlib.import_module(name)
+            if not module.are_progress_bars_disabled():
+                module.disable_progress_bars()
+                undo.append(module.enable_progress_bars)
+    try:
+        yield
+    finally:
+        for restore in reversed(undo):
+            restore()
+
+
+@contextlib.contextmanager
 def _work_output(quiet: bool) -> Iterator[TextIO]:
     """While a command works, whatever it prints goes to stderr (or nowhere with --quiet); yields the real stdout
     for its results."""
@@ -505,8 +533,11 @@ def _work_output(quiet: bool) -> Iterator[TextIO]:
     if quiet:
         os.environ.update(QUIET_ENV)
     try:
-        with contextlib.redirect_stdout(sink):
-            yield stdout
+        with contextlib.redirect_stdout(sink), warnings.catch_warnings():
+            if quiet:
+                warnings.simplefilter("ignore")
+            with _quiet_libraries() if quiet else contextlib.nullcontext():
+                yield stdout
     finally:
         if quiet:
             sink.close()

@@ -159,7 +159,7 @@ def build_reward(spec: Any, answers: dict[str, str] | None = None) -> Any:
     plugins.load()
     options = {"name": spec} if isinstance(spec, str) else dict(spec or {})
     reward = reward_spec(options.pop("name", None))
-    path = options.get("path")
+    path = options.get("path") or options.get("model")
     try:
         return reward.build(options, answers or {})
     except (TypeError, KeyError) as err:
@@ -167,7 +167,7 @@ def build_reward(spec: Any, answers: dict[str, str] | None = None) -> Any:
     except MmalignError:
         raise
     except (OSError, ValueError) as err:
-        named = library_error(err, f"reward {reward.name!r} path", path)
+        named = library_error(err, f"reward {reward.name!r}", path)
         if named is None:
             raise
         raise named from err

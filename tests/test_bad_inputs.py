@@ -771,7 +771,7 @@ def _speech_model_without_alphabet(e: Env, d: Path) -> list[str]:
     return _train(_with_model(model, "speech")(e), d)
 
 
-@case("model", ModelError, "reward 'digit_classifier' path")
+@case("model", ModelError, "reward 'digit_classifier'")
 def _missing_reward_model_path(e: Env, d: Path) -> list[str]:
     reward = {"name": "digit_classifier", "path": str(d / "no-classifier")}
     return _train(e.image(algorithm={"name": "ddpo", "reward": reward}), d)
@@ -839,6 +839,52 @@ def _checkpoint_with_nan_weights(e: Env, d: Path) -> list[str]:
     save_file(tensors, str(weights))
     write_manifest(weights.parent, 1)  # a sealed checkpoint whose weights are NaN: only the values can tell
     return ["eval", str(run)]
+
+
+@case("checkpoint", RunDirError, "metrics.jsonl, line 1: not a JSON row", loads_model=True)
+def _resume_with_a_damaged_metrics_file(e: Env, d: Path) -> list[str]:
+    run = _trained_copy(e, d)
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(["{damaged", *rows[1:]]) + "\n")
+    return [
+        "train",
+        _write(d, e.text(train={"+": {"save_every": 2}})),
+        "-o",
+        str(run),
+    ]  # the run's own recipe
+
+
+@case("checkpoint", MmalignError, "was written by 2 processes; resume with the same number", loads_model=True)
+def _resume_with_another_process_count(e: Env, d: Path) -> list[str]:
+    from mmalign.train.checkpoint import write_manifest
+
+    run = _trained_copy(e, d)
+    (state,) = run.glob("checkpoints/*/trainer.json")
+    trainer = json.loads(state.read_text())
+    _set_world_size(trainer, 2)
+    state.write_text(json.dumps(trainer))
+    write_manifest(state.parent, 1)
+    return [
+        "train",
+        _write(d, e.text(train={"+": {"save_every": 2}})),
+        "-o",
+        str(run),
+    ]  # the run's own recipe
+
+
+def _set_world_size(node: Any, size: int) -> None:
+    """Set `world_size` wherever the checkpoint's JSON skeleton keeps it."""
+    if isinstance(node, dict):
+        for key, value in list(node.items()):
+            if key == "world_size":
+                node[key] = size
+            else:
+                _set_world_size(value, size)
+    elif isinstance(node, list):
+        if len(node) == 2 and node[0] == "world_size":
+            node[1] = size
+        for value in node:
+            _set_world_size(value, size)
 
 
 # ---------------------------------------------------------------------------------- output directories

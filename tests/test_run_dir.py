@@ -196,7 +196,7 @@ def test_partial_metrics_line_and_rows_after_the_checkpoint_are_dropped_on_resum
 
 def test_read_metrics_names_a_bad_line_that_is_not_the_last(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "x\n{"step": 3}\n')
-    with pytest.raises(ValueError, match=r"metrics\.jsonl, line 2: not a JSON row"):
+    with pytest.raises(ValueError, match=r"metrics\.jsonl, line 2: not a JSON row"):  # a RunDirError too
         read_metrics(tmp_path)
 
 

@@ -56,8 +56,11 @@ def library_error(err: BaseException, where: str, path: object = None) -> Mmalig
             f"{where}{target} is neither an existing local directory nor a valid hub id ({first})"
         )
     if isinstance(err, OSError):
-        return ModelError(
-            f"{where}{target} cannot be loaded: {first}. A local model is a directory with its config, tokenizer "
-            "and weights (as save_pretrained writes them); a hub id needs network access or a cached copy"
+        advice = (
+            ". A local model is a directory with its config, tokenizer and weights (as save_pretrained writes "
+            "them); a hub id needs network access or a cached copy"
+            if where.startswith("model.")
+            else ""
         )
+        return ModelError(f"{where}{target} cannot be loaded: {first}{advice}")
     return None

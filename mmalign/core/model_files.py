@@ -124,9 +124,9 @@ def check_safetensors(file: Path, where: str) -> None:
         )
 
 
-def check_pipeline_dir(directory: Path, where: str) -> dict[str, Any]:
+def check_pipeline_dir(directory: Path, where: str) -> None:
     """A diffusers pipeline directory: `model_index.json`, and for each component it lists a directory with its
-    config (and intact weights for networks), of a class its library has. Returns the parsed index."""
+    config (and intact weights for networks), of a class its library has."""
     index = _require_json(directory, "model_index.json", where)
     for name, entry in index.items():
         if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or None in entry:
@@ -144,7 +144,6 @@ def check_pipeline_dir(directory: Path, where: str) -> dict[str, Any]:
         elif not name.startswith(("feature_extractor", "processor", "image_processor")):
             _require_json(sub, "config.json", where)
             check_weights(sub, where)
-    return index
 
 
 def _check_class(library: str, cls: str, where: str) -> None:

@@ -19,6 +19,12 @@ from mmalign.core.errors import MmalignError, RecipeError
 GROUPS = ("text", "vision", "speech")
 
 
+class CopyError(MmalignError, FileExistsError):
+    """A copy would overwrite an existing file."""
+
+    label = "copy error"
+
+
 def _root() -> Path:
     return Path(str(resources.files(__name__)))
 
@@ -100,9 +106,3 @@ def copy(name: str, dest: str | Path | None = None, *, cwd: Path | None = None) 
         to.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, to)
     return {"recipe": key, "copied": str(target), "data": [str(t) for t, _ in data]}
-
-
-class CopyError(MmalignError, FileExistsError):
-    """A copy would overwrite an existing file."""
-
-    label = "copy error"

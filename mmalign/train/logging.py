@@ -7,10 +7,14 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmalign.train.run_dir import atomic_path, log_event
+from mmalign.train.run_dir import RunDirError, atomic_path, log_event
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+
+class MetricsFileError(RunDirError, ValueError):
+    """A line of metrics.jsonl other than the last is not JSON: the file was edited or damaged, not cut by a kill."""
 
 
 class MetricsLogger:
@@ -82,7 +86,10 @@ def _complete_rows(path: Path) -> list[dict[str, Any]]:
             try:
                 rows.append(json.loads(line))
             except ValueError as err:
-                raise ValueError(f"{path}, line {number}: not a JSON row ({err})") from None
+                raise MetricsFileError(
+                    f"{path}, line {number}: not a JSON row ({err}); fix or remove that line, or start over with "
+                    "train.resume=false"
+                ) from None
     with contextlib.suppress(ValueError):  # a last line cut short by a kill: its step is redone on resume
         rows.append(json.loads(last))
     return rows

@@ -3,8 +3,10 @@ image rewards. Builders import their heavy modules lazily, so text users never i
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mmalign.core.config import RecipeError, check_dtype, to_dataclass
@@ -59,8 +61,6 @@ def _path(cfg: Any) -> str:
 def stable_diffusion_preflight(cfg: DiffusionModelConfig, rows: Mapping[str, list[Row]]) -> None:
     """Pipeline layout (components, classes, weight files), then every prompt against the text encoder's tokenizer:
     in its vocabulary and no longer than the encoder reads (the pipeline would cut it without a word)."""
-    from pathlib import Path
-
     from mmalign.vision.images import check_image_header
 
     path = _path(cfg)
@@ -80,10 +80,8 @@ def stable_diffusion_preflight(cfg: DiffusionModelConfig, rows: Mapping[str, lis
             check_image_header(row, field, base, size)
 
 
-def _image_size(directory: Any) -> int | None:
+def _image_size(directory: Path) -> int | None:
     """The image side a local Stable Diffusion pipeline works at (UNet sample size × VAE scale), from its configs."""
-    import json
-
     try:
         unet = json.loads((directory / "unet" / "config.json").read_text())
         vae = json.loads((directory / "vae" / "config.json").read_text())

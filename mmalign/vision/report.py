@@ -44,21 +44,6 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, width: int, font: Any, max_lines
     return lines
 
 
-def image_grid(rows: list[list[Image.Image]], labels: list[str] | None = None, scale: int = 4) -> Image.Image:
-    """Tile images (upscaled with nearest-neighbour so tiny images stay readable) with an optional label column."""
-    w, h = rows[0][0].size
-    w, h = w * scale, h * scale
-    pad = 70 if labels else 0
-    grid = Image.new("RGB", (pad + w * max(map(len, rows)), h * len(rows)), "white")
-    draw = ImageDraw.Draw(grid)
-    for r, row in enumerate(rows):
-        if labels:
-            draw.text((4, r * h + h // 2 - 5), labels[r], fill="black")
-        for c, img in enumerate(row):
-            grid.paste(img.resize((w, h), Image.NEAREST), (pad + c * w, r * h))
-    return grid
-
-
 def labelled_grid(
     images: list[list[Image.Image]],
     readings: list[list[str]],
