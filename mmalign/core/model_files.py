@@ -63,8 +63,10 @@ def local_model_dir(path: str, where: str) -> Path | None:
 
 
 def check_transformers_dir(directory: Path, where: str, *, tokenizer: bool = True) -> None:
-    """A transformers model directory: `config.json`, tokenizer files (if `tokenizer`) and intact weights."""
-    _require_json(directory, "config.json", where)
+    """A transformers model directory: `config.json` (or a peft adapter's `adapter_config.json`, which names its
+    base model), tokenizer files (if `tokenizer`) and intact weights."""
+    adapter = directory / "adapter_config.json"
+    _require_json(directory, adapter.name if adapter.exists() else "config.json", where)
     if tokenizer and not any((directory / name).exists() for name in TOKENIZER_FILES):
         raise ModelError(
             f"{where} {str(directory)!r} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); save the "
