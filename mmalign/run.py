@@ -15,12 +15,14 @@ from typing import Any, NamedTuple
 from mmalign import plugins
 from mmalign.core.config import RecipeError, to_dataclass
 from mmalign.core.data import Row
+from mmalign.core.errors import MmalignError, library_error
 from mmalign.core.hf_data import load_rows
 from mmalign.core.params import LoraSpec
 from mmalign.core.paths import resolve
 from mmalign.core.registry import (
     CAPABILITIES,
     DATA_KEYS,
+    MODEL_KINDS,
     REWARDS,
     AlgorithmSpec,
     ModelKind,
@@ -33,6 +35,38 @@ from mmalign.train.trainer import TrainConfig
 
 SECTIONS = ("seed", "model", "data", "algorithm", "eval", "train")
 RECIPE_KEYS = ("name", "reward")  # algorithm keys read here, not by the algorithm's config
+
+# trl / transformers TrainingArguments names with the same meaning as an mmalign `train:` key (an alias), and those
+# whose meaning differs (an error that says what to write instead). trl's names that mmalign shares unchanged
+# (max_steps, num_train_epochs, warmup_steps, warmup_ratio, weight_decay, max_grad_norm, gradient_checkpointing,
+# seed) need no entry.
+TRL_TRAIN_ALIASES = {
+    "learning_rate": "lr",
+    "gradient_accumulation_steps": "grad_accum",
+    "lr_scheduler_type": "scheduler",
+    "logging_steps": "log_every",
+    "save_steps": "save_every",
+    "save_total_limit": "keep_checkpoints",
+}
+TRL_TRAIN_DIFFERENT = {
+    "per_device_train_batch_size": "train.batch_size, which is the global batch (summed over processes and "
+    "accumulation steps, so a recipe gives the same run on any number of processes): set train.batch_size to "
+    "per_device_train_batch_size × processes × gradient_accumulation_steps",
+    "adam_beta1": "train.adam_betas: [beta1, beta2]",
+    "adam_beta2": "train.adam_betas: [beta1, beta2]",
+    "bf16": "train.mixed_precision: bf16",
+    "fp16": "train.mixed_precision: fp16",
+    "report_to": "train.log_with (a list of tensorboard, wandb)",
+    "output_dir": "the --output-dir option of mmalign train",
+}
+# trl's script arguments for data: one dataset id and its splits, onto `data:` / `eval:` sources (README: Data)
+TRL_DATA_KEYS = (
+    "dataset_name",
+    "dataset_config",
+    "dataset_train_split",
+    "dataset_test_split",
+    "dataset_streaming",
+)
 
 
 @dataclass
@@ -125,10 +159,18 @@ def build_reward(spec: Any, answers: dict[str, str] | None = None) -> Any:
     plugins.load()
     options = {"name": spec} if isinstance(spec, str) else dict(spec or {})
     reward = reward_spec(options.pop("name", None))
+    path = options.get("path") or options.get("model")
     try:
         return reward.build(options, answers or {})
     except (TypeError, KeyError) as err:
         raise RecipeError(f"reward {reward.name!r}: {err}") from err
+    except MmalignError:
+        raise
+    except (OSError, ValueError) as err:
+        named = library_error(err, f"reward {reward.name!r}", path)
+        if named is None:
+            raise
+        raise named from err
 
 
 def _algorithm_section(recipe: dict[str, Any], spec: AlgorithmSpec) -> dict[str, Any]:
@@ -138,27 +180,101 @@ def _algorithm_section(recipe: dict[str, Any], spec: AlgorithmSpec) -> dict[str,
     return section
 
 
+def _renamed(section: dict[str, Any], where: str, aliases: dict[str, str], different: dict[str, str]) -> dict:
+    """A section with other tools' names folded into mmalign's (both given with different values is an error)."""
+    out = dict(section)
+    for key, hint in different.items():
+        if key in out:
+            raise RecipeError(f"{where}.{key} is trl's name; mmalign's is {hint}")
+    for theirs, ours in aliases.items():
+        if theirs in out:
+            value = out.pop(theirs)
+            if ours in out and out[ours] != value:
+                raise RecipeError(
+                    f"{where}.{theirs} (trl's name for {where}.{ours}) is {value!r} but {where}.{ours} is "
+                    f"{out[ours]!r}; give one of them"
+                )
+            out[ours] = value
+    return out
+
+
+def train_section(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The `train:` section with trl's names folded in and the recipe's seed, ready for `TrainConfig`."""
+    section = _renamed(dict(recipe.get("train") or {}), "train", TRL_TRAIN_ALIASES, TRL_TRAIN_DIFFERENT)
+    if "max_steps" in section and section["max_steps"] is None:  # `max_steps: null`: unset (e.g. for epochs)
+        del section["max_steps"]
+    if section.get("max_steps") is not None and section.get("num_train_epochs") is not None:
+        raise RecipeError("give train.max_steps or train.num_train_epochs, not both")
+    section.setdefault("seed", recipe.get("seed", 0))
+    return section
+
+
+def _with_trl_data(recipe: dict[str, Any], spec: AlgorithmSpec | None) -> dict[str, Any]:
+    """trl's `dataset_name` / `dataset_train_split` / `dataset_test_split` (and `dataset_config`,
+    `dataset_streaming`) as data sources: the train split feeds the data key the algorithm reads first, the test
+    split the held-out key of the same kind (eval.pairs for pairs, eval.prompts for prompts)."""
+    data = dict(recipe.get("data") or {})
+    given = {k: data.pop(k) for k in TRL_DATA_KEYS if k in data}
+    if not given:
+        return recipe
+    if not given.get("dataset_name"):
+        raise RecipeError(
+            f"data.{next(iter(given))} needs data.dataset_name (the dataset's hub id or directory)"
+        )
+    source: dict[str, Any] = {"path": given["dataset_name"]}
+    if given.get("dataset_config") is not None:
+        source["name"] = given["dataset_config"]
+    if given.get("dataset_streaming") is not None:
+        source["streaming"] = given["dataset_streaming"]
+    data_kind = spec.data[0] if spec is not None and spec.data else "pairs"
+    key = DATA_KEYS[data_kind]
+    if spec is not None:
+        if data.get(key) is not None:
+            raise RecipeError(f"give data.{key} or data.dataset_name, not both")
+        split = given.get("dataset_train_split")
+        data[key] = {**source, "split": split} if split is not None else source
+    out = {**recipe, "data": data}
+    if given.get("dataset_test_split") is not None:
+        held_out = {"pairs": "pairs", "prompts": "prompts"}.get(data_kind)
+        if held_out is None:
+            raise RecipeError(
+                f"data.dataset_test_split: algorithm {spec.name!r} reads {data_kind} rows, which have no held-out "
+                "key; give eval.pairs or eval.prompts yourself"
+            )
+        evaluation = dict(recipe.get("eval") or {})
+        if evaluation.get(held_out) is not None:
+            raise RecipeError(f"give eval.{held_out} or data.dataset_test_split, not both")
+        evaluation[held_out] = {**source, "split": given["dataset_test_split"]}
+        out["eval"] = evaluation
+    return out
+
+
 def plan(recipe: dict[str, Any], *, with_training: bool = True) -> Plan:
-    """Check a whole recipe and read its data without loading any model (what `mmalign validate` runs)."""
+    """Check a whole recipe and read its data without loading any model (what `mmalign validate` runs first)."""
     unknown = sorted(set(recipe) - set(SECTIONS))
     if unknown:
         raise RecipeError(f"unknown recipe section(s) {unknown}; known: {sorted(SECTIONS)}")
     for name in ("model", "data", "algorithm", "eval", "train"):
         if recipe.get(name) is not None and not isinstance(recipe[name], dict):
             raise RecipeError(f"recipe section `{name}` must be a mapping, got {type(recipe[name]).__name__}")
-    train_section = dict(recipe.get("train") or {})
-    train_section.setdefault("seed", recipe.get("seed", 0))
-    train_cfg = to_dataclass(TrainConfig, train_section, "train")
+    train_cfg = to_dataclass(TrainConfig, train_section(recipe), "train")
     kind, model_cfg = model_plan(recipe)
     if getattr(model_cfg, "lora", None) is not None:
         to_dataclass(LoraSpec, model_cfg.lora, "model.lora")
+    if train_cfg.gradient_checkpointing and "gradient_checkpointing" not in kind.capabilities:
+        fitting = sorted(k for k, m in MODEL_KINDS.items() if "gradient_checkpointing" in m.capabilities)
+        raise RecipeError(
+            f"train.gradient_checkpointing: model.kind {kind.name!r} does not support it (kinds that do: "
+            f"{', '.join(fitting)})"
+        )
+    algo = dict(recipe.get("algorithm") or {})
+    spec = algorithm_for(algo.get("name", "dpo"), kind) if with_training else _known_algorithm(algo, kind)
+    recipe = _with_trl_data(recipe, spec)
     eval_cfg = to_dataclass(EvalConfig, recipe.get("eval"), "eval")
 
     data = dict(recipe.get("data") or {})
-    spec, algo_cfg, rows = None, None, {}
+    algo_cfg, rows = None, {}
     if with_training:
-        algo = dict(recipe.get("algorithm") or {})
-        spec = algorithm_for(algo.get("name", "dpo"), kind)
         section = _algorithm_section(recipe, spec)
         algo_cfg = to_dataclass(spec.config, section, "algorithm", ignore=RECIPE_KEYS)
         if spec.online and section.get("reward") is None:
@@ -184,14 +300,18 @@ def plan(recipe: dict[str, Any], *, with_training: bool = True) -> Plan:
             if data_kind not in kind.validators:
                 raise RecipeError(f"model.kind {kind.name!r} cannot read data.{key} ({data_kind} rows)")
             rows[data_kind] = kind.validators[data_kind](_rows(data[key]))
+        first = spec.data[0]
+        train_cfg = _for_data(train_cfg, len(rows[first]), spec, algo_cfg)
     eval_pairs = kind.validators["pairs"](_rows(eval_cfg.pairs)) if eval_cfg.pairs else []
     eval_prompts = _rows(eval_cfg.prompts) if eval_cfg.prompts else []
     if eval_prompts and "prompts" in kind.validators:
         eval_prompts = kind.validators["prompts"](eval_prompts)
-    rewards = [("eval.rewards", r) for r in eval_cfg.rewards]
+    rewards = [("eval.rewards", r, eval_prompts) for r in eval_cfg.rewards]
     if with_training and spec is not None and spec.online:
-        rewards.append(("algorithm.reward", _algorithm_section(recipe, spec)["reward"]))
-    for where, r in rewards:
+        rewards.append(
+            ("algorithm.reward", _algorithm_section(recipe, spec)["reward"], rows.get("prompts", []))
+        )
+    for where, r, scored in rewards:
         reward = reward_spec(r if isinstance(r, str) else (r or {}).get("name"))
         if reward.outputs != kind.outputs:
             fitting = sorted(n for n, x in REWARDS.items() if x.outputs == kind.outputs)
@@ -199,7 +319,69 @@ def plan(recipe: dict[str, Any], *, with_training: bool = True) -> Plan:
                 f"{where}: reward {reward.name!r} scores {reward.outputs} but model.kind {kind.name!r} outputs "
                 f"{kind.outputs}; rewards for it: {', '.join(fitting)}"
             )
-    return Plan(kind, model_cfg, spec, algo_cfg, train_cfg, eval_cfg, rows, eval_pairs, eval_prompts, rewards)
+        if reward.check_rows is not None:
+            reward.check_rows(scored)
+    reward_specs = [(where, r) for where, r, _ in rewards]
+    return Plan(
+        kind, model_cfg, spec, algo_cfg, train_cfg, eval_cfg, rows, eval_pairs, eval_prompts, reward_specs
+    )
+
+
+def _known_algorithm(algo: dict[str, Any], kind: ModelKind) -> AlgorithmSpec | None:
+    """The algorithm a recipe names if it fits (`mmalign eval` reads a trained run's recipe, but needs no algorithm)."""
+    try:
+        return algorithm_for(algo.get("name", "dpo"), kind)
+    except RecipeError:
+        return None
+
+
+def _for_data(train: TrainConfig, n_items: int, spec: AlgorithmSpec, algo_cfg: Any) -> TrainConfig:
+    """`train.num_train_epochs` as optimizer steps over the training rows (prompts, for online algorithms)."""
+    try:
+        return train.for_data(
+            n_items, online=spec.online, samples_per_prompt=getattr(algo_cfg, "samples_per_prompt", 1)
+        )
+    except ValueError as err:
+        raise RecipeError(str(err)) from err
+
+
+def preflight(p: Plan) -> None:
+    """Every check that reads the model's files but none of its weights (layout, weight-file integrity, tokenizer
+    coverage of the data, text-encoder length); `mmalign validate` and `build_run` run it after `plan`."""
+    if p.kind.preflight is None:
+        return
+    rows = {k: list(v) for k, v in p.rows.items()}
+    rows["pairs"] = [*rows.get("pairs", []), *p.eval_pairs]
+    rows["prompts"] = [*rows.get("prompts", []), *p.eval_prompts]
+    try:
+        p.kind.preflight(p.model, rows)
+    except MmalignError:
+        raise
+    except (OSError, ValueError) as err:
+        named = library_error(err, "model.name_or_path", getattr(p.model, "name_or_path", None))
+        if named is None:
+            raise
+        raise named from err
+
+
+def validate(recipe: dict[str, Any]) -> dict[str, Any]:
+    """`mmalign validate`: `plan` and `preflight` (no weights load); returns what the recipe resolves to."""
+    p = plan(recipe)
+    preflight(p)
+    return {
+        "valid": True,
+        "model": {"kind": p.kind.name, "name_or_path": getattr(p.model, "name_or_path", "")},
+        "algorithm": {"name": p.spec.name, "family": p.spec.family, "policy": p.spec.policy_kind},
+        "rows": {kind: len(rows) for kind, rows in p.rows.items()},
+        "eval": {"pairs": len(p.eval_pairs), "prompts": len(p.eval_prompts)},
+        "rewards": [r if isinstance(r, str) else r.get("name") for _, r in p.reward_specs],
+        "train": {
+            "max_steps": p.train.max_steps,
+            "warmup_steps": p.train.warmup(),
+            "batch_size": p.train.batch_size,
+            "lr": p.train.lr,
+        },
+    }
 
 
 def model_plan(recipe: dict[str, Any]) -> tuple[ModelKind, Any]:
@@ -211,9 +393,19 @@ def model_plan(recipe: dict[str, Any]) -> tuple[ModelKind, Any]:
 
 
 def load_policy(kind: ModelKind, model_cfg: Any) -> Any:
-    """Load the model a recipe names (hub id, local directory or zoo:// path), LoRA settings applied."""
+    """Load the model a recipe names (hub id, local directory or zoo:// path), LoRA settings applied; a loader's
+    error for a user's mistake (missing path or file, truncated weights) is a `ModelError` naming the key."""
     lora = getattr(model_cfg, "lora", None)
-    return kind.build(model_cfg, to_dataclass(LoraSpec, lora, "model.lora") if lora is not None else None)
+    spec = to_dataclass(LoraSpec, lora, "model.lora") if lora is not None else None
+    try:
+        return kind.build(model_cfg, spec)
+    except MmalignError:
+        raise
+    except (OSError, ValueError) as err:
+        named = library_error(err, "model.name_or_path", getattr(model_cfg, "name_or_path", None))
+        if named is None:
+            raise
+        raise named from err
 
 
 def build_run(recipe: dict[str, Any]) -> Run:
@@ -224,6 +416,7 @@ def build_run(recipe: dict[str, Any]) -> Run:
     import torch
 
     p = plan(recipe)
+    preflight(p)
     answers = _answers(p.eval_prompts, p.rows.get("prompts", []))
     rewards = [build_reward(r, answers) for r in p.eval.rewards]
     algo_section = _algorithm_section(recipe, p.spec)
@@ -242,6 +435,7 @@ def build_evaluation(recipe: dict[str, Any]) -> tuple[Any, Any]:
     import torch
 
     p = plan(recipe, with_training=False)
+    preflight(p)
     rewards = [build_reward(r, _answers(p.eval_prompts)) for r in p.eval.rewards]
     torch.manual_seed(p.train.seed)
     policy = load_policy(p.kind, p.model)

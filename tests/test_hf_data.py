@@ -604,7 +604,9 @@ def test_pick_a_pic_dataset_trains_offline_diffusion_dpo(tmp_path):
     pipeline_dir = tmp_path / "tiny-sd"
     tiny_pipeline().save_pretrained(pipeline_dir)
     rng = np.random.default_rng(0)
-    prompts = ["a handwritten seven", "the digit one", "a drawing of the number 3", "the number 5"]
+    # each fits the tiny text encoder's 24 tokens: a longer prompt is an error now, where it was silently cut (this one
+    # was "a drawing of the number 3", which the encoder saw as these words)
+    prompts = ["a handwritten seven", "the digit one", "a drawing of the number", "the number 5"]
     records, images = [], []
     for i in range(10):  # the bright image is preferred; its position and the label vary, two pairs are ties
         light, dark = (

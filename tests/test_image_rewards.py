@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from mmalign.core.config import RecipeError
 from mmalign.core.data import DataError, read_rows, rows_from_records
+from mmalign.core.errors import ModelError
 from mmalign.core.reward import score
 from mmalign.evaluation.sequence import PairwiseAccuracy
 from mmalign.run import build_reward, build_run
@@ -169,7 +170,7 @@ def test_linear_aesthetic_head_and_reload(clip_dir, tmp_path):
 
 
 def test_clip_reward_bad_inputs(clip_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"missing\.safetensors"):
+    with pytest.raises(ModelError, match=r"reward 'aesthetic'.*missing\.safetensors"):  # named, no trace
         build_reward(
             {"name": "aesthetic", "head": str(tmp_path / "missing.safetensors"), "model": str(clip_dir)}, {}
         )

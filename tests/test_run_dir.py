@@ -188,7 +188,7 @@ def test_partial_metrics_line_and_rows_after_the_checkpoint_are_dropped_on_resum
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]  # the torn line is tolerated
     capsys.readouterr()
     assert _cli(recipe, tmp_path, out, "train.max_steps=4") == 0
-    assert "recomputing" not in capsys.readouterr().out
+    assert "recomputing" not in capsys.readouterr().err  # the CLI logs to stderr; stdout is the summary
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
     assert (out / "before.json").read_bytes() == before  # same start, same eval set: kept
@@ -196,7 +196,7 @@ def test_partial_metrics_line_and_rows_after_the_checkpoint_are_dropped_on_resum
 
 def test_read_metrics_names_a_bad_line_that_is_not_the_last(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "x\n{"step": 3}\n')
-    with pytest.raises(ValueError, match=r"metrics\.jsonl, line 2: not a JSON row"):
+    with pytest.raises(ValueError, match=r"metrics\.jsonl, line 2: not a JSON row"):  # a RunDirError too
         read_metrics(tmp_path)
 
 
@@ -216,7 +216,7 @@ def test_stale_before_json_of_another_eval_set_is_recomputed(recipe, tmp_path, c
     eval_pairs.write_text("\n".join(source[:3]) + "\n")
     capsys.readouterr()
     assert _cli(recipe, tmp_path, out) == 0
-    said = capsys.readouterr().out
+    said = capsys.readouterr().err  # the CLI logs to stderr; stdout is the summary
     assert f"{out / 'before.json'} was computed for another starting point (eval changed)" in said
     assert json.loads((out / "before.json").read_text())["metrics"]["n_pairs"] == 3
     assert json.loads((out / "summary.json").read_text())["before"]["n_pairs"] == 3
@@ -230,7 +230,9 @@ def test_resume_false_moves_the_old_run_aside(recipe, tmp_path, capsys):
     old = _snapshot(out)
     capsys.readouterr()
     assert _cli(recipe, tmp_path, out, "train.resume=false", "train.max_steps=1", "train.save_every=1") == 0
-    assert "moved the earlier run's files" in capsys.readouterr().out
+    assert (
+        "moved the earlier run's files" in capsys.readouterr().err
+    )  # the CLI logs to stderr; stdout is the summary
     (previous,) = out.glob("previous-*")
     moved = _snapshot(previous)
     assert {k: v for k, v in moved.items() if k != "run.log"} == {

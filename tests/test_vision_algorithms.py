@@ -22,7 +22,9 @@ from mmalign.train.diffusion_pg import DiffusionPGConfig, DiffusionPolicyGradien
 from mmalign.train.trainer import TrainConfig, Trainer
 from mmalign.vision.diffusion_policy import DiffusionImagePolicy
 
-PROMPTS = ["a handwritten seven", "the digit one", "a drawing of the number 3", "the number 5"]
+# each fits the tiny text encoder's 24 tokens: a longer prompt is an error now, where it was silently cut (this one
+# was "a drawing of the number 3", which the encoder saw as these words)
+PROMPTS = ["a handwritten seven", "the digit one", "a drawing of the number", "the number 5"]
 
 
 class Brightness:

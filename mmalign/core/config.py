@@ -12,6 +12,19 @@ from typing import Any, TypeVar
 
 import yaml
 
+from mmalign.core.errors import RecipeError
+
+__all__ = [
+    "DTYPES",
+    "RecipeError",
+    "apply_overrides",
+    "check_dtype",
+    "dump_recipe",
+    "load_recipe",
+    "load_yaml",
+    "to_dataclass",
+]
+
 T = TypeVar("T")
 
 
@@ -33,13 +46,18 @@ _RecipeLoader.add_implicit_resolver(
 )
 
 
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def check_dtype(value: str, where: str = "model.dtype") -> None:
+    """Refuse a weights dtype name torch would not know (checked before any model loads)."""
+    if value not in DTYPES:
+        raise ValueError(f"{where} must be one of {', '.join(DTYPES)}, got {value!r}")
+
+
 def load_yaml(text: str) -> Any:
     """Parse recipe YAML the way users write numbers (`lr: 1e-4` is a float)."""
     return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader subclass: no arbitrary objects
-
-
-class RecipeError(ValueError):
-    """A recipe (or an override) that cannot describe a run; the message names the key."""
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from mmalign.core.errors import MmalignError
+
 Unit = Literal["line", "row"]
 
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -40,8 +42,10 @@ PARQUET_SUFFIXES = (".parquet",)
 ROLES = ("system", "user", "assistant")
 
 
-class DataError(ValueError):
+class DataError(MmalignError, ValueError):
     """A dataset problem located at a file, line/row and field, so users can fix it directly."""
+
+    label = "data error"
 
     def __init__(
         self, source: str, line: int | None, field: str | None, message: str, unit: Unit = "line"

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
+from mmalign.core.config import check_dtype
 from mmalign.core.data import Row
-from mmalign.core.params import LoraSpec, TrainableModule
+from mmalign.core.params import LoraSpec, TrainableModule, check_lora_targets
 from mmalign.core.sampler import ForwardProcess, Sampler
 from mmalign.core.sampling import sample_trajectory
 from mmalign.core.types import Conditioning, Trajectory
@@ -48,8 +49,7 @@ class DiffusionModelConfig:
             raise ValueError(f"model.num_steps must be >= 1, got {self.num_steps}")
         if self.eta < 0:
             raise ValueError(f"model.eta must be >= 0, got {self.eta}")
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"model.dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        check_dtype(self.dtype)
 
 
 def concat_conditioning(*parts: Conditioning) -> Conditioning:
@@ -86,6 +86,7 @@ class DenoisingPolicy(TrainableModule, ABC):
             from peft import LoraConfig
 
             targets = self.lora_targets if lora.target_modules == "all-linear" else lora.target_modules
+            check_lora_targets(denoiser, targets)
             denoiser.requires_grad_(False)
             denoiser.add_adapter(
                 LoraConfig(
@@ -113,6 +114,10 @@ class DenoisingPolicy(TrainableModule, ABC):
 
     def attach(self, model: torch.nn.Module) -> None:
         self.model = model
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the denoiser's activations in the backward pass (diffusers' checkpointing; same gradients)."""
+        self.module.enable_gradient_checkpointing()
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         """Modules that never train but run beside the denoiser (adapters add their encoders and decoders)."""

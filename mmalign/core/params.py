@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+
+from mmalign.core.errors import RecipeError
 
 
 @dataclass
@@ -16,6 +19,41 @@ class LoraSpec:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: str | list[str] = "all-linear"
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"model.lora.r must be >= 1, got {self.r}")
+        if not self.alpha > 0:
+            raise ValueError(f"model.lora.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+        targets = [self.target_modules] if isinstance(self.target_modules, str) else self.target_modules
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ValueError(
+                f"model.lora.target_modules must be 'all-linear', a module-name regex or a list of module names; "
+                f"got {self.target_modules!r}"
+            )
+
+
+LORA_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Embedding)
+
+
+def check_lora_targets(module: torch.nn.Module, targets: str | list[str]) -> None:
+    """Refuse LoRA targets that match no layer of `module` (peft's matching: a list entry names a module or the
+    end of its dotted name, a string other than 'all-linear' is a regex over full names), listing the layers."""
+    if targets == "all-linear":
+        return
+    names = [n for n, m in module.named_modules() if isinstance(m, LORA_LAYERS)]
+    if isinstance(targets, str):
+        unmatched = [] if any(re.fullmatch(targets, n) for n in names) else [targets]
+    else:
+        unmatched = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if unmatched:
+        layers = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise RecipeError(
+            f"model.lora.target_modules: {', '.join(map(repr, unmatched))} matches no layer of the model; "
+            f"its layers are named: {', '.join(layers)}"
+        )
 
 
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -29,6 +29,7 @@ CAPABILITIES = {
     "audio_pairs": "preference pairs of audio files",
     "real_targets": "real outputs of the prompts (data.targets) it can encode",
     "differentiable_decode": "a decoder that passes gradients from the output back to the latents",
+    "gradient_checkpointing": "activation (gradient) checkpointing in its trained network",
 }
 
 
@@ -40,6 +41,9 @@ class ModelKind:
     "completions", "corrections", "targets") to a function that checks rows of that kind for this model before any
     model is loaded; `evaluation(context)` returns (evaluator or None, report). `tiny` is a recipe fragment on the
     seconds-fast zoo worlds (model, data by data kind, eval) that the matrix test runs every fitting cell on.
+    `preflight(config, rows)` checks what needs the model's files but none of its weights: the directory layout
+    and weight-file integrity, and the rows (by data kind, held-out rows included) against the tokenizer or text
+    encoder (vocabulary coverage, lengths); `mmalign validate` and `build_run` run it before loading weights.
     """
 
     name: str
@@ -52,6 +56,7 @@ class ModelKind:
     outputs: str = "text"  # what its rewards score: text | image | mel | waveform
     description: str = ""
     tiny: Callable[[], dict[str, Any]] | None = None
+    preflight: Callable[[Any, Mapping[str, list[Any]]], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -81,13 +86,16 @@ class AlgorithmSpec:
 @dataclass(frozen=True)
 class RewardSpec:
     """A reward a recipe names: `build(options, context)` returns a `Reward`; `differentiable` tells reward
-    backprop whether it may be used; `outputs` names what it scores (text, image, mel, waveform)."""
+    backprop whether it may be used; `outputs` names what it scores (text, image, mel, waveform).
+    `check_rows(rows)` raises a `DataError` for a prompt row the reward cannot score (e.g. `answer_match` needs an
+    `answer` field), before any model is loaded."""
 
     name: str
     build: Callable[[dict[str, Any], Any], Any]
     outputs: str
     differentiable: bool
     description: str = ""
+    check_rows: Callable[[list[Any]], None] | None = None
 
 
 MODEL_KINDS: dict[str, ModelKind] = {}

@@ -7,9 +7,13 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from mmalign.core.errors import MmalignError
 
-class RewardError(RuntimeError):
+
+class RewardError(MmalignError, RuntimeError):
     """A reward returned something that must not be trained on (NaN/inf, wrong shape)."""
+
+    label = "reward error"
 
 
 @runtime_checkable

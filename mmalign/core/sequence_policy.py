@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mmalign.core.codec import Prompt, TextCodec
 from mmalign.core.data import Row
-from mmalign.core.params import LoraSpec, TrainableModule
+from mmalign.core.params import LoraSpec, TrainableModule, check_lora_targets
 from mmalign.core.types import SequenceLogProbs
 
 
@@ -48,6 +48,7 @@ class LanguageModelPolicy(TrainableModule):
         if lora is not None:
             from peft import LoraConfig, get_peft_model
 
+            check_lora_targets(model, lora.target_modules)
             config = LoraConfig(
                 r=lora.r,
                 lora_alpha=lora.alpha,
@@ -66,6 +67,17 @@ class LanguageModelPolicy(TrainableModule):
         self.module = model  # the unwrapped network; `self.model` may become a DDP wrapper around it
         self.model: torch.nn.Module = model
         self._use_reference = False
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations in the backward pass (transformers' non-reentrant checkpointing; same gradients)."""
+        options = {"use_reentrant": False}
+        base = self.module.get_base_model() if hasattr(self.module, "get_base_model") else self.module
+        if hasattr(
+            base, "activation_checkpointing_enable"
+        ):  # transformers' name since 5.x; the old one warns
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
     @property
     def vocab_size(self) -> int:

@@ -136,6 +136,19 @@ def digit_of(prompt: str) -> int:
     return int(found.pop())
 
 
+def require_digit_prompts(rows: Sequence[Any]) -> None:
+    """Fail on the first row whose prompt does not name exactly one digit (what a prompted-class reward scores),
+    naming its row and field (rows are `mmalign.core.data.Row`s)."""
+    for row in rows:
+        prompt = row.data.get("prompt")
+        try:
+            digit_of(prompt if isinstance(prompt, str) else "")
+        except ValueError as err:
+            raise row.error(
+                "prompt", f"{err}; this reward scores the digit a prompt names (zero…nine or 0–9)"
+            ) from None
+
+
 class PromptedClassReward:
     """p(the class the prompt names | output) under a classifier: a differentiable prompt–output agreement reward.
 
@@ -168,6 +181,16 @@ class PromptedClassReward:
         labels = self.labels(prompts).to(outputs.device)
         logp = self.classifier.to(outputs.device).log_prob(outputs.float(), labels)
         return logp if self.log_prob else logp.exp()
+
+    @torch.no_grad()
+    def readings(self, prompts: Sequence[str], outputs: torch.Tensor) -> list[str]:
+        """What the classifier sees in each output, for a report: its most likely class and p(prompted class)."""
+        labels = self.labels(prompts).to(outputs.device)
+        probs = self.classifier.to(outputs.device)(outputs.float()).softmax(-1)
+        return [
+            f"reads {int(p.argmax())}, p={float(p[y]):.2f}"
+            for p, y in zip(probs, labels.tolist(), strict=True)
+        ]
 
     @torch.no_grad()
     def agreement(self, prompts: Sequence[str], outputs: torch.Tensor) -> torch.Tensor:

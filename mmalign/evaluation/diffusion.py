@@ -37,11 +37,13 @@ class DiffusionEvaluator:
         batch_size: int = 32,
         grid_prompts: int = 8,
         kl: bool = True,
+        grid_seeds: int = 1,
     ):
         if not rewards:
             raise ValueError("DiffusionEvaluator needs at least one reward")
         self.prompts, self.rewards = [r.data["prompt"] for r in prompts], list(rewards)
         self.seeds, self.batch_size, self.grid_prompts, self.kl = seeds, batch_size, grid_prompts, kl
+        self.grid_seeds = grid_seeds
         self._base_images: dict[int, torch.Tensor] = {}
 
     def _jobs(self) -> list[tuple[str, int]]:
@@ -101,7 +103,7 @@ class DiffusionEvaluator:
         return metrics
 
     def samples(self, policy: Any) -> list[dict[str, Any]]:
-        """The first prompts with seed 0, for the report's before/after image grid."""
-        jobs = [(p, 0) for p in self.prompts[: self.grid_prompts]]
+        """The first prompts with `grid_seeds` fixed seeds each, for the report's before/after image grid."""
+        jobs = [(p, s) for s in range(self.grid_seeds) for p in self.prompts[: self.grid_prompts]]
         images, _ = self._images(policy, jobs, kl=False)
-        return [{"prompt": p, "image": img} for (p, _), img in zip(jobs, images, strict=True)]
+        return [{"prompt": p, "seed": s, "image": img} for (p, s), img in zip(jobs, images, strict=True)]

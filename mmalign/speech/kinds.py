@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from mmalign.core.config import RecipeError
 from mmalign.core.data import Row, require_text, validate_prompt_rows
 from mmalign.core.diffusion_policy import DiffusionModelConfig
+from mmalign.core.errors import ModelError
+from mmalign.core.model_files import check_pipeline_dir, check_transformers_dir, local_model_dir
 from mmalign.core.paths import resolve
 from mmalign.core.registry import ModelKind, RewardSpec, register_model_kind, register_reward
 
@@ -47,6 +50,40 @@ def _audio_fields(*fields: str) -> Any:
     return check
 
 
+def mel_tts_preflight(cfg: DiffusionModelConfig, rows: Mapping[str, list[Row]]) -> None:
+    """The mel TTS directory's files (marker, alphabet, mel settings, UNet, text encoder, scheduler, weights), then
+    every prompt against the text encoder's alphabet and length, before any weights load."""
+    from mmalign.speech.text import AlphabetError, CharEncoder
+    from mmalign.speech.tts import MARKER
+
+    path = _path(cfg)
+    directory = local_model_dir(path, "model.name_or_path")
+    if directory is None:
+        raise RecipeError(f"model.name_or_path {path!r}: a mel TTS model is a local directory")
+    for name in (MARKER, "alphabet.json", "mel.json", "scheduler/scheduler_config.json"):
+        if not (directory / name).exists():
+            raise ModelError(
+                f"model.name_or_path {path!r} is not a mel TTS model directory (no {name}); build one with "
+                "`mmalign zoo build speech`"
+            )
+    for component in ("unet", "text_encoder"):
+        check_transformers_dir(directory / component, f"model.name_or_path ({component})", tokenizer=False)
+    chars = CharEncoder.load(directory)
+    for kind in ("prompts", "pairs", "targets"):
+        for row in rows.get(kind, []):
+            try:
+                chars.check(row.data.get("prompt"))
+            except AlphabetError as err:
+                raise row.error("prompt", str(err)) from None
+
+
+def audioldm2_preflight(cfg: AudioLDM2ModelConfig, rows: Mapping[str, list[Row]]) -> None:
+    """The pipeline's layout, component classes and weight files (a hub id is checked by its loader)."""
+    directory = local_model_dir(_path(cfg), "model.name_or_path")
+    if directory is not None:
+        check_pipeline_dir(directory, "model.name_or_path")
+
+
 def build_mel_tts(cfg: DiffusionModelConfig, lora: Any) -> Any:
     from mmalign.speech.diffusion_policy import DiffusionSpeechPolicy
 
@@ -82,7 +119,7 @@ def mel_evaluation(context: Any) -> tuple[Any, Any]:
             kl=cfg.kl,
         )
         evaluator.prepare(policy)
-    return evaluator, SpeechSamples(policy.mel_config)
+    return evaluator, SpeechSamples(policy.mel_config, context.rewards)
 
 
 def _tiny_speech() -> dict[str, Any]:
@@ -121,6 +158,7 @@ register_model_kind(
         outputs="mel",
         description="mel-spectrogram TTS diffusion (character encoder + mel UNet + Griffin-Lim vocoder)",
         tiny=_tiny_speech,
+        preflight=mel_tts_preflight,
     )
 )
 
@@ -176,14 +214,21 @@ register_model_kind(
         build=build_audioldm2,
         evaluation=waveform_evaluation,
         validators={"prompts": validate_prompt_rows},
-        capabilities=frozenset({"differentiable_decode"}),
+        capabilities=frozenset({"differentiable_decode", "gradient_checkpointing"}),
         outputs="waveform",
         description="AudioLDM 2 speech checkpoints (VITS text encoder, GPT-2 prior, HiFi-GAN); for GPU users",
+        preflight=audioldm2_preflight,
     )
 )
 
 
 # ---------------------------------------------------------------------------------------------- rewards
+def _digit_prompts(rows: list[Row]) -> None:
+    from mmalign.evaluation.classifier import require_digit_prompts
+
+    require_digit_prompts(rows)
+
+
 def _mel_config(options: dict[str, Any], name: str) -> Any:
     from mmalign.speech.audio import MelConfig
 
@@ -219,7 +264,14 @@ def _dnsmos_waveform(options: dict[str, Any], context: Any) -> Any:
 
 
 register_reward(
-    RewardSpec("intelligibility", _intelligibility, "mel", True, "p(prompted digit | mel) under a recogniser")
+    RewardSpec(
+        "intelligibility",
+        _intelligibility,
+        "mel",
+        True,
+        "p(prompted digit | mel) under a recogniser",
+        check_rows=_digit_prompts,
+    )
 )
 register_reward(RewardSpec("tonality", _tonality, "mel", True, "1 − spectral flatness of voiced frames"))
 register_reward(RewardSpec("dnsmos", _dnsmos, "mel", False, "DNSMOS P.835 overall MOS of the vocoded mel"))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mmalign.core.reward import score
 from mmalign.speech.audio import GriffinLimVocoder, MelConfig, write_wav
 
 
@@ -31,26 +33,42 @@ def mel_figure(mels: torch.Tensor, titles: list[str], out: Path) -> None:
 
 
 class SpeechSamples:
-    """Saves `samples_<tag>_<i>.wav` (Griffin-Lim) and `mels_<tag>.png` for held-out prompts (seed 0)."""
+    """Saves `samples_<tag>_<i>.wav` (Griffin-Lim) and `mels_<tag>.png` for held-out prompts (seed 0); each mel is
+    titled with its prompt and what the first reward reads in it (e.g. the recogniser's digit)."""
 
-    def __init__(self, mel: MelConfig):
-        self.mel, self.vocoder = mel, GriffinLimVocoder(mel)
+    def __init__(self, mel: MelConfig, rewards: Sequence[Any] = ()):
+        self.mel, self.vocoder, self.rewards = mel, GriffinLimVocoder(mel), list(rewards)
 
     def store_samples(self, run_dir: Path, tag: str, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not samples:
             return []
         mels = torch.stack([s["mel"] for s in samples]).cpu()
+        prompts = [s["prompt"] for s in samples]
+        read = self._readings(prompts, mels)
         waves = self.vocoder(mels)
         out = []
         for i, (s, wave) in enumerate(zip(samples, waves, strict=True)):
             name = f"samples_{tag}_{i}.wav"
             write_wav(run_dir / name, wave, self.mel.sample_rate)
-            out.append({"prompt": s["prompt"], "wav": name, "mel_image": f"mels_{tag}.png", "column": i})
-        mel_figure(mels, [s["prompt"] for s in samples], run_dir / f"mels_{tag}.png")
+            record = {"prompt": s["prompt"], "wav": name, "mel_image": f"mels_{tag}.png", "column": i}
+            out.append({**record, "reading": read[i]} if read[i] else record)
+        titles = [f"{p}\n{r}" if r else p for p, r in zip(prompts, read, strict=True)]
+        mel_figure(mels, titles, run_dir / f"mels_{tag}.png")
         return out
+
+    def _readings(self, prompts: list[str], mels: torch.Tensor) -> list[str]:
+        if not self.rewards:
+            return [""] * len(prompts)
+        reward = self.rewards[0]
+        if hasattr(reward, "readings"):
+            return list(reward.readings(prompts, mels))
+        with torch.no_grad():
+            return [f"{reward.name} {v:.3g}" for v in score(reward, prompts, mels).float().tolist()]
 
     def sample_lines(self, samples: dict[str, list[dict[str, Any]]]) -> list[str]:
         lines = wav_table(samples, "## Samples (held-out prompts, same seed): before, then after")
+        if lines and self.rewards:
+            lines[1] += f" (mel titles: what {self.rewards[0].name} reads)"
         return (
             [*lines, "", "![mels before](mels_before.png)", "", "![mels after](mels_after.png)"]
             if lines

@@ -8,13 +8,17 @@ from pathlib import Path
 
 import torch
 
+from mmalign.core.errors import MmalignError
+
 DEFAULT_ALPHABET = " abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
 PAD, BOS, EOS = 0, 1, 2
 ALPHABET_FILE = "alphabet.json"
 
 
-class AlphabetError(ValueError):
+class AlphabetError(MmalignError, ValueError):
     """Prompt text with a character outside the text encoder's alphabet (after lower-casing)."""
+
+    label = "data error"
 
 
 class CharEncoder:

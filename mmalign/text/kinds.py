@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mmalign.core.config import RecipeError
+from mmalign.core.config import RecipeError, check_dtype
 from mmalign.core.data import (
+    DataError,
+    Row,
     validate_preference_rows,
     validate_prompt_rows,
     validate_unpaired_rows,
 )
+from mmalign.core.model_files import check_transformers_dir, local_model_dir
 from mmalign.core.paths import resolve
 from mmalign.core.registry import ModelKind, RewardSpec, register_model_kind, register_reward
+from mmalign.core.tokenizer_checks import check_vocabulary, load_tokenizer, text_items
 
 
 @dataclass
@@ -35,6 +40,7 @@ class TextModelConfig:
             raise ValueError("model.max_length and model.max_new_tokens must be >= 1")
         if not self.temperature > 0:
             raise ValueError(f"model.temperature must be > 0, got {self.temperature}")
+        check_dtype(self.dtype)
 
 
 def _path(cfg: Any) -> str:
@@ -42,6 +48,38 @@ def _path(cfg: Any) -> str:
     if not path:
         raise RecipeError("model.name_or_path is required")
     return path
+
+
+def text_preflight(cfg: TextModelConfig, rows: Mapping[str, list[Row]]) -> None:
+    """Model directory layout and weight files, every text field in the tokenizer's vocabulary, and (causal LMs)
+    every example encoded as training will encode it: too long for model.max_length, or a conversation without a
+    chat template, is named here, before the weights load."""
+    path = _path(cfg)
+    directory = local_model_dir(path, "model.name_or_path")
+    if directory is not None:
+        check_transformers_dir(directory, "model.name_or_path")
+    tokenizer = load_tokenizer(path, "model.name_or_path", trust_remote_code=cfg.trust_remote_code)
+    check_vocabulary(tokenizer, text_items(rows), f"model {cfg.name_or_path!r}")
+    if cfg.kind != "causal_lm":
+        return
+    from mmalign.core.codec import TextCodec
+
+    codec = TextCodec(tokenizer, cfg.max_length)
+    encoders = {
+        "pairs": codec.encode_pair,
+        "unpaired": codec.encode_completion,
+        "completions": codec.encode_completion,
+    }
+    for kind, encode in encoders.items():
+        for row in rows.get(kind, []):
+            if kind == "completions" and row.data.get("completion") is None:
+                continue  # SFT may train on another field (algorithm.field); its encoder names a problem there
+            try:
+                encode(row)
+            except DataError:
+                raise
+            except ValueError as err:  # e.g. a conversation for a tokenizer without a chat template
+                raise row.error(None, str(err)) from None
 
 
 def build_causal_lm(cfg: TextModelConfig, lora: Any) -> Any:
@@ -130,9 +168,12 @@ register_model_kind(
         build=build_causal_lm,
         evaluation=sequence_evaluation,
         validators=TEXT_ROWS,
-        capabilities=frozenset({"token_entropies", "token_lengths", "log_probabilities"}),
+        capabilities=frozenset(
+            {"token_entropies", "token_lengths", "log_probabilities", "gradient_checkpointing"}
+        ),
         description="any transformers causal LM (hub id or directory); LoRA or full fine-tuning",
         tiny=_tiny_text,
+        preflight=text_preflight,
     )
 )
 register_model_kind(
@@ -145,6 +186,7 @@ register_model_kind(
         validators={"pairs": validate_preference_rows},
         description="a transformers sequence classifier trained as a Bradley–Terry reward model",
         tiny=lambda: {**_tiny_text(), "model": {"name_or_path": "zoo://text-tiny/base", "max_length": 24}},
+        preflight=text_preflight,
     )
 )
 
@@ -177,8 +219,25 @@ def _reward_model(options: dict[str, Any], context: Any) -> Any:
     return RewardModel.from_pretrained(resolve(options.pop("path")), **options)
 
 
+def _rows_with_answers(rows: list[Row]) -> None:
+    for row in rows:
+        value = row.data.get("answer")
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise row.error(
+                "answer",
+                "reward answer_match needs the known answer of every prompt it scores (an `answer` field)",
+            )
+
+
 register_reward(
-    RewardSpec("answer_match", _answer_match, "text", False, "1 if the response is the known answer")
+    RewardSpec(
+        "answer_match",
+        _answer_match,
+        "text",
+        False,
+        "1 if the response is the known answer",
+        check_rows=_rows_with_answers,
+    )
 )
 register_reward(RewardSpec("regex", _regex, "text", False, "1 if the response matches `pattern`"))
 register_reward(RewardSpec("length", _length, "text", False, "response length in characters × `scale`"))

@@ -32,6 +32,8 @@ ON_CORRUPT = ("fallback", "error")
 class CheckpointError(RunDirError):
     """A checkpoint cannot be used: corrupt, incomplete, non-finite, or it could not be written."""
 
+    label = "checkpoint error"
+
 
 def _split_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     """Replace every tensor in a nested structure by a reference into `tensors` (JSON-safe skeleton)."""

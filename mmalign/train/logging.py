@@ -7,10 +7,14 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmalign.train.run_dir import atomic_path, log_event
+from mmalign.train.run_dir import RunDirError, atomic_path, log_event
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+
+class MetricsFileError(RunDirError, ValueError):
+    """A line of metrics.jsonl other than the last is not JSON: the file was edited or damaged, not cut by a kill."""
 
 
 class MetricsLogger:
@@ -43,6 +47,30 @@ class MetricsLogger:
         if self.accelerator.is_main_process:
             log_event(self.run_dir, message)
 
+    def held_out(self, step: int, metrics: dict[str, float]) -> None:
+        """Held-out metrics of the starting (step 0) or final model: trackers only, as `eval/*` points at that step,
+        so a tracker's held-out curves begin at the base model and end at the trained one (metrics.jsonl keeps
+        them in before.json and summary.json)."""
+        if self.trackers and self.accelerator.is_main_process and metrics:
+            self.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+
+    def hyperparameters(
+        self, hparams: dict[str, Any], before: dict[str, float], after: dict[str, float]
+    ) -> None:
+        """The run's settings with its before/after held-out metrics: TensorBoard's HPARAMS table and W&B's
+        config and summary. Values that are not numbers, strings or booleans are written as strings."""
+        if not (self.trackers and self.accelerator.is_main_process):
+            return
+        flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hparams.items()}
+        results = {f"before/{k}": v for k, v in before.items()} | {f"after/{k}": v for k, v in after.items()}
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_hparams(flat, results, run_name="hparams")
+                tracker.writer.flush()
+            elif tracker.name == "wandb":
+                tracker.run.config.update(flat, allow_val_change=True)
+                tracker.run.summary.update(results)
+
     def close(self) -> None:
         if self.trackers:
             self.accelerator.end_training()
@@ -58,7 +86,10 @@ def _complete_rows(path: Path) -> list[dict[str, Any]]:
             try:
                 rows.append(json.loads(line))
             except ValueError as err:
-                raise ValueError(f"{path}, line {number}: not a JSON row ({err})") from None
+                raise MetricsFileError(
+                    f"{path}, line {number}: not a JSON row ({err}); fix or remove that line, or start over with "
+                    "train.resume=false"
+                ) from None
     with contextlib.suppress(ValueError):  # a last line cut short by a kill: its step is redone on resume
         rows.append(json.loads(last))
     return rows

@@ -45,6 +45,8 @@ def _config_needs(config: PreferenceConfig) -> dict[str, str]:
     needs = {capability: f"loss: {config.loss}" for capability in _loss_needs(config.loss)}
     if config.length_normalize:
         needs["token_lengths"] = "length_normalize: true"
+    if config.rpo_alpha:
+        needs["log_probabilities"] = "rpo_alpha"
     return needs
 
 
@@ -89,6 +91,7 @@ register_algorithm(
         data=("pairs",),
         defaults={"loss": "dpo"},
         description="Diffusion-DPO (Wallace et al. 2023): DPO on pairs of outputs",
+        config_needs=_config_needs,
     )
 )
 register_algorithm(

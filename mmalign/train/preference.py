@@ -7,6 +7,7 @@ precomputed cache) and hands them to the loss that `mmalign.objectives.preferenc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 from mmalign.core.data import Row
 from mmalign.objectives import preference as P
 from mmalign.objectives.sequence import sequence_logps
+from mmalign.objectives.supervised import nll_loss
 from mmalign.train.algorithm import AlgorithmBase
 
 TRL_LOSS_TYPES: dict[str, tuple[str, bool]] = {
@@ -37,7 +39,8 @@ TRL_LOSS_TYPES: dict[str, tuple[str, bool]] = {
 """trl 1.16 DPOTrainer `loss_type` → (mmalign `loss`, whether trl divides the log-ratios by their length)."""
 
 _TRL_ONLY = {
-    "sft": "trl's loss_type 'sft' is mmalign's algorithm sft, or the NLL term of the losses cpo and orpo",
+    "sft": "trl's loss_type 'sft' alone is mmalign's algorithm sft; beside a preference loss ([sigmoid, sft] with "
+    "loss_weights [1, α]) it is algorithm.rpo_alpha: α",
 }
 _TRL_RENAMED = {
     "f_divergence_type": "algorithm.divergence with loss fdpo (reverse_kl, forward_kl, js, alpha; trl's "
@@ -64,9 +67,22 @@ class PreferenceConfig:
     its default; rdpo, odpo and beta_dpo have no default alpha; a value given for a loss that does not read it is
     an error.
 
+    rpo_alpha: RPO's anchor (Pang et al., 2024, "Iterative Reasoning Preference Optimization", Eq. (1)): the
+    loss plus α times the negative log-likelihood of the chosen response, averaged over its tokens,
+
+        ℓ = ℓ_pref + α · (−Σ_t log π(y_w,t | x, y_w,<t) / |y_w|)
+
+    per pair (the paper also counts the prompt's tokens in |·|; only response tokens are trained on here, as in
+    trl). trl (its old `rpo_alpha`, now `loss_type: [sigmoid, sft]` with `loss_weights: [1, α]`) averages the NLL
+    over all chosen tokens of a device batch instead of per pair: the two agree when chosen responses have equal
+    lengths; per pair keeps the loss independent of how a batch is split over processes and accumulation steps.
+    Sequence policies only (a diffusion policy's log-probability is not a likelihood); not with orpo or cpo,
+    whose `lam` already weights an NLL term.
+
     trl 1.16's names: `loss_type` (sigmoid, sigmoid_norm, ipo, hinge and trl's other names, which equal
-    mmalign's; sigmoid_norm and ipo also set length_normalize, as trl normalises them) and `discopop_tau`;
-    f_divergence_type, f_alpha_divergence_coef and precompute_ref_log_probs are errors naming mmalign's key.
+    mmalign's; sigmoid_norm and ipo also set length_normalize, as trl normalises them; a list of one of them and
+    'sft' with `loss_weights` [1, α] is rpo_alpha α) and `discopop_tau`; f_divergence_type,
+    f_alpha_divergence_coef and precompute_ref_log_probs are errors naming mmalign's key.
     """
 
     name: str = "preference"
@@ -84,7 +100,9 @@ class PreferenceConfig:
     mallows: bool = False
     tau: float | None = None
     precompute_reference: bool = False
-    loss_type: str | None = None
+    rpo_alpha: float | None = None
+    loss_type: str | list[str] | None = None
+    loss_weights: list[float] | None = None
     discopop_tau: float | None = None
     f_divergence_type: str | None = None
     f_alpha_divergence_coef: float | None = None
@@ -103,6 +121,14 @@ class PreferenceConfig:
             if value is None and key in entry.defaults:
                 setattr(self, key, entry.defaults[key])
         P.check_loss_params(self.loss, self, where="algorithm.")
+        if self.rpo_alpha is not None:
+            if not (math.isfinite(self.rpo_alpha) and self.rpo_alpha >= 0):
+                raise ValueError(f"algorithm.rpo_alpha must be >= 0, got {self.rpo_alpha}")
+            if self.loss in ("orpo", "cpo") and self.rpo_alpha:
+                raise ValueError(
+                    f"algorithm.rpo_alpha: loss {self.loss!r} already has an NLL term on the chosen response "
+                    "(weighted by algorithm.lam)"
+                )
 
     def _take_trl_names(self) -> None:
         """Fold trl's spellings into mmalign's keys, or say which mmalign key to use."""
@@ -115,6 +141,7 @@ class PreferenceConfig:
                     f"algorithm.discopop_tau ({self.discopop_tau}) and algorithm.tau ({self.tau}) disagree"
                 )
             self.tau = self.discopop_tau
+        self._take_trl_loss_list()
         if self.loss_type is not None:
             if self.loss_type in _TRL_ONLY:
                 raise ValueError(f"algorithm.loss_type: {_TRL_ONLY[self.loss_type]}")
@@ -134,6 +161,40 @@ class PreferenceConfig:
             self.loss = loss
             self.length_normalize = self.length_normalize or normalized
         self.loss = self.loss or "dpo"
+
+    def _take_trl_loss_list(self) -> None:
+        """trl's `loss_type: [<loss>, sft]` with `loss_weights: [1, α]` is `<loss>` with `rpo_alpha: α`."""
+        if not isinstance(self.loss_type, list):
+            if self.loss_weights is not None:
+                raise ValueError(
+                    "algorithm.loss_weights goes with a list algorithm.loss_type (trl's combination)"
+                )
+            return
+        types = list(self.loss_type)
+        weights = [1.0] * len(types) if self.loss_weights is None else [float(w) for w in self.loss_weights]
+        if len(weights) != len(types):
+            raise ValueError(
+                f"algorithm.loss_weights has {len(weights)} weights for {len(types)} loss types {types}"
+            )
+        others = [(t, w) for t, w in zip(types, weights, strict=True) if t != "sft"]
+        if len(others) != 1 or len(types) - len(others) > 1:
+            raise ValueError(
+                f"algorithm.loss_type {types}: mmalign combines one preference loss with trl's 'sft' term (which is "
+                "algorithm.rpo_alpha); other combinations are not supported"
+            )
+        (loss_type, weight), alpha = others[0], dict(zip(types, weights, strict=True)).get("sft")
+        if weight != 1.0:
+            raise ValueError(
+                f"algorithm.loss_weights: the weight of {loss_type!r} must be 1 (scale the sft term instead: its "
+                f"weight is algorithm.rpo_alpha); got {weight}"
+            )
+        if alpha is not None:
+            if self.rpo_alpha is not None and self.rpo_alpha != alpha:
+                raise ValueError(
+                    f"algorithm.loss_weights gives the sft term {alpha} but algorithm.rpo_alpha is {self.rpo_alpha}"
+                )
+            self.rpo_alpha = alpha
+        self.loss_type, self.loss_weights = loss_type, None
 
 
 class PreferenceAlgorithm(AlgorithmBase):
@@ -221,6 +282,10 @@ class PreferenceAlgorithm(AlgorithmBase):
             gather=self._gathered,
         )
         losses, metrics = self.entry.fn(scores, cfg, self.loss_state)
+        if cfg.rpo_alpha:
+            nll = nll_loss(chosen.token_logps, chosen.mask)
+            losses = losses + cfg.rpo_alpha * nll
+            metrics["nll/chosen"] = nll.detach().mean()
         beta = metrics["beta"].item() if "beta" in metrics else cfg.beta  # β-DPO's batch β
         lc, lr = scores.logratios(cfg.length_normalize)
         metrics.update(P.preference_metrics(beta * lc.detach(), beta * lr.detach()))

@@ -10,32 +10,82 @@ from mmalign.evaluation.samples import markdown_cell
 from mmalign.train.logging import read_metrics
 
 
-def plot_curves(run_dir: Path, out: Path) -> list[str]:
-    """One small panel per logged metric; returns the metric names plotted."""
+def smooth(values: list[float], window: int) -> list[float]:
+    """Debiased exponential moving average with the span of a `window`-point rolling mean (β = 1 − 2/(window+1)).
+
+    Debiasing (dividing by 1 − β^t, as TensorBoard does) keeps the first points from being pulled to zero.
+    """
+    beta = 1.0 - 2.0 / (max(window, 1) + 1)
+    out, avg = [], 0.0
+    for t, value in enumerate(values, 1):
+        avg = beta * avg + (1 - beta) * value
+        out.append(avg / (1 - beta**t))
+    return out
+
+
+def held_out_series(
+    rows: list[dict[str, Any]], summary: dict[str, Any] | None
+) -> dict[str, list[tuple[int, float]]]:
+    """Each held-out metric over training: the starting model's value at step 0 (summary `before`), the periodic
+    `eval/*` rows, and the trained model's value at the last step (summary `after`)."""
+    series: dict[str, dict[int, float]] = {}
+    summary = summary or {}
+    for key, value in (summary.get("before") or {}).items():
+        if _plottable(value):
+            series.setdefault(key, {})[0] = float(value)
+    for row in rows:
+        for key, value in row.items():
+            if key.startswith("eval/") and _plottable(value):
+                series.setdefault(key[len("eval/") :], {})[row["step"]] = float(value)
+    for key, value in (summary.get("after") or {}).items():
+        if _plottable(value):
+            series.setdefault(key, {})[int(summary.get("steps", 0))] = float(value)
+    skip = ("n_pairs", "n_prompts", "n_images", "n_samples", "_se")
+    return {k: sorted(v.items()) for k, v in sorted(series.items()) if not k.endswith(skip)}
+
+
+def _plottable(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def plot_curves(run_dir: Path, out: Path, summary: dict[str, Any] | None = None) -> list[str]:
+    """Training metrics (raw, faint, behind their moving average) and every held-out metric over training, from
+    the starting model (step 0) to the trained one; returns the panel titles."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = read_metrics(run_dir)
-    names = sorted({k for r in rows for k in r if k != "step" and isinstance(r[k], (int, float))})
-    names = [n for n in names if not n.endswith(("n_pairs", "n_prompts"))]
-    if not names:
+    train = sorted({k for r in rows for k in r if k.startswith("train/") and _plottable(r[k])})
+    held_out = held_out_series(rows, summary)
+    panels = [(f"held-out: {k}", None, pts) for k, pts in held_out.items()]
+    panels += [(k, k, [(r["step"], r[k]) for r in rows if _plottable(r.get(k))]) for k in train]
+    if not panels:
         return []
-    cols = min(4, len(names))
-    nrows = math.ceil(len(names) / cols)
+    cols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.4 * nrows), squeeze=False)
-    for ax, name in zip(axes.flat, names, strict=False):
-        pts = [(r["step"], r[name]) for r in rows if name in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
-        ax.set_title(name, fontsize=8)
+    for ax, (title, name, pts) in zip(axes.flat, panels, strict=False):
+        steps, values = [p[0] for p in pts], [p[1] for p in pts]
+        if name is None:  # held-out: few points, each one a measurement
+            ax.plot(steps, values, marker="o", color="tab:green")
+            for step, value, tag in ((steps[0], values[0], "before"), (steps[-1], values[-1], "after")):
+                ax.annotate(
+                    f"{tag} {value:.3g}", (step, value), fontsize=6, textcoords="offset points", xytext=(2, 4)
+                )
+        else:
+            window = max(1, len(values) // 15)
+            ax.plot(steps, values, color="tab:blue", alpha=0.25, linewidth=0.8)
+            ax.plot(steps, smooth(values, window), color="tab:blue", linewidth=1.4)
+        ax.set_title(title, fontsize=8)
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(names) :]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
-    return names
+    return [title for title, *_ in panels]
 
 
 class SampleSection(Protocol):
@@ -70,8 +120,16 @@ class RunReport:
             lines.append(
                 f"| {key} | {markdown_cell(summary['before'][key])} | {markdown_cell(summary['after'].get(key, ''))} |"
             )
-        if plot_curves(run_dir, run_dir / "curves.png"):
-            lines += ["", "## Training curves", "", "![curves](curves.png)"]
+        if plot_curves(run_dir, run_dir / "curves.png", summary):
+            lines += [
+                "",
+                "## Training curves",
+                "",
+                "Held-out metrics from the starting model (step 0) to the trained one; training metrics raw (faint) "
+                "and smoothed.",
+                "",
+                "![curves](curves.png)",
+            ]
         if self.samples:
             lines += self.samples.sample_lines(samples)
         (run_dir / "report.md").write_text("\n".join(lines) + "\n")

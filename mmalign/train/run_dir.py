@@ -23,6 +23,8 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from mmalign.core.errors import MmalignError
+
 LOCK_FILE = "run.lock"
 LOG_FILE = "run.log"
 # what a run writes into its directory; moved aside together when a run starts over (train.resume=false)
@@ -42,12 +44,16 @@ RUN_FILE_PATTERNS = ("samples_*", "mels_*")  # sample files of the image and spe
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
-class RunDirError(RuntimeError):
+class RunDirError(MmalignError, RuntimeError):
     """The output directory cannot hold this run: a file, not writable, full, or in use by another run."""
 
+    label = "run directory error"
 
-class NonFiniteMetricError(ValueError):
+
+class NonFiniteMetricError(MmalignError, ValueError):
     """A metric is NaN or inf: it is named, never written or printed as JSON `NaN`."""
+
+    label = "non-finite metric"
 
 
 @dataclass

@@ -9,6 +9,8 @@ one process (up to float reduction order).
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import math
 import time
@@ -24,6 +26,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from mmalign.core.errors import MmalignError
 from mmalign.core.policy import Policy
 from mmalign.train import checkpoint as ckpt
 from mmalign.train.algorithm import Algorithm, Evaluator, LossTerm, Report
@@ -31,16 +34,28 @@ from mmalign.train.logging import MetricsLogger
 from mmalign.train.run_dir import atomic_dir, prepare_run_dir, read_before, write_json_atomic
 
 
-class TrainingError(RuntimeError):
+class TrainingError(MmalignError, RuntimeError):
     """Training stopped because continuing would train on garbage (NaN/inf loss, bad configuration)."""
+
+    label = "training error"
+
+
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # train.log_with name → the package it needs
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation and bookkeeping settings of a run (the `train:` section of a recipe)."""
+    """Optimisation and bookkeeping settings of a run (the `train:` section of a recipe).
+
+    `num_train_epochs` (trl's name), when set, decides `max_steps`: enough optimizer steps for every training
+    example (every prompt, for online methods) to be drawn that many times; `warmup_ratio` sets the warm-up to
+    that share of the steps (rounded up, as transformers does). `gradient_checkpointing` recomputes activations in
+    the backward pass instead of storing them (less memory, the same gradients).
+    """
 
     seed: int = 0
     max_steps: int = 100
+    num_train_epochs: float | None = None
     batch_size: int = 32  # global: summed over processes and accumulation steps
     grad_accum: int = 1
     lr: float = 1e-4
@@ -48,8 +63,10 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     scheduler: str = "constant_with_warmup"  # any transformers scheduler name
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
+    gradient_checkpointing: bool = False
     eval_every: int = 0  # 0: only before and after
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
@@ -63,13 +80,39 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "ppo_epochs"):
+        for name in ("max_steps", "batch_size", "grad_accum", "ppo_epochs", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be ≥ 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "save_every", "rollout_prompts"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be ≥ 0, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum:
             raise ValueError(
                 f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum ({self.grad_accum})"
             )
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"train.lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"train.weight_decay must be ≥ 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(
+                f"train.max_grad_norm must be > 0 (or null: no clipping), got {self.max_grad_norm}"
+            )
+        betas = list(self.adam_betas) if isinstance(self.adam_betas, (list, tuple)) else [self.adam_betas]
+        if len(betas) != 2 or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas
+        ):
+            raise ValueError(f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+        self.adam_betas = (float(betas[0]), float(betas[1]))
+        if self.num_train_epochs is not None and not (
+            math.isfinite(self.num_train_epochs) and self.num_train_epochs > 0
+        ):
+            raise ValueError(f"train.num_train_epochs must be > 0, got {self.num_train_epochs}")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ValueError(f"train.warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if self.warmup_ratio and self.warmup_steps:
+            raise ValueError("give train.warmup_steps or train.warmup_ratio, not both")
+        check_scheduler(self.scheduler)
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(
                 f"train.mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}"
@@ -78,7 +121,65 @@ class TrainConfig:
             raise ValueError(
                 f"train.on_corrupt_checkpoint must be 'fallback' or 'error', got {self.on_corrupt_checkpoint!r}"
             )
-        self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
+        if isinstance(self.log_with, str):
+            self.log_with = [self.log_with]
+        for tracker in self.log_with:
+            if tracker not in TRACKERS:
+                raise ValueError(f"train.log_with: unknown tracker {tracker!r}; known: {', '.join(TRACKERS)}")
+            if importlib.util.find_spec(TRACKERS[tracker]) is None:
+                extra = "tracking" if tracker == "tensorboard" else "wandb"
+                raise ValueError(
+                    f"train.log_with: {tracker} is not installed (pip install 'mmalign[{extra}]')"
+                )
+
+    def warmup(self) -> int:
+        """Warm-up steps: `warmup_steps`, or `warmup_ratio` of `max_steps` rounded up."""
+        return self.warmup_steps or math.ceil(self.warmup_ratio * self.max_steps)
+
+    def for_data(self, n_items: int, *, online: bool = False, samples_per_prompt: int = 1) -> TrainConfig:
+        """This config with `max_steps` derived from `num_train_epochs` (unchanged without it).
+
+        `n_items` is the dataset size: training examples, or prompts for online methods. An offline step draws
+        `batch_size` examples; an online rollout draws `rollout_prompts` prompts (default batch_size /
+        samples_per_prompt) and is trained on for `ppo_epochs` steps. Draws run on into the next epoch's
+        permutation, so E epochs are ⌈E·n / per-draw⌉ draws.
+        """
+        if self.num_train_epochs is None:
+            return self
+        if n_items < 1:
+            raise ValueError("train.num_train_epochs needs a non-empty training set")
+        per_draw = (
+            (self.rollout_prompts or self.batch_size // samples_per_prompt) if online else self.batch_size
+        )
+        steps_per_draw = self.ppo_epochs if online else 1
+        draws = max(1, math.ceil(self.num_train_epochs * n_items / max(per_draw, 1) - 1e-9))
+        return dataclasses.replace(self, max_steps=draws * steps_per_draw)
+
+
+_SCHEDULERS: dict[str, str | None] = {}
+
+
+def check_scheduler(name: str) -> None:
+    """Refuse a scheduler transformers cannot build from (warm-up, total steps) alone, listing those it can."""
+    if not _SCHEDULERS:
+        from transformers import SchedulerType
+
+        probe = torch.nn.Parameter(torch.zeros(1))
+        for kind in SchedulerType:
+            try:
+                optimizer = torch.optim.SGD([probe], lr=1.0)
+                scheduler = get_scheduler(kind.value, optimizer, num_warmup_steps=1, num_training_steps=2)
+                optimizer.step()
+                scheduler.step()
+                _SCHEDULERS[kind.value] = None
+            except (
+                ValueError,
+                TypeError,
+            ) as err:  # cosine_with_min_lr needs min_lr, reduce_lr_on_plateau a metric
+                _SCHEDULERS[kind.value] = str(err)
+    if _SCHEDULERS.get(name, "unknown") is not None:
+        usable = ", ".join(n for n, why in _SCHEDULERS.items() if why is None)
+        raise ValueError(f"train.scheduler must be one of {usable}; got {name!r}")
 
 
 class Trainer:
@@ -95,10 +196,19 @@ class Trainer:
         accelerator: Accelerator | None = None,
         report: Report | None = None,
         fingerprint: Mapping[str, str] | None = None,
+        hparams: Mapping[str, Any] | None = None,
     ):
+        if config.num_train_epochs is not None:
+            online = algorithm.online
+            n = len(algorithm.prompts) if online else len(algorithm.train_examples)
+            config = config.for_data(
+                n, online=online, samples_per_prompt=getattr(algorithm, "samples_per_prompt", 1)
+            )
         self.policy, self.algorithm, self.config = policy, algorithm, config
         # what identifies the starting point besides its weights (e.g. run_dir.recipe_fingerprint); kept in before.json
         self.fingerprint = dict(fingerprint or {})
+        # what trackers record as the run's hyperparameters (e.g. the flattened recipe); default: this config
+        self.hparams = dict(hparams) if hparams is not None else flatten({"train": asdict(config)})
         self.evaluator = evaluator
         self.report = report
         self.run_dir = Path(output_dir)
@@ -165,8 +275,15 @@ class Trainer:
             params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.adam_betas, fused=fused or None
         )
         scheduler = get_scheduler(
-            cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
+            cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup(), num_training_steps=cfg.max_steps
         )
+        if cfg.gradient_checkpointing:
+            enable = getattr(self.policy, "enable_gradient_checkpointing", None)
+            if enable is None:
+                raise TrainingError(
+                    f"train.gradient_checkpointing: {type(self.policy).__name__} does not support it"
+                )
+            enable()
         self.model, optimizer = acc.prepare(self.policy.module, optimizer)
         self.policy.attach(self.model)
         # prepare() placed only the trained module: reference copies, encoders and VAEs follow it
@@ -184,6 +301,7 @@ class Trainer:
         for note in skipped:
             logger.event(f"{note}; resuming from {last.name} instead")
         before = self._before_metrics(logger)  # of the starting weights, so before any checkpoint is restored
+        logger.held_out(0, before)
         if last is not None:
             step, elapsed_before = self._restore(last, optimizer, scheduler)
             acc.print(f"resumed from {last} at step {step}")
@@ -236,6 +354,8 @@ class Trainer:
             "before": before,
             "after": after,
         }
+        logger.held_out(step, after)
+        logger.hyperparameters(self.hparams, before, after)
         if acc.is_main_process:
             write_json_atomic(self.run_dir / "summary.json", summary, "summary.json")
             with atomic_dir(self.run_dir / "final") as tmp:
@@ -414,6 +534,18 @@ class Trainer:
         scheduler.load_state_dict({**scheduler.state_dict(), **ckpt.load_state(path, "scheduler")})
         self.algorithm.load_state_dict(ckpt.load_state(path, "algorithm"))
         return int(trainer["step"]), float(trainer["elapsed"])
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as one level of dotted keys (`train.lr`), the shape trackers take hyperparameters in."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
 
 
 def steps_per_epoch(n_examples: int, batch_size: int) -> int:

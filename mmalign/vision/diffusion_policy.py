@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from mmalign.core.data import Row
+from mmalign.core.data import DataError, Row
 from mmalign.core.diffusion_policy import UNET_LORA_TARGETS, DenoisingPolicy
 from mmalign.core.params import LoraSpec
 from mmalign.core.sampler import DDPMFamilySampler, DDPMForwardProcess
@@ -81,7 +81,18 @@ class DiffusionImagePolicy(DenoisingPolicy):
     # ------------------------------------------------------------------------------------- conditioning
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
-        """Text embeddings `prompt_embeds` [B, L, D] from the frozen text encoder, as the pipeline computes them."""
+        """Text embeddings `prompt_embeds` [B, L, D] from the frozen text encoder, as the pipeline computes them.
+
+        A prompt longer than the encoder's window is an error, not silently cut as the pipeline would."""
+        limit = self.tokenizer.model_max_length
+        for prompt, ids in zip(prompts, self.tokenizer(list(prompts))["input_ids"], strict=True):
+            if len(ids) > limit:
+                raise DataError(
+                    "prompt",
+                    None,
+                    None,
+                    f"{prompt!r} is {len(ids)} tokens; the text encoder reads at most {limit}",
+                )
         tokens = self.tokenizer(
             list(prompts),
             padding="max_length",

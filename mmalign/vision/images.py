@@ -48,6 +48,38 @@ def load_image(row: Row, field: str, base: Path) -> Image.Image:
     return _open(row, field, path, f"image {path}")
 
 
+def check_image_header(row: Row, field: str, base: Path, size: int | None = None) -> None:
+    """What `load_image_tensor` would refuse, read from the image's header alone (no pixel is decoded): a missing
+    or unreadable file, an unsupported mode, a decompression bomb, a size other than `size`."""
+    value = require_image(row, field)
+    if isinstance(value, Image.Image):
+        mode, dims, what = value.mode, value.size, "in-memory image"
+    else:
+        data = value.get("bytes") if isinstance(value, Mapping) else value
+        if isinstance(data, bytes | bytearray | memoryview) and len(data) > 0:
+            source, what = io.BytesIO(data), f"image bytes ({len(data)} bytes)"
+        else:
+            source = resolve_image_path(row, field, base)
+            if not source.exists():
+                raise row.error(field, f"image file not found: {source}")
+            what = f"image {source}"
+        try:
+            with Image.open(source) as img:  # reads the header; the bomb check happens here
+                mode, dims = img.mode, img.size
+        except Image.DecompressionBombError as err:
+            raise row.error(
+                field, f"refusing to decode {what}, a possible decompression bomb: {err}"
+            ) from None
+        except UnidentifiedImageError:
+            raise row.error(field, f"cannot read {what}: not in an image format PIL recognises") from None
+        except OSError as err:
+            raise row.error(field, f"cannot read {what}: {err}") from None
+    if mode not in MODES:
+        raise row.error(field, f"{what}: unsupported image mode {mode!r} (use RGB or grayscale)")
+    if size is not None and dims != (size, size):
+        raise row.error(field, f"image is {dims[0]}×{dims[1]}, the model expects {size}×{size}")
+
+
 def _open(row: Row, field: str, source: Path | io.BytesIO, what: str) -> Image.Image:
     """Decode an image file or buffer, turning every failure into a located error."""
     try:

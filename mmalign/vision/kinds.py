@@ -3,14 +3,19 @@ image rewards. Builders import their heavy modules lazily, so text users never i
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from mmalign.core.config import RecipeError, to_dataclass
-from mmalign.core.data import validate_image_pair_rows, validate_prompt_rows, validate_unpaired_rows
+from mmalign.core.config import RecipeError, check_dtype, to_dataclass
+from mmalign.core.data import Row, validate_image_pair_rows, validate_prompt_rows, validate_unpaired_rows
 from mmalign.core.diffusion_policy import DiffusionModelConfig
+from mmalign.core.model_files import check_pipeline_dir, check_transformers_dir, local_model_dir
 from mmalign.core.paths import resolve
 from mmalign.core.registry import ModelKind, RewardSpec, register_model_kind, register_reward
+from mmalign.core.tokenizer_checks import check_prompt_length, check_vocabulary, load_tokenizer, text_items
 
 
 @dataclass
@@ -27,6 +32,13 @@ class VLMModelConfig:
     trust_remote_code: bool = False
     prompt_template: str = "{image}{prompt}"  # e.g. "USER: {image}\n{prompt} ASSISTANT:" for LLaVA-1.5
     image_size: int | None = None  # set to reject images of any other size instead of resizing them
+
+    def __post_init__(self) -> None:
+        if self.max_length < 1 or self.max_new_tokens < 1:
+            raise ValueError("model.max_length and model.max_new_tokens must be >= 1")
+        if not self.temperature > 0:
+            raise ValueError(f"model.temperature must be > 0, got {self.temperature}")
+        check_dtype(self.dtype)
 
 
 @dataclass
@@ -46,6 +58,38 @@ def _path(cfg: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------ Stable Diffusion
+def stable_diffusion_preflight(cfg: DiffusionModelConfig, rows: Mapping[str, list[Row]]) -> None:
+    """Pipeline layout (components, classes, weight files), then every prompt against the text encoder's tokenizer:
+    in its vocabulary and no longer than the encoder reads (the pipeline would cut it without a word)."""
+    from mmalign.vision.images import check_image_header
+
+    path = _path(cfg)
+    directory = local_model_dir(path, "model.name_or_path")
+    size = None
+    if directory is not None:
+        check_pipeline_dir(directory, "model.name_or_path")
+        size = _image_size(directory)
+    tokenizer = load_tokenizer(path, "model.name_or_path", subfolder="tokenizer")
+    prompts = [(row, "prompt") for kind in ("prompts", "pairs") for row in rows.get(kind, [])]
+    prompts = [(row, f) for row, f in prompts if isinstance(row.data.get(f), str)]
+    check_vocabulary(tokenizer, prompts, "the text encoder's tokenizer")
+    check_prompt_length(tokenizer, prompts, tokenizer.model_max_length, "the text encoder")
+    for row in rows.get("pairs", []):  # headers only: nothing is decoded until the model encodes the pair
+        base = Path(row.source).parent if row.source and not row.source.startswith("<") else Path(".")
+        for field in ("image_w", "image_l"):
+            check_image_header(row, field, base, size)
+
+
+def _image_size(directory: Path) -> int | None:
+    """The image side a local Stable Diffusion pipeline works at (UNet sample size × VAE scale), from its configs."""
+    try:
+        unet = json.loads((directory / "unet" / "config.json").read_text())
+        vae = json.loads((directory / "vae" / "config.json").read_text())
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def build_stable_diffusion(cfg: DiffusionModelConfig, lora: Any) -> Any:
     from mmalign.vision.diffusion_policy import DiffusionImagePolicy
 
@@ -75,8 +119,9 @@ def diffusion_evaluation(context: Any) -> tuple[Any, Any]:
         batch_size=cfg.batch_size,
         grid_prompts=cfg.n_samples,
         kl=cfg.kl,
+        grid_seeds=min(cfg.seeds, 3),
     )
-    return evaluator, ImageSamples()
+    return evaluator, ImageSamples(context.rewards)
 
 
 def _tiny_image() -> dict[str, Any]:
@@ -103,10 +148,11 @@ register_model_kind(
         build=build_stable_diffusion,
         evaluation=diffusion_evaluation,
         validators={"prompts": validate_prompt_rows, "pairs": validate_image_pair_rows},
-        capabilities=frozenset({"image_pairs", "differentiable_decode"}),
+        capabilities=frozenset({"image_pairs", "differentiable_decode", "gradient_checkpointing"}),
         outputs="image",
         description="Stable Diffusion 1.x/2.x layout (UNet + CLIP text encoder + VAE); LoRA in diffusers format",
         tiny=_tiny_image,
+        preflight=stable_diffusion_preflight,
     )
 )
 
@@ -126,6 +172,16 @@ def build_vlm(cfg: VLMModelConfig, lora: Any) -> Any:
         prompt_template=cfg.prompt_template,
         image_size=cfg.image_size,
     )
+
+
+def vlm_preflight(cfg: VLMModelConfig, rows: Mapping[str, list[Row]]) -> None:
+    """Model directory layout and weight files, and every text field in the tokenizer's vocabulary."""
+    path = _path(cfg)
+    directory = local_model_dir(path, "model.name_or_path")
+    if directory is not None:
+        check_transformers_dir(directory, "model.name_or_path")
+    tokenizer = load_tokenizer(path, "model.name_or_path", trust_remote_code=cfg.trust_remote_code)
+    check_vocabulary(tokenizer, text_items(rows), f"model {cfg.name_or_path!r}")
 
 
 def vlm_evaluation(context: Any) -> tuple[Any, Any]:
@@ -203,9 +259,18 @@ register_model_kind(
             "completions": _vlm_rows(validate_prompt_rows),
             "prompts": _vlm_rows(validate_prompt_rows),
         },
-        capabilities=frozenset({"token_entropies", "token_lengths", "log_probabilities", "image_inputs"}),
+        capabilities=frozenset(
+            {
+                "token_entropies",
+                "token_lengths",
+                "log_probabilities",
+                "image_inputs",
+                "gradient_checkpointing",
+            }
+        ),
         description="LLaVA-style vision-language model (any AutoModelForImageTextToText + processor)",
         tiny=_tiny_vlm,
+        preflight=vlm_preflight,
     )
 )
 
@@ -225,6 +290,16 @@ def build_image_reward_model(cfg: ImageRewardModelConfig, lora: Any) -> Any:
     return ImageRewardModel.create(to_dataclass(ImageScorerConfig, cfg.network, "model.network"))
 
 
+def image_reward_model_preflight(cfg: ImageRewardModelConfig, rows: Mapping[str, list[Row]]) -> None:
+    """A saved scorer to start from is a directory with its config and intact weights."""
+    if cfg.name_or_path:
+        path = resolve(cfg.name_or_path)
+        directory = local_model_dir(path, "model.name_or_path")
+        if directory is None:
+            raise RecipeError(f"model.name_or_path {path!r}: an image reward model is a local directory")
+        check_transformers_dir(directory, "model.name_or_path", tokenizer=False)
+
+
 def image_reward_model_evaluation(context: Any) -> tuple[Any, Any]:
     from mmalign.evaluation.sequence import PairwiseAccuracy
 
@@ -242,6 +317,7 @@ register_model_kind(
         validators={"pairs": validate_image_pair_rows},
         outputs="image",
         description="a small prompt-conditioned CNN trained as a Bradley–Terry image reward model",
+        preflight=image_reward_model_preflight,
         tiny=lambda: {
             "model": {"kind": "image_reward_model", "network": {"image_size": 16}},
             "data": {"pairs": "zoo://image-tiny/train_pairs.jsonl"},
@@ -252,6 +328,12 @@ register_model_kind(
 
 
 # ---------------------------------------------------------------------------------------------- rewards
+def _digit_prompts(rows: list[Row]) -> None:
+    from mmalign.evaluation.classifier import require_digit_prompts
+
+    require_digit_prompts(rows)
+
+
 def _classifier_reward(options: dict[str, Any], context: Any) -> Any:
     from mmalign.vision.rewards import DigitAgreement
 
@@ -300,7 +382,14 @@ def _vlm_statements(options: dict[str, Any], context: Any) -> Any:
 
 
 register_reward(
-    RewardSpec("digit_classifier", _classifier_reward, "image", True, "p(prompted digit | image)")
+    RewardSpec(
+        "digit_classifier",
+        _classifier_reward,
+        "image",
+        True,
+        "p(prompted digit | image)",
+        check_rows=_digit_prompts,
+    )
 )
 register_reward(RewardSpec("jpeg_compressibility", _jpeg(False), "image", False, "−JPEG size in kB (DDPO)"))
 register_reward(RewardSpec("jpeg_incompressibility", _jpeg(True), "image", False, "+JPEG size in kB (DDPO)"))

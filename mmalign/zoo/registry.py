@@ -11,6 +11,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from mmalign.core.errors import MmalignError
 from mmalign.core.paths import register_scheme
 
 # name → (module, builder, spec factory, description); imported lazily so text users never import diffusers.
@@ -84,6 +85,12 @@ WORLDS: dict[str, tuple[str, str, str, str]] = {
 }
 
 
+class ZooError(MmalignError, ValueError):
+    """An unknown world name (in `mmalign zoo build` or a `zoo://` path); the message lists the known ones."""
+
+    label = "zoo error"
+
+
 def _builder(name: str):
     module_name, builder, spec, _ = WORLDS[name]
     module = importlib.import_module(module_name)
@@ -118,7 +125,7 @@ def _is_current(out: Path, name: str) -> bool:
 def build(name: str, force: bool = False, log=print) -> Path:
     """Build a world into the cache (atomically: a half-built world is never used)."""
     if name not in WORLDS:
-        raise ValueError(f"unknown world {name!r}; known: {', '.join(sorted(WORLDS))}")
+        raise ZooError(f"unknown world {name!r}; known: {', '.join(sorted(WORLDS))}")
     out = world_dir(name)
     if not force and _is_current(out, name):
         return out
