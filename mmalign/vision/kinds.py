@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mmalign.core.config import RecipeError, to_dataclass
-from mmalign.core.data import validate_image_pair_rows, validate_prompt_rows, validate_unpaired_rows
+from mmalign.core.data import validate_image_pair_rows, validate_prompt_rows
 from mmalign.core.diffusion_policy import DiffusionModelConfig
 from mmalign.core.paths import resolve
 from mmalign.core.registry import ModelKind, RewardSpec, register_model_kind, register_reward
@@ -71,6 +71,8 @@ def diffusion_evaluation(context: Any) -> tuple[Any, Any]:
     evaluator = DiffusionEvaluator(
         context.prompts,
         context.rewards,
+        judges=context.judges,
+        trained_on=getattr(context.algorithm_reward, "name", None),
         seeds=cfg.seeds,
         batch_size=cfg.batch_size,
         grid_prompts=cfg.n_samples,
@@ -90,7 +92,13 @@ def _tiny_image() -> dict[str, Any]:
             "guidance_scale": 3.0,
         },
         "data": {"prompts": f"{w}/train_prompts.jsonl", "pairs": f"{w}/train_pairs.jsonl"},
-        "eval": {"prompts": f"{w}/eval_prompts.jsonl", "rewards": [classifier], "seeds": 1, "n_samples": 2},
+        "eval": {
+            "prompts": f"{w}/eval_prompts.jsonl",
+            "rewards": [classifier],
+            "judges": [{"name": "digit_judge", "path": f"{w}/judge"}],
+            "seeds": 1,
+            "n_samples": 2,
+        },
         "reward": classifier,
     }
 
@@ -149,6 +157,12 @@ def _vlm_pairs(rows: list[Any]) -> list[Any]:
     return validate_vlm_preference_rows(rows, noisy=True)
 
 
+def _vlm_unpaired(rows: list[Any]) -> list[Any]:
+    from mmalign.vision.vlm_data import validate_vlm_unpaired_rows
+
+    return validate_vlm_unpaired_rows(rows)
+
+
 def _vlm_corrections(rows: list[Any]) -> list[Any]:
     from mmalign.vision.vlm_data import validate_correction_rows
 
@@ -199,7 +213,7 @@ register_model_kind(
         validators={
             "pairs": _vlm_pairs,
             "corrections": _vlm_corrections,
-            "unpaired": _vlm_rows(validate_unpaired_rows),
+            "unpaired": _vlm_unpaired,
             "completions": _vlm_rows(validate_prompt_rows),
             "prompts": _vlm_rows(validate_prompt_rows),
         },
@@ -260,6 +274,18 @@ def _classifier_reward(options: dict[str, Any], context: Any) -> Any:
     return DigitAgreement.from_pretrained(resolve(options.pop("path")), **options)
 
 
+def _judge_reward(options: dict[str, Any], context: Any) -> Any:
+    from mmalign.evaluation.classifier import PromptedClassReward
+
+    if "path" not in options:
+        raise RecipeError(
+            "reward 'digit_judge' needs `path:` (a judge classifier directory, e.g. zoo://image/judge)"
+        )
+    return PromptedClassReward.from_pretrained(
+        resolve(options.pop("path")), **{"name": "digit_judge", **options}
+    )
+
+
 def _jpeg(larger: bool) -> Any:
     def build(options: dict[str, Any], context: Any) -> Any:
         from mmalign.vision import rewards
@@ -300,6 +326,15 @@ def _vlm_statements(options: dict[str, Any], context: Any) -> Any:
 
 register_reward(
     RewardSpec("digit_classifier", _classifier_reward, "image", True, "p(prompted digit | image)")
+)
+register_reward(
+    RewardSpec(
+        "digit_judge",
+        _judge_reward,
+        "image",
+        True,
+        "p(prompted digit | image) under an independent judge (another architecture, seed and data split; eval.judges)",
+    )
 )
 register_reward(RewardSpec("jpeg_compressibility", _jpeg(False), "image", False, "−JPEG size in kB (DDPO)"))
 register_reward(RewardSpec("jpeg_incompressibility", _jpeg(True), "image", False, "+JPEG size in kB (DDPO)"))

@@ -103,11 +103,15 @@ def world_dir(name: str) -> Path:
 
 
 def fingerprint(name: str) -> str:
-    """Hash of a world's builder source and spec: a cached world built by other code is rebuilt, not reused."""
+    """Hash of a world's builder source and spec, and of the fingerprint of the world it builds on (a spec's
+    `base_world`): a cached world built by other code, or on a base world built by other code, is rebuilt."""
     module_name = WORLDS[name][0]
-    _, spec = _builder(name)
+    _, factory = _builder(name)
+    spec = factory()
     source = Path(inspect.getsourcefile(importlib.import_module(module_name)) or "").read_bytes()
-    return hashlib.sha256(source + repr(spec()).encode()).hexdigest()[:16]
+    base = getattr(spec, "base_world", None)
+    base_print = fingerprint(base).encode() if base else b""
+    return hashlib.sha256(source + repr(spec).encode() + base_print).hexdigest()[:16]
 
 
 def _is_current(out: Path, name: str) -> bool:

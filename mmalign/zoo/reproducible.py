@@ -1,0 +1,137 @@
+"""Bit-identical world builds: every builder trains on a fixed torch thread count, whatever the caller's.
+
+Float sums split across threads in different ways round differently: built with OMP_NUM_THREADS=2, image-tiny's
+VAE, text encoder, UNet and classifier weights all differed from a one-thread build. Builders therefore run under
+`build_threads()`, which pins torch (and through it MKL and OpenMP) to `BUILD_THREADS` and restores the caller's
+count afterwards; every random draw comes from a seeded generator or torch's seeded global generator.
+
+`python -m mmalign.zoo.reproducible WORLD...` checks it: each world built twice in fresh processes at different
+OMP_NUM_THREADS, every file compared by sha256 (world.json without its wall times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BUILD_THREADS = 1  # the count the worlds in README tables were built with
+
+
+@contextmanager
+def build_threads(threads: int = BUILD_THREADS) -> Iterator[None]:
+    """Run the enclosed build on `threads` torch threads, then restore the caller's thread count."""
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+# ---------------------------------------------------------------------------------- checking a build
+
+
+VOLATILE_KEYS = {"world.json": ("timings",)}  # what measures the build (wall times), not the world
+
+
+def world_digests(root: str | Path) -> dict[str, str]:
+    """sha256 of every file of a built world, by path relative to `root` (world.json without its wall times)."""
+    root = Path(root)
+    digests = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        name = path.relative_to(root).as_posix()
+        data = path.read_bytes()
+        if name in VOLATILE_KEYS:
+            record = json.loads(data)
+            for key in VOLATILE_KEYS[name]:
+                record.pop(key, None)
+            data = json.dumps(record, sort_keys=True).encode()
+        digests[name] = hashlib.sha256(data).hexdigest()
+    return digests
+
+
+@dataclass
+class Comparison:
+    """Files of two builds of a world: identical, different, or present in only one of them."""
+
+    same: list[str]
+    different: list[str]
+    only_first: list[str]
+    only_second: list[str]
+
+    @property
+    def identical(self) -> bool:
+        return not (self.different or self.only_first or self.only_second)
+
+
+def compare(first: str | Path, second: str | Path) -> Comparison:
+    """Compare two built copies of a world file by file (see `world_digests`)."""
+    a, b = world_digests(first), world_digests(second)
+    return Comparison(
+        same=sorted(k for k in a.keys() & b.keys() if a[k] == b[k]),
+        different=sorted(k for k in a.keys() & b.keys() if a[k] != b[k]),
+        only_first=sorted(a.keys() - b.keys()),
+        only_second=sorted(b.keys() - a.keys()),
+    )
+
+
+def build_in_fresh_process(world: str, home: str | Path, threads: int) -> Path:
+    """Build `world` into `home` in a new Python process started with OMP_NUM_THREADS=`threads`."""
+    env = {
+        **os.environ,
+        "MMALIGN_HOME": str(home),
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+    }
+    code = f"from mmalign.zoo import registry; registry.build({world!r}, log=lambda *_: None)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"building {world} with {threads} thread(s) failed:\n{done.stderr[-4000:]}")
+    return Path(home) / "zoo" / world
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build worlds twice in fresh processes at different OMP_NUM_THREADS and compare every file (exit 1 if any
+    differs); with `--against DIR`, also compare each build with DIR/<world> (files present in both)."""
+    parser = argparse.ArgumentParser(prog="python -m mmalign.zoo.reproducible", description=main.__doc__)
+    parser.add_argument("worlds", nargs="+")
+    parser.add_argument("--threads", type=int, nargs=2, default=(1, 2))
+    parser.add_argument("--work", default=None, help="directory for the two homes (default: a temporary one)")
+    parser.add_argument("--against", default=None, help="a zoo directory holding reference builds")
+    args = parser.parse_args(argv)
+    work = Path(args.work or tempfile.mkdtemp(prefix="mmalign-repro-"))
+    ok = True
+    for world in args.worlds:
+        builds = [build_in_fresh_process(world, work / f"threads{t}", t) for t in args.threads]
+        result = compare(*builds)
+        ok &= result.identical
+        print(
+            f"{world}: {len(result.same)} files identical at {args.threads[0]} and {args.threads[1]} threads; "
+            f"different: {result.different or 'none'}; only in one: {result.only_first + result.only_second or 'none'}"
+        )
+        if args.against:
+            reference = compare(Path(args.against) / world, builds[0])
+            ok &= not reference.different
+            print(
+                f"  vs {args.against}/{world}: {len(reference.same)} identical, different: "
+                f"{reference.different or 'none'}, new files: {len(reference.only_second)}, "
+                f"missing: {reference.only_first or 'none'}"
+            )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
