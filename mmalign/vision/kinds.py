@@ -310,6 +310,29 @@ def _clip(kind: str) -> Any:
     return build
 
 
+def _pickscore(options: dict[str, Any], context: Any) -> Any:
+    from mmalign.vision.clip_rewards import PickScore
+
+    for key in ("model", "processor"):
+        if options.get(key):
+            options[key] = resolve(options[key])
+    return PickScore.from_pretrained(**options)
+
+
+def _hpsv2(options: dict[str, Any], context: Any) -> Any:
+    from mmalign.vision.clip_rewards import HPSv2Score
+
+    if not options.get("checkpoint"):
+        raise RecipeError(
+            "reward 'hpsv2' needs `checkpoint:` (HPS_v2.1_compressed.pt converted to .safetensors; see "
+            "mmalign.vision.clip_rewards.HPS_TO_SAFETENSORS)"
+        )
+    options["checkpoint"] = resolve(options["checkpoint"])
+    if options.get("model"):
+        options["model"] = resolve(options["model"])
+    return HPSv2Score.from_pretrained(**options)
+
+
 def _image_reward_model(options: dict[str, Any], context: Any) -> Any:
     from mmalign.vision.image_reward_model import ImageRewardModel
 
@@ -342,6 +365,16 @@ register_reward(
     RewardSpec("clip_score", _clip("clip_score"), "image", True, "open_clip image–prompt similarity")
 )
 register_reward(RewardSpec("aesthetic", _clip("aesthetic"), "image", True, "LAION aesthetic head on CLIP"))
+register_reward(
+    RewardSpec(
+        "pickscore", _pickscore, "image", True, "PickScore: exp(logit_scale)·cos on a transformers CLIPModel"
+    )
+)
+register_reward(
+    RewardSpec(
+        "hpsv2", _hpsv2, "image", True, "HPS v2/v2.1: cos on an open_clip ViT-H-14 with the HPS weights"
+    )
+)
 register_reward(
     RewardSpec(
         "image_reward_model", _image_reward_model, "image", True, "a trained Bradley–Terry image scorer"
