@@ -7,8 +7,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from filelock import FileLock
 
-from mmalign.zoo.reproducible import build_in_fresh_process, build_threads, compare, world_digests
+from mmalign.zoo import registry
+from mmalign.zoo.reproducible import (
+    BUILD_ENV,
+    build_in_fresh_process,
+    build_threads,
+    compare,
+    run_build_process,
+    world_digests,
+)
 
 
 def test_build_threads_pins_and_restores_the_callers_count():
@@ -58,8 +67,18 @@ def _two_builds(world: str, tmp_path):
         pytest.param("image-flow-tiny", marks=pytest.mark.slow),
     ],
 )
-def test_tiny_world_is_bit_identical_across_thread_counts_and_processes(world, tmp_path):
+def test_tiny_world_is_bit_identical_across_thread_counts_and_processes(world, tmp_path, mmalign_home):
     first, second = _two_builds(world, tmp_path)
     result = compare(first, second)
     assert result.identical, (result.different, result.only_first, result.only_second)
     assert any(name.endswith(".safetensors") for name in result.same)
+    # and the same bits as the registry's build process (BUILD_ENV's AVX2 math paths are this CPU's defaults)
+    with FileLock(str(mmalign_home) + ".lock"):
+        cached = registry.build(world, log=lambda *_: None)
+    assert compare(first, cached).identical
+
+
+def test_a_failing_build_process_reports_its_error(tmp_path):
+    with pytest.raises(RuntimeError, match=r"(?s)building world 'no-such-world' failed.*KeyError"):
+        run_build_process("no-such-world", tmp_path / "out", lambda *_: None)
+    assert BUILD_ENV["OMP_NUM_THREADS"] == "1" and BUILD_ENV["MKL_CBWR"] == "AVX2"

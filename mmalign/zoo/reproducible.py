@@ -1,11 +1,19 @@
-"""Bit-identical world builds: every builder trains on a fixed torch thread count, whatever the caller's.
+"""Bit-identical world builds, whatever the caller's thread count, process or x86-64 CPU.
 
-Float sums split across threads in different ways round differently: built with OMP_NUM_THREADS=2, image-tiny's
-VAE, text encoder, UNet and classifier weights all differed from a one-thread build. Builders therefore run under
-`build_threads()`, which pins torch (and through it MKL and OpenMP) to `BUILD_THREADS` and restores the caller's
-count afterwards; every random draw comes from a seeded generator or torch's seeded global generator.
+Two things change the bits of a trained world besides its code and seeds:
 
-`python -m mmalign.zoo.reproducible WORLD...` checks it: each world built twice in fresh processes at different
+- the thread count: float sums split across threads round differently (built with OMP_NUM_THREADS=2, every
+  trained weight of image-tiny differed from a one-thread build). Builders run under `build_threads()`, which pins
+  torch (and through it MKL and OpenMP) to `BUILD_THREADS` and restores the caller's count afterwards;
+- the CPU's instruction set: ATen's vectorised kernels, MKL and oneDNN pick code paths by what the CPU offers, and
+  each path rounds differently (here, holding ATen to its scalar kernels, MKL to its COMPATIBLE path, or oneDNN
+  to SSE4.1 each changed image-tiny's weights). `registry.build` therefore runs every builder in a fresh process
+  started with `BUILD_ENV`, which holds all three to their AVX2 paths: what this AVX2 machine uses by default
+  (the same bits as before), and what an AVX-512 machine can be held to. MKL documents this as conditional
+  numerical reproducibility; CPUs without AVX2 (and non-x86 CPUs) still build other bits.
+
+Every random draw comes from a seeded generator or torch's seeded global generator. `python -m
+mmalign.zoo.reproducible WORLD...` checks it: each world built twice in fresh processes at different
 OMP_NUM_THREADS, every file compared by sha256 (world.json without its wall times).
 """
 
@@ -18,19 +26,30 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 BUILD_THREADS = 1  # the count the worlds in README tables were built with
+# The environment a build process starts with (read by the math libraries when they load, so never set later).
+BUILD_ENV = {
+    "OMP_NUM_THREADS": str(BUILD_THREADS),
+    "MKL_NUM_THREADS": str(BUILD_THREADS),
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_CBWR": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+}
+IN_PROCESS = (
+    "MMALIGN_ZOO_IN_PROCESS"  # "1": build in the calling process (set inside the build process itself)
+)
 
 
 @contextmanager
 def build_threads(threads: int = BUILD_THREADS) -> Iterator[None]:
     """Run the enclosed build on `threads` torch threads, then restore the caller's thread count."""
+    import torch
+
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     previous = torch.get_num_threads()
@@ -39,6 +58,29 @@ def build_threads(threads: int = BUILD_THREADS) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def run_build_process(name: str, out: Path, log: Callable[[str], object]) -> None:
+    """Run world `name`'s builder into `out` in a fresh Python process started with `BUILD_ENV`, passing its log
+    lines to `log`; a failed build is a RuntimeError carrying the end of the process's error output."""
+    env = {**os.environ, **BUILD_ENV, IN_PROCESS: "1", "PYTHONUNBUFFERED": "1"}
+    code = f"from mmalign.zoo.registry import build_here; build_here({name!r}, {str(out)!r})"
+    with tempfile.TemporaryFile("w+") as errors:
+        process = subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=errors, text=True
+        )
+        try:
+            for line in process.stdout:
+                log(line.rstrip("\n"))
+            returncode = process.wait()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        if returncode != 0:
+            errors.seek(0)
+            tail = "\n".join(errors.read().splitlines()[-30:])
+            raise RuntimeError(f"building world {name!r} failed (exit {returncode}):\n{tail}")
 
 
 # ---------------------------------------------------------------------------------- checking a build
@@ -89,12 +131,14 @@ def compare(first: str | Path, second: str | Path) -> Comparison:
 
 
 def build_in_fresh_process(world: str, home: str | Path, threads: int) -> Path:
-    """Build `world` into `home` in a new Python process started with OMP_NUM_THREADS=`threads`."""
+    """Build `world` into `home` in a new Python process started with OMP_NUM_THREADS=`threads` and the builder
+    running in that process (not in a `BUILD_ENV` build process), so the builder's own thread pinning is tested."""
     env = {
         **os.environ,
         "MMALIGN_HOME": str(home),
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
+        IN_PROCESS: "1",
     }
     code = f"from mmalign.zoo import registry; registry.build({world!r}, log=lambda *_: None)"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
