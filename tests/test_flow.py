@@ -11,8 +11,8 @@ from diffusers import DDIMScheduler, FluxPipeline
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from pipeline_fixtures import saved_and_loaded, tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sdxl_pipeline
 
-from mmalign.core.diffusion import gaussian_logprob
 from mmalign.core.flow import FlowMatchForwardProcess, FlowMatchSampler, flow_matching_loss
+from mmalign.objectives.diffusion import gaussian_logprob
 
 SD3_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
 PROMPTS = ["a handwritten seven", "the digit 3"]

@@ -9,7 +9,7 @@ nothing of how r was obtained. Look them up by name with `make_reward_backprop_l
     refl      ℓ_i = scale · relu(threshold − r_i)    ReFL (ImageReward)
 
 The regularisers users combine them with are elsewhere: ReFL's pretraining denoising loss on real data is
-`mmalign.core.diffusion.denoising_loss`, and DRaFT+'s KL to the base model along the trajectory is the sum over
+`data_denoising_loss` of mmalign.train.diffusion_pg (DLPO's data term), and DRaFT+'s KL to the base model along the trajectory is the sum over
 steps of `mmalign.objectives.diffusion.gaussian_kl`.
 """
 

@@ -110,7 +110,7 @@ def _tiny_text() -> dict[str, Any]:
         "data": {
             "pairs": f"{w}/train_pairs.jsonl",
             "unpaired": f"{w}/train_unpaired.jsonl",
-            "completions": f"{w}/train_sft.jsonl",
+            "completions": f"{w}/train_unpaired.jsonl",
             "prompts": f"{w}/train_prompts.jsonl",
         },
         "eval": {

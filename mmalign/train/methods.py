@@ -21,6 +21,8 @@ from mmalign.train.supervised import RewardModelAlgorithm, RewardModelConfig, SF
 # ------------------------------------------------------------------------------------- preference family
 # every loss of the registry is an algorithm name, plus the names papers use for some of them
 ALIASES = {"cdpo": "dpo", "slic": "hinge"}
+# losses with no default for a parameter they need get one for the matrix test's two-step runs
+TINY_LOSS_SETTINGS = {"rdpo": {"alpha": 0.1}, "odpo": {"alpha": 0.5}, "beta_dpo": {"alpha": 0.5}}
 
 
 def _loss_needs(name: str) -> frozenset[str]:
@@ -74,6 +76,7 @@ for _name, _loss in [*((n, n) for n in PREFERENCE_LOSSES), *ALIASES.items(), ("p
                 defaults={} if _name in ("dpo", "preference") else {"loss": _loss},
                 description=_about(_loss) if _name == _loss else f"{_name}: the {_loss} loss",
                 config_needs=_config_needs,
+                tiny=TINY_LOSS_SETTINGS.get(_loss, {}),
             )
         )
 register_algorithm(
@@ -155,6 +158,7 @@ register_algorithm(
         data=("prompts",),
         description="online DPO: best vs worst of k own samples by a reward (OAIF with k = 2)",
         online=True,
+        tiny={"samples_per_prompt": 2},
     )
 )
 for _name in ("online_dpo", "online_diffusion_dpo"):
@@ -168,6 +172,7 @@ for _name in ("online_dpo", "online_diffusion_dpo"):
             data=("prompts",),
             description="online Diffusion-DPO: best vs worst of k own samples by a reward",
             online=True,
+            tiny={"samples_per_prompt": 2},
         )
     )
 
@@ -192,6 +197,7 @@ for _name, _about in (
             defaults={"advantage": _name},
             description=_about,
             online=True,
+            tiny={"samples_per_prompt": 2},
         )
     )
 
@@ -206,17 +212,19 @@ def _data_needs(config: DiffusionPGConfig) -> dict[str, str]:
     return {"real_targets": "diffusion_loss_on: data"} if config.uses_data else {}
 
 
-for _name, _defaults, _about in (
-    ("ddpo", {}, "DDPO: PPO-clip (or the score function) over denoising steps"),
-    ("dpok", {}, "DPOK: DDPO + KL to the base model's step distributions (kl_coef)"),
+for _name, _defaults, _tiny, _about in (
+    ("ddpo", {}, {}, "DDPO: PPO-clip (or the score function) over denoising steps"),
+    ("dpok", {}, {"kl_coef": 0.1}, "DPOK: DDPO + KL to the base model's step distributions (kl_coef)"),
     (
         "dlpo",
         {},
+        {"diffusion_loss_coef": 1.0},
         "DLPO: DDPO + the diffusion model's denoising loss (diffusion_loss_coef, on data or samples)",
     ),
     (
         "grpo",
         {"advantage": "grpo", "samples_per_prompt": 4},
+        {"samples_per_prompt": 2},
         "GRPO on denoising trajectories: advantages normalised over each prompt's group of samples",
     ),
 ):
@@ -233,6 +241,7 @@ for _name, _defaults, _about in (
             description=_about,
             online=True,
             config_needs=_data_needs,
+            tiny=_tiny,
         )
     )
 

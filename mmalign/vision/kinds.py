@@ -297,15 +297,16 @@ def _jpeg(larger: bool) -> Any:
     return build
 
 
-def _clip(kind: str) -> Any:
-    def build(options: dict[str, Any], context: Any) -> Any:
+def _clip(load: str) -> Any:
+    """A builder for an open_clip reward class of mmalign.vision.clip_rewards (`load` names the class)."""
+
+    def build(options: dict[str, Any], answers: dict[str, str]) -> Any:
         from mmalign.vision import clip_rewards
 
         for key in ("model", "pretrained", "head"):
             if options.get(key):
                 options[key] = resolve(options[key])
-        cls = clip_rewards.CLIPScore if kind == "clip_score" else clip_rewards.AestheticScore
-        return cls.from_pretrained(**options)
+        return getattr(clip_rewards, load).from_pretrained(**options)
 
     return build
 
@@ -362,9 +363,11 @@ register_reward(
 register_reward(RewardSpec("jpeg_compressibility", _jpeg(False), "image", False, "−JPEG size in kB (DDPO)"))
 register_reward(RewardSpec("jpeg_incompressibility", _jpeg(True), "image", False, "+JPEG size in kB (DDPO)"))
 register_reward(
-    RewardSpec("clip_score", _clip("clip_score"), "image", True, "open_clip image–prompt similarity")
+    RewardSpec("clip_score", _clip("CLIPScore"), "image", True, "open_clip image–prompt similarity")
 )
-register_reward(RewardSpec("aesthetic", _clip("aesthetic"), "image", True, "LAION aesthetic head on CLIP"))
+register_reward(
+    RewardSpec("aesthetic", _clip("AestheticScore"), "image", True, "LAION aesthetic head on CLIP")
+)
 register_reward(
     RewardSpec(
         "pickscore", _pickscore, "image", True, "PickScore: exp(logit_scale)·cos on a transformers CLIPModel"
