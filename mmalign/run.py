@@ -51,9 +51,7 @@ class EvalConfig:
     pairs: str | dict[str, Any] | None = None  # a data source (see README: Data)
     prompts: str | dict[str, Any] | None = None
     rewards: list[Any] = field(default_factory=list)
-    judges: list[Any] = field(
-        default_factory=list
-    )  # diffusion: rewards never trained on, reported side by side
+    judges: list[Any] = field(default_factory=list)  # diffusion: rewards never trained on
     batch_size: int = 64
     n_samples: int = 8  # samples shown in the report
     seeds: int = 4  # diffusion: seeds per held-out prompt
@@ -223,7 +221,8 @@ def plan(recipe: dict[str, Any], *, with_training: bool = True) -> Plan:
     return Plan(kind, model_cfg, spec, algo_cfg, train_cfg, eval_cfg, rows, eval_pairs, eval_prompts, rewards)
 
 
-PATH_OPTIONS = ("path", "model", "pretrained", "checkpoint", "head", "processor")  # options naming weights
+PATH_OPTIONS = ("path", "model", "pretrained", "checkpoint", "head", "processor")  # options naming files
+WEIGHT_OPTIONS = ("path", "checkpoint", "head")  # options naming a scorer's own weights
 
 
 def _canonical_path(value: Any) -> Any:
@@ -242,12 +241,15 @@ def _reward_identity(spec: Any) -> dict[str, Any]:
 
 def check_judges_independent(training_reward: Any, judges: list[Any]) -> None:
     """Refuse a training reward that is one of the run's judges: the same spec, or a scorer loaded from the same
-    `path` under another reward name (a judge trained against is no longer independent)."""
+    weights (`path`, `checkpoint`, `head`) under another name or options (a judge trained against is no longer
+    independent)."""
     trained = _reward_identity(training_reward)
     for i, judge in enumerate(judges):
         other = _reward_identity(judge)
-        same_path = trained.get("path") is not None and trained.get("path") == other.get("path")
-        if trained == other or same_path:
+        same_weights = any(
+            trained.get(k) is not None and trained.get(k) == other.get(k) for k in WEIGHT_OPTIONS
+        )
+        if trained == other or same_weights:
             raise RecipeError(
                 f"algorithm.reward {training_reward!r} is eval.judges[{i}] ({judge!r}): a judge must never be the "
                 "training reward of its own run; train on another reward or judge with another model"

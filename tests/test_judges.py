@@ -282,3 +282,22 @@ def test_judge_rewards_need_a_path():
     for name in ("digit_judge", "speech_judge"):
         with pytest.raises(RecipeError, match=f"reward '{name}' needs `path:`"):
             build_reward({"name": name})
+
+
+def test_the_same_weights_under_other_options_are_the_same_judge(tmp_path, monkeypatch):
+    from mmalign.run import check_judges_independent
+
+    monkeypatch.chdir(tmp_path)
+    check_judges_independent(
+        {"name": "hpsv2", "checkpoint": "a.safetensors"}, [{"name": "hpsv2", "checkpoint": "b.st"}]
+    )
+    with pytest.raises(RecipeError, match=r"eval.judges\[1\]"):
+        check_judges_independent(
+            {"name": "hpsv2", "checkpoint": "a.safetensors", "model": "ViT-H-14"},
+            ["jpeg_compressibility", {"name": "hpsv2", "checkpoint": f"{tmp_path}/a.safetensors"}],
+        )
+    # an architecture shared by two scorers with their own weights does not make them one judge
+    check_judges_independent(
+        {"name": "clip_score", "model": "ViT-L-14"},
+        [{"name": "aesthetic", "model": "ViT-L-14", "head": "h.st"}],
+    )
