@@ -10,6 +10,7 @@ model load.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from mmalign import plugins
@@ -71,11 +72,20 @@ TRL_DATA_KEYS = (
 
 @dataclass
 class EvalConfig:
-    """`eval:` held-out data, the rewards reported, and sampling budget."""
+    """`eval:` held-out data, the rewards reported, and sampling budget.
+
+    `judges` lists independent evaluators, written like `rewards` (a name, or a mapping with `name` and options,
+    e.g. `{name: digit_judge, path: zoo://image/judge}`): rewards that no run trains on. A diffusion evaluation
+    reports each judge's mean, agreement and paired agreement gain beside the rewards, and
+    `<judge>_hacking_gap(_se)`: the training reward's agreement gain minus the judge's (see `DiffusionEvaluator`),
+    the reward-hacking signal. A recipe whose `algorithm.reward` is one of its judges is refused before any model
+    loads (same spec, or the same `path`), so a judge stays independent of what it judges.
+    """
 
     pairs: str | dict[str, Any] | None = None  # a data source (see README: Data)
     prompts: str | dict[str, Any] | None = None
     rewards: list[Any] = field(default_factory=list)
+    judges: list[Any] = field(default_factory=list)  # diffusion: rewards never trained on
     batch_size: int = 64
     n_samples: int = 8  # samples shown in the report
     seeds: int = 4  # diffusion: seeds per held-out prompt
@@ -108,6 +118,7 @@ class EvalContext:
     rewards: list[Any]
     train_prompts: list[Row]
     algorithm_reward: Any = None
+    judges: list[Any] = field(default_factory=list)
 
 
 class Run(NamedTuple):
@@ -307,10 +318,16 @@ def plan(recipe: dict[str, Any], *, with_training: bool = True) -> Plan:
     if eval_prompts and "prompts" in kind.validators:
         eval_prompts = kind.validators["prompts"](eval_prompts)
     rewards = [("eval.rewards", r, eval_prompts) for r in eval_cfg.rewards]
-    if with_training and spec is not None and spec.online:
-        rewards.append(
-            ("algorithm.reward", _algorithm_section(recipe, spec)["reward"], rows.get("prompts", []))
+    rewards += [(f"eval.judges[{i}]", j, eval_prompts) for i, j in enumerate(eval_cfg.judges)]
+    if eval_cfg.judges and kind.policy_kind != "diffusion":
+        raise RecipeError(
+            f"eval.judges: model.kind {kind.name!r} does not report judges (diffusion model kinds do); "
+            "list the scorer in eval.rewards"
         )
+    if with_training and spec is not None and spec.online:
+        training_reward = _algorithm_section(recipe, spec)["reward"]
+        check_judges_independent(training_reward, eval_cfg.judges)
+        rewards.append(("algorithm.reward", training_reward, rows.get("prompts", [])))
     for where, r, scored in rewards:
         reward = reward_spec(r if isinstance(r, str) else (r or {}).get("name"))
         if reward.outputs != kind.outputs:
@@ -384,6 +401,41 @@ def validate(recipe: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+PATH_OPTIONS = ("path", "model", "pretrained", "checkpoint", "head", "processor")  # options naming files
+WEIGHT_OPTIONS = ("path", "checkpoint", "head")  # options naming a scorer's own weights
+
+
+def _canonical_path(value: Any) -> Any:
+    """A path option compared by where it points: zoo:// paths as written (no world is built), others absolute."""
+    if not isinstance(value, str) or not value:
+        return value
+    if "://" in value:
+        return value.rstrip("/")
+    return str(Path(value).expanduser().resolve())
+
+
+def _reward_identity(spec: Any) -> dict[str, Any]:
+    options = {"name": spec} if isinstance(spec, str) else dict(spec or {})
+    return {k: _canonical_path(v) if k in PATH_OPTIONS else v for k, v in options.items()}
+
+
+def check_judges_independent(training_reward: Any, judges: list[Any]) -> None:
+    """Refuse a training reward that is one of the run's judges: the same spec, or a scorer loaded from the same
+    weights (`path`, `checkpoint`, `head`) under another name or options (a judge trained against is no longer
+    independent)."""
+    trained = _reward_identity(training_reward)
+    for i, judge in enumerate(judges):
+        other = _reward_identity(judge)
+        same_weights = any(
+            trained.get(k) is not None and trained.get(k) == other.get(k) for k in WEIGHT_OPTIONS
+        )
+        if trained == other or same_weights:
+            raise RecipeError(
+                f"algorithm.reward {training_reward!r} is eval.judges[{i}] ({judge!r}): a judge must never be the "
+                "training reward of its own run; train on another reward or judge with another model"
+            )
+
+
 def model_plan(recipe: dict[str, Any]) -> tuple[ModelKind, Any]:
     """The model kind and `model:` config of a recipe, checked (what `mmalign sample` needs, and nothing else)."""
     plugins.load()
@@ -419,14 +471,16 @@ def build_run(recipe: dict[str, Any]) -> Run:
     preflight(p)
     answers = _answers(p.eval_prompts, p.rows.get("prompts", []))
     rewards = [build_reward(r, answers) for r in p.eval.rewards]
+    judges = [build_reward(j, answers) for j in p.eval.judges]
     algo_section = _algorithm_section(recipe, p.spec)
     reward = build_reward(algo_section["reward"], answers) if p.spec.online else None
     torch.manual_seed(p.train.seed)  # LoRA initialisation and any fresh heads follow the recipe seed
     policy = load_policy(p.kind, p.model)
     algorithm = p.spec.factory(policy, RunInputs(p.rows, reward), p.algorithm)
-    evaluator, samples = p.kind.evaluation(
-        EvalContext(policy, p.eval, p.eval_pairs, p.eval_prompts, rewards, p.rows.get("prompts", []), reward)
+    context = EvalContext(
+        policy, p.eval, p.eval_pairs, p.eval_prompts, rewards, p.rows.get("prompts", []), reward, judges
     )
+    evaluator, samples = p.kind.evaluation(context)
     return Run(policy, algorithm, p.train, evaluator, RunReport(samples))
 
 
@@ -437,7 +491,9 @@ def build_evaluation(recipe: dict[str, Any]) -> tuple[Any, Any]:
     p = plan(recipe, with_training=False)
     preflight(p)
     rewards = [build_reward(r, _answers(p.eval_prompts)) for r in p.eval.rewards]
+    judges = [build_reward(j, _answers(p.eval_prompts)) for j in p.eval.judges]
     torch.manual_seed(p.train.seed)
     policy = load_policy(p.kind, p.model)
-    evaluator, _ = p.kind.evaluation(EvalContext(policy, p.eval, p.eval_pairs, p.eval_prompts, rewards, []))
+    context = EvalContext(policy, p.eval, p.eval_pairs, p.eval_prompts, rewards, [], judges=judges)
+    evaluator, _ = p.kind.evaluation(context)
     return policy, evaluator

@@ -71,7 +71,8 @@ def test_world_json_reports_base_agreement_on_both_template_sets(worlds):
     for split in ("eval_prompts", "train_prompts"):
         assert 0 <= world["base_agreement"][split]["agreement"] <= 1
         assert world["base_agreement"][split]["n"] > 0
-    assert world["judge"] is None and world["judge_agreement"] is None  # image-tiny has no judge
+    assert world["judge"] == "judge"  # the image world's independent judge, copied and reported
+    assert world["judge_agreement"]["eval_prompts"]["n"] == world["base_agreement"]["eval_prompts"]["n"]
     assert world["max_sequence_length"] == MAX_SEQUENCE_LENGTH
     assert world["timings"]["total_s"] > 0
 

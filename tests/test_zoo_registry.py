@@ -21,3 +21,15 @@ def test_cached_world_is_reused_and_rebuilt_when_built_by_other_code(tmp_path, m
     registry.build("text-tiny", log=logs.append)
     assert any("rebuilding" in line for line in logs)
     assert stamp.read_text().strip() == registry.fingerprint("text-tiny")
+
+
+def test_a_world_built_on_another_is_rebuilt_when_its_base_changes(monkeypatch):
+    """image-flow-tiny trains on image-tiny's VAE and digits: its fingerprint carries image-tiny's."""
+    original = registry.fingerprint
+    before = original("image-flow-tiny")
+    assert original("image-pairs") != original("image-flow-tiny")
+    monkeypatch.setattr(
+        registry, "fingerprint", lambda name: "other" if name == "image-tiny" else original(name)
+    )
+    assert registry.fingerprint("image-flow-tiny") != before
+    assert registry.fingerprint("text-tiny") == original("text-tiny")  # a world on no base is unaffected

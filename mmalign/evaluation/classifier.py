@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,70 @@ from torch import nn
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+
+
+class Classifier(nn.Module):
+    """What every saved classifier offers: logits, log p(label), predictions, penultimate features, save/load.
+
+    A subclass sets `architecture` (the name its `config.json` records; the original `ConvClassifier` records none
+    and is read as "conv"), `config_class`, and implements `forward` and `embed`. `Classifier.from_pretrained` (or
+    `load_classifier`) builds whichever architecture a directory holds.
+    """
+
+    architecture: ClassVar[str]
+    config_class: ClassVar[type]
+
+    def embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Penultimate-layer features `[batch, dim]` (an embedding for Fréchet distances between output sets)."""
+        raise NotImplementedError
+
+    def log_prob(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """log p(label | input) per input: the differentiable prompt–output agreement reward."""
+        return self(images).log_softmax(-1).gather(-1, labels[:, None]).squeeze(-1)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """The most likely class of each input, in chunks so large evaluations fit in memory."""
+        return torch.cat([self(chunk).argmax(-1) for chunk in images.split(batch_size)])
+
+    def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """Fraction of inputs whose predicted class is the given one."""
+        return (self.predict(images) == labels).float().mean().item()
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write `config.json` and `model.safetensors` into `path`."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path / WEIGHTS_NAME))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> Classifier:
+        """Load a saved classifier of the architecture its config names, in eval mode with frozen weights (inputs
+        still get gradients). Called on a subclass, a directory holding another architecture is a ValueError."""
+        path = Path(path)
+        if not (path / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{path}: no {CONFIG_NAME} (not a saved classifier directory)")
+        raw = json.loads((path / CONFIG_NAME).read_text())
+        architecture = raw.get("architecture", ConvClassifier.architecture)
+        if architecture not in CLASSIFIERS:
+            raise ValueError(
+                f"{path}: unknown classifier architecture {architecture!r}; known: {', '.join(sorted(CLASSIFIERS))}"
+            )
+        model_class = CLASSIFIERS[architecture]
+        if not issubclass(model_class, cls):
+            raise ValueError(
+                f"{path} holds a {architecture!r} classifier ({model_class.__name__}), not a {cls.__name__}; "
+                "load it with Classifier.from_pretrained"
+            )
+        model = model_class(model_class.config_class.from_dict(raw))
+        model.load_state_dict(load_file(str(path / WEIGHTS_NAME), device=str(device)))
+        return model.to(device).eval().requires_grad_(False)
+
+
+def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Classifier:
+    """A saved classifier of any registered architecture (what rewards and world builders load)."""
+    return Classifier.from_pretrained(path, device)
 
 
 @dataclass
@@ -34,9 +98,17 @@ class ConvClassifierConfig:
     hidden: int = 128
     num_classes: int = 10
 
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ConvClassifierConfig:
+        raw = {k: v for k, v in raw.items() if k != "architecture"}
+        return cls(**{**raw, "channels": tuple(raw["channels"])})
 
-class ConvClassifier(nn.Module):
+
+class ConvClassifier(Classifier):
     """Two conv stages and an MLP head: logits over the classes for inputs `[B, C, H, W]`."""
+
+    architecture = "conv"
+    config_class = ConvClassifierConfig
 
     def __init__(self, config: ConvClassifierConfig | None = None) -> None:
         super().__init__()
@@ -64,34 +136,83 @@ class ConvClassifier(nn.Module):
         """Logits `[batch, num_classes]` for images `[batch, C, H, W]` in [-1, 1]."""
         return self.head(self.features(images))
 
-    def log_prob(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """log p(label | input) per input: the differentiable prompt–output agreement reward."""
-        return self(images).log_softmax(-1).gather(-1, labels[:, None]).squeeze(-1)
+    def embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.head[:-1](self.features(inputs))
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-        """The most likely digit of each image, in chunks so large evaluations fit in memory."""
-        return torch.cat([self(chunk).argmax(-1) for chunk in images.split(batch_size)])
 
-    def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
-        """Fraction of inputs whose predicted class is the given one."""
-        return (self.predict(images) == labels).float().mean().item()
+@dataclass
+class ColumnConvClassifierConfig:
+    """Shape of a `ColumnConvClassifier`; `architecture` names the class in the saved `config.json`."""
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write `config.json` and `model.safetensors` into `path`."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path / WEIGHTS_NAME))
+    architecture: str = "column_conv"
+    height: int = 16
+    in_channels: int = 3
+    channels: tuple[int, int] = (64, 64)
+    kernel_size: int = 5
+    num_classes: int = 10
+
+    def __post_init__(self) -> None:
+        if self.architecture != "column_conv":
+            raise ValueError(f"architecture must be 'column_conv', got {self.architecture!r}")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd and >= 1, got {self.kernel_size}")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> ConvClassifier:
-        """Load a saved classifier in eval mode with gradients disabled on its weights (inputs still get them)."""
-        path = Path(path)
-        raw = json.loads((path / CONFIG_NAME).read_text())
-        model = cls(ConvClassifierConfig(**{**raw, "channels": tuple(raw["channels"])}))
-        model.load_state_dict(load_file(str(path / WEIGHTS_NAME), device=str(device)))
-        return model.to(device).eval().requires_grad_(False)
+    def from_dict(cls, raw: dict[str, Any]) -> ColumnConvClassifierConfig:
+        return cls(**{**raw, "channels": tuple(raw["channels"])})
+
+
+class ColumnConvClassifier(Classifier):
+    """An independent judge for the 2-D `ConvClassifier`: 1-D convolutions along the last axis of `[B, C, H, W]`.
+
+    Every column (all channels × rows of one x position; for a log-mel, one frame with every mel band) is a
+    feature vector; two 1-D conv stages (GELU, max pooling) slide along the columns and the head reads their
+    mean and max over positions. For spoken digits this is the usual keyword-spotting layout (frequency bands as
+    channels, convolution over time); on images it scans columns. A different inductive bias, activation,
+    pooling and readout from `ConvClassifier`, so an output that fools one need not fool the other.
+    """
+
+    architecture = "column_conv"
+    config_class = ColumnConvClassifierConfig
+
+    def __init__(self, config: ColumnConvClassifierConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or ColumnConvClassifierConfig()
+        c1, c2 = self.config.channels
+        k = self.config.kernel_size
+        self.columns = nn.Sequential(
+            nn.Conv1d(self.config.in_channels * self.config.height, c1, k, padding=k // 2),
+            nn.GELU(),
+            nn.MaxPool1d(2),
+            nn.Conv1d(c1, c2, k, padding=k // 2),
+            nn.GELU(),
+        )
+        self.head = nn.Linear(2 * c2, self.config.num_classes)
+
+    def embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        z = self.columns(inputs.flatten(1, 2))
+        return torch.cat([z.mean(-1), z.amax(-1)], -1)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits `[batch, num_classes]` for inputs `[batch, C, H, W]` (H = `config.height`)."""
+        return self.head(self.embed(inputs))
+
+
+# architecture name (as saved in config.json) → class
+CLASSIFIERS: dict[str, type[Classifier]] = {
+    ConvClassifier.architecture: ConvClassifier,
+    ColumnConvClassifier.architecture: ColumnConvClassifier,
+}
+_BY_CONFIG = {c.config_class: c for c in CLASSIFIERS.values()}
+
+
+def new_classifier(config: Any = None) -> Classifier:
+    """A fresh classifier of the architecture `config` describes (None: the default `ConvClassifier`)."""
+    if config is None:
+        return ConvClassifier()
+    if type(config) not in _BY_CONFIG:
+        raise TypeError(f"no classifier architecture takes a {type(config).__name__}")
+    return _BY_CONFIG[type(config)](config)
 
 
 def train_classifier(
@@ -101,12 +222,17 @@ def train_classifier(
     batch_size: int = 64,
     lr: float = 2e-3,
     noise: float = 0.1,
-    config: ConvClassifierConfig | None = None,
+    config: Any = None,
     generator: torch.Generator | None = None,
     log: Callable[[str], object] = print,
-) -> ConvClassifier:
-    """Fit a classifier with light augmentation (±1 px shifts, pixel noise) so it tolerates generated images."""
-    model = ConvClassifier(config)
+    log_prefix: str = "[zoo image] classifier",
+) -> Classifier:
+    """Fit a classifier with light augmentation (±1 px shifts, pixel noise) so it tolerates generated images.
+
+    `config` picks the architecture (`ConvClassifierConfig`, `ColumnConvClassifierConfig`; None = the default
+    `ConvClassifier`); every random draw comes from `generator`, the initial weights from torch's global seed.
+    """
+    model = new_classifier(config)
     optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(optim, lr, total_steps=steps, pct_start=0.1)
     for step in range(steps):
@@ -120,7 +246,7 @@ def train_classifier(
         sched.step()
         optim.zero_grad()
         if step % 200 == 0 or step == steps - 1:
-            log(f"[zoo image] classifier step {step + 1}/{steps} loss {loss.item():.4f}")
+            log(f"{log_prefix} step {step + 1}/{steps} loss {loss.item():.4f}")
     return model.eval().requires_grad_(False)
 
 
@@ -161,7 +287,7 @@ class PromptedClassReward:
 
     def __init__(
         self,
-        classifier: ConvClassifier,
+        classifier: Classifier,
         *,
         name: str = "classifier",
         log_prob: bool = False,
@@ -171,7 +297,7 @@ class PromptedClassReward:
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs: Any) -> PromptedClassReward:
-        return cls(ConvClassifier.from_pretrained(path), **kwargs)
+        return cls(load_classifier(path), **kwargs)
 
     def labels(self, prompts: Sequence[str]) -> torch.Tensor:
         """The class each prompt names (a prompt naming none or several is a ValueError)."""
@@ -200,4 +326,4 @@ class PromptedClassReward:
     @torch.no_grad()
     def features(self, outputs: torch.Tensor) -> torch.Tensor:
         """Penultimate-layer features (an embedding for Fréchet distances between output sets)."""
-        return self.classifier.head[:-1](self.classifier.features(outputs.float()))
+        return self.classifier.embed(outputs.float())

@@ -1,4 +1,5 @@
-"""Held-out metrics for any diffusion policy: rewards, win rate over the base model, KL to the base."""
+"""Held-out metrics for any diffusion policy: rewards and independent judges, win rate over the base model, KL to
+the base, and the reward-hacking gap between the training reward and a judge."""
 
 from __future__ import annotations
 
@@ -26,6 +27,19 @@ class DiffusionEvaluator:
       the same initial noise under the first reward (ties count ½; exactly 0.5 for the base itself);
     - `kl_to_base`: mean over images of Σ_steps KL(p_θ(x_{t−1}|x_t) ‖ p_base(x_{t−1}|x_t)) along the policy's own
       trajectories, the KL between the two samplers' path distributions (summed over latent dimensions).
+
+    `judges` are rewards no run trains on (e.g. the digits worlds' independent classifiers, another architecture,
+    seed and data split). Each reports the same `<judge>`, `<judge>_agreement`, `<judge>_agreement_gain(_se)` as a
+    reward, plus the reward-hacking signal
+
+    - `<judge>_hacking_gap` and `<judge>_hacking_gap_se`: mean over images of the paired difference
+      (a_r(policy) − a_r(base)) − (a_j(policy) − a_j(base)), where a_r and a_j are the agreement of the gap reward
+      and of the judge with the prompt on the image from the same noise; i.e. the training reward's agreement gain
+      minus the judge's, and its standard error (std of the per-image differences / √n). Near 0: the judge sees
+      the gain the reward sees; clearly positive: the policy learned what fools the reward, not what the judge
+      (and the prompt) asks for. The gap reward is the reward named `trained_on` (the run's algorithm reward), or
+      when no reward is named (offline methods, `mmalign eval`) the first reward with an agreement; a named
+      training reward without an agreement (e.g. JPEG size) gives no gap.
     """
 
     def __init__(
@@ -33,6 +47,8 @@ class DiffusionEvaluator:
         prompts: Sequence[Row],
         rewards: Sequence[Reward],
         *,
+        judges: Sequence[Reward] = (),
+        trained_on: str | None = None,
         seeds: int = 4,
         batch_size: int = 32,
         grid_prompts: int = 8,
@@ -41,10 +57,23 @@ class DiffusionEvaluator:
     ):
         if not rewards:
             raise ValueError("DiffusionEvaluator needs at least one reward")
+        names = [r.name for r in [*rewards, *judges]]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"rewards and judges need distinct names (their metrics share them): {repeated}")
         self.prompts, self.rewards = [r.data["prompt"] for r in prompts], list(rewards)
+        self.judges = list(judges)
+        self.gap_reward = self._gap_reward(trained_on)
         self.seeds, self.batch_size, self.grid_prompts, self.kl = seeds, batch_size, grid_prompts, kl
         self.grid_seeds = grid_seeds
         self._base_images: dict[int, torch.Tensor] = {}
+
+    def _gap_reward(self, trained_on: str | None) -> Reward | None:
+        """The reward whose agreement gain the judges are compared with (see the class docstring)."""
+        with_agreement = [r for r in self.rewards if hasattr(r, "agreement")]
+        if trained_on is None:
+            return with_agreement[0] if with_agreement else None
+        return next((r for r in with_agreement if r.name == trained_on), None)
 
     def _jobs(self) -> list[tuple[str, int]]:
         return [(p, s) for s in range(self.seeds) for p in self.prompts]
@@ -85,15 +114,22 @@ class DiffusionEvaluator:
                 self._base_images[id(policy)], _ = self._images(policy, jobs, kl=False)
         base_images = self._base_images[id(policy)]
         metrics: dict[str, float] = {}
-        for reward in self.rewards:
+        gains: dict[str, torch.Tensor] = {}
+        for reward in [*self.rewards, *self.judges]:
             values = score(reward, prompts, images).float()
             metrics[reward.name] = values.mean().item()
             if hasattr(reward, "agreement"):
                 agree = reward.agreement(prompts, images).float()
-                gain = agree - reward.agreement(prompts, base_images).float()
+                gains[reward.name] = gain = agree - reward.agreement(prompts, base_images).float()
                 metrics[f"{reward.name}_agreement"] = agree.mean().item()
                 metrics[f"{reward.name}_agreement_gain"] = gain.mean().item()
-                metrics[f"{reward.name}_agreement_gain_se"] = (gain.std() / len(gain) ** 0.5).item()
+                metrics.update(_standard_error(f"{reward.name}_agreement_gain_se", gain))
+        if self.gap_reward is not None:
+            for judge in self.judges:
+                if judge.name in gains:
+                    gap = gains[self.gap_reward.name] - gains[judge.name]
+                    metrics[f"{judge.name}_hacking_gap"] = gap.mean().item()
+                    metrics.update(_standard_error(f"{judge.name}_hacking_gap_se", gap))
         first = self.rewards[0]
         ours, base = score(first, prompts, images).float(), score(first, prompts, base_images).float()
         metrics["win_rate_vs_base"] = ((ours > base).float() + 0.5 * (ours == base).float()).mean().item()
@@ -107,3 +143,8 @@ class DiffusionEvaluator:
         jobs = [(p, s) for s in range(self.grid_seeds) for p in self.prompts[: self.grid_prompts]]
         images, _ = self._images(policy, jobs, kl=False)
         return [{"prompt": p, "seed": s, "image": img} for (p, s), img in zip(jobs, images, strict=True)]
+
+
+def _standard_error(key: str, values: torch.Tensor) -> dict[str, float]:
+    """`{key: std / √n}` of per-image values; empty for a single image, whose standard error is undefined."""
+    return {key: (values.std() / len(values) ** 0.5).item()} if len(values) > 1 else {}

@@ -47,6 +47,8 @@ class SpeechEvaluator(DiffusionEvaluator):
         prompts: Sequence[Row],
         rewards: Sequence[Reward],
         *,
+        judges: Sequence[Reward] = (),
+        trained_on: str | None = None,
         real_speech: Sequence[Row] = (),
         noise_draws: int = 4,
         seeds: int = 4,
@@ -55,7 +57,14 @@ class SpeechEvaluator(DiffusionEvaluator):
         kl: bool = True,
     ):
         super().__init__(
-            prompts, rewards, seeds=seeds, batch_size=batch_size, grid_prompts=grid_prompts, kl=kl
+            prompts,
+            rewards,
+            judges=judges,
+            trained_on=trained_on,
+            seeds=seeds,
+            batch_size=batch_size,
+            grid_prompts=grid_prompts,
+            kl=kl,
         )
         self.real_speech, self.noise_draws = list(real_speech), noise_draws
         self._real: tuple[list[str], torch.Tensor] | None = None

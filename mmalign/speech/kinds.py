@@ -112,6 +112,8 @@ def mel_evaluation(context: Any) -> tuple[Any, Any]:
         evaluator = SpeechEvaluator(
             context.prompts,
             context.rewards,
+            judges=context.judges,
+            trained_on=getattr(context.algorithm_reward, "name", None),
             real_speech=real,
             seeds=cfg.seeds,
             batch_size=cfg.batch_size,
@@ -137,7 +139,13 @@ def _tiny_speech() -> dict[str, Any]:
             "pairs": f"{w}/train_pairs.jsonl",
             "targets": f"{w}/train_speech.jsonl",
         },
-        "eval": {"prompts": f"{w}/eval_prompts.jsonl", "rewards": [recogniser], "seeds": 1, "n_samples": 2},
+        "eval": {
+            "prompts": f"{w}/eval_prompts.jsonl",
+            "rewards": [recogniser],
+            "judges": [{"name": "speech_judge", "path": f"{w}/judge"}],
+            "seeds": 1,
+            "n_samples": 2,
+        },
         "reward": recogniser,
     }
 
@@ -187,7 +195,7 @@ def waveform_evaluation(context: Any) -> tuple[Any, Any]:
 
     policy, cfg = context.policy, context.config
     policy.check_prompts([*context.train_prompts, *context.prompts])
-    for reward in [*context.rewards, context.algorithm_reward]:
+    for reward in [*context.rewards, *context.judges, context.algorithm_reward]:
         rate = getattr(reward, "sample_rate", None)
         if rate is not None and rate != policy.sample_rate:
             raise RecipeError(
@@ -198,6 +206,8 @@ def waveform_evaluation(context: Any) -> tuple[Any, Any]:
         evaluator = WaveformEvaluator(
             context.prompts,
             context.rewards,
+            judges=context.judges,
+            trained_on=getattr(context.algorithm_reward, "name", None),
             seeds=cfg.seeds,
             batch_size=cfg.batch_size,
             grid_prompts=cfg.n_samples,
@@ -245,6 +255,18 @@ def _intelligibility(options: dict[str, Any], context: Any) -> Any:
     return Intelligibility.from_pretrained(resolve(options.pop("path")), **options)
 
 
+def _speech_judge(options: dict[str, Any], context: Any) -> Any:
+    from mmalign.evaluation.classifier import PromptedClassReward
+
+    if "path" not in options:
+        raise RecipeError(
+            "reward 'speech_judge' needs `path:` (a judge recogniser directory, e.g. zoo://speech/judge)"
+        )
+    return PromptedClassReward.from_pretrained(
+        resolve(options.pop("path")), **{"name": "speech_judge", **options}
+    )
+
+
 def _tonality(options: dict[str, Any], context: Any) -> Any:
     from mmalign.speech.rewards import Tonality
 
@@ -271,6 +293,15 @@ register_reward(
         True,
         "p(prompted digit | mel) under a recogniser",
         check_rows=_digit_prompts,
+    )
+)
+register_reward(
+    RewardSpec(
+        "speech_judge",
+        _speech_judge,
+        "mel",
+        True,
+        "p(prompted digit | mel) under an independent recogniser (another architecture, seed and voices; eval.judges)",
     )
 )
 register_reward(RewardSpec("tonality", _tonality, "mel", True, "1 − spectral flatness of voiced frames"))

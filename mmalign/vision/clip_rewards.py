@@ -1,12 +1,14 @@
-"""CLIP-based image rewards on open_clip: prompt–image CLIP score and the LAION aesthetic head, both differentiable.
+"""CLIP-based image rewards, all differentiable: CLIP score and the LAION aesthetic head (open_clip), PickScore
+(a transformers `CLIPModel`) and HPSv2 (an open_clip ViT-H-14 with the HPS v2 / v2.1 weights).
 
-Images arrive as the diffusion policy decodes them: float tensors `[batch, 3, H, W]` in [-1, 1]. CLIP's own
-preprocessing (resize, centre crop, normalise) is redone here in torch instead of PIL, so gradients reach the
+Images arrive as the diffusion policy decodes them: float tensors `[batch, 3, H, W]` in [-1, 1]. Each model's own
+preprocessing (resize, centre crop or pad, normalise) is redone here in torch instead of PIL, so gradients reach the
 pixels and ReFL/DRaFT-style methods can backpropagate through the reward.
 
-CLIP models load with open_clip from a built-in architecture name plus a pretrained tag or weights file
+open_clip models load from a built-in architecture name plus a pretrained tag or weights file
 (`model="ViT-L-14", pretrained="openai"`), from `hf-hub:org/repo`, or from a local directory holding
-`open_clip_config.json` and `open_clip_model.safetensors` (what `save_open_clip` writes).
+`open_clip_config.json` and `open_clip_model.safetensors` (what `save_open_clip` writes). PickScore loads with
+transformers from a hub id or a local directory.
 """
 
 from __future__ import annotations
@@ -26,6 +28,14 @@ PTH_TO_SAFETENSORS = (
     'python -c "import torch, safetensors.torch as st; '
     "st.save_file(torch.load('IN.pth', map_location='cpu', weights_only=True), 'OUT.safetensors')\""
 )
+# HPS v2 / v2.1 ship as `HPS_v2_compressed.pt` / `HPS_v2.1_compressed.pt` ({"state_dict": ...}, pickled); convert once:
+HPS_TO_SAFETENSORS = (
+    'python -c "import torch, safetensors.torch as st; '
+    "sd = torch.load('IN.pt', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); "
+    "st.save_file({k.removeprefix('module.'): v.contiguous() for k, v in sd.items()}, 'OUT.safetensors')\""
+)
+PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
+PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # the processor PickScore's README loads
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -109,9 +119,7 @@ class ClipPreprocess:
         self.fill = float(config.get("fill_color", 0)) / 255.0
 
     def _resize(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        if tuple(x.shape[-2:]) == size:
-            return x
-        return F.interpolate(x, size=size, mode=self.mode, align_corners=False, antialias=True)
+        return _resize(x, size, self.mode)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.float() + 1) / 2  # [-1, 1] → [0, 1], what ToTensor gives
@@ -131,13 +139,98 @@ class ClipPreprocess:
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
     def _center_crop_or_pad(self, x: torch.Tensor, th: int, tw: int) -> torch.Tensor:
+        return center_crop_or_pad(x, th, tw, self.fill)
+
+
+def center_crop_or_pad(x: torch.Tensor, th: int, tw: int, fill: float = 0.0) -> torch.Tensor:
+    """torchvision's CenterCrop on tensors: pad with `fill` (split as torchvision does) where too small, then crop."""
+    h, w = x.shape[-2:]
+    if h < th or w < tw:  # open_clip's CenterCropOrPad / torchvision CenterCrop pad with the fill colour
+        ph, pw = max(th - h, 0), max(tw - w, 0)
+        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=fill)
         h, w = x.shape[-2:]
-        if h < th or w < tw:  # open_clip's CenterCropOrPad / torchvision CenterCrop pad with the fill colour
-            ph, pw = max(th - h, 0), max(tw - w, 0)
-            x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=self.fill)
-            h, w = x.shape[-2:]
-        top, left = round((h - th) / 2.0), round((w - tw) / 2.0)
-        return x[..., top : top + th, left : left + tw]
+    top, left = round((h - th) / 2.0), round((w - tw) / 2.0)
+    return x[..., top : top + th, left : left + tw]
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
+
+
+def _normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - mean_t) / std_t
+
+
+class HFClipPreprocess:
+    """transformers' `CLIPImageProcessor` (resize the shorter side, centre crop, rescale, normalise) as
+    differentiable tensor operations on images in [-1, 1].
+
+    Sizes, mean and std come from the processor; resampling is torch's antialiased bicubic (bilinear when the
+    processor asks for it), which is what the torchvision-backed fast processor does; the PIL-backed one differs
+    by a few 1e-3 of the pixel range when it resizes, and not at all when the image already has the crop size.
+    """
+
+    def __init__(self, image_processor: Any):
+        size, crop = dict(image_processor.size or {}), dict(image_processor.crop_size or {})
+        self.do_resize = bool(getattr(image_processor, "do_resize", True))
+        self.do_crop = bool(getattr(image_processor, "do_center_crop", True))
+        if "shortest_edge" in size:
+            self.shortest_edge, self.resize_to = int(size["shortest_edge"]), None
+        elif {"height", "width"} <= size.keys():
+            self.shortest_edge, self.resize_to = None, (int(size["height"]), int(size["width"]))
+        else:
+            raise ValueError(
+                f"unsupported image processor size {size!r} (expected shortest_edge or height/width)"
+            )
+        self.crop = (int(crop["height"]), int(crop["width"])) if crop else None
+        self.mean, self.std = list(image_processor.image_mean), list(image_processor.image_std)
+        resample = getattr(image_processor, "resample", 3)
+        self.mode = "bilinear" if int(getattr(resample, "value", resample)) == 2 else "bicubic"
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() + 1) / 2
+        if self.do_resize:
+            if self.resize_to is not None:
+                x = _resize(x, self.resize_to, self.mode)
+            else:  # shorter side → shortest_edge, the longer scaled by the same factor (truncated, as transformers)
+                h, w = x.shape[-2:]
+                short, long = (h, w) if h <= w else (w, h)
+                new_long = int(self.shortest_edge * long / short)
+                target = (self.shortest_edge, new_long) if h <= w else (new_long, self.shortest_edge)
+                x = _resize(x, target, self.mode)
+        if self.do_crop and self.crop is not None:
+            x = center_crop_or_pad(x, *self.crop)
+        return _normalise(x, self.mean, self.std)
+
+
+class LongestEdgePreprocess:
+    """HPSv2's evaluation transform as differentiable tensor operations: the longer side resized to `size`
+    (bicubic, antialiased; the other side rounded as hpsv2 rounds it), padded with black to a square (split as
+    hpsv2 splits it), then normalised. hpsv2 skips the padding when the longer side is already `size`; a non-square
+    image then cannot enter the ViT, so here every image is padded to a square."""
+
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float]):
+        self.size, self.mean, self.std = int(size), list(mean), list(std)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() + 1) / 2
+        h, w = x.shape[-2:]
+        scale = self.size / max(h, w)
+        x = _resize(x, (round(h * scale), round(w * scale)), "bicubic")
+        ph, pw = self.size - x.shape[-2], self.size - x.shape[-1]
+        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=0.0)
+        return _normalise(x, self.mean, self.std)
+
+
+def _check_prompts(prompts: Sequence[Any], name: str) -> list[str]:
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise ValueError(f"reward {name!r}: prompt {i} must be a string, got {type(p).__name__}")
+    return list(prompts)
 
 
 class _ClipImageReward:
@@ -146,16 +239,21 @@ class _ClipImageReward:
     differentiable = True
     name = "clip"
 
-    def __init__(self, model: nn.Module, tokenizer: Any = None):
+    def __init__(self, model: nn.Module, tokenizer: Any = None, preprocess: Any = None):
         from open_clip import get_model_preprocess_cfg
 
         self.model, self.tokenizer = model.eval().requires_grad_(False), tokenizer
-        self.preprocess = ClipPreprocess(get_model_preprocess_cfg(model))
+        self.preprocess = preprocess or ClipPreprocess(get_model_preprocess_cfg(model))
 
     def image_embeddings(self, prompts: Sequence[Any], images: torch.Tensor) -> torch.Tensor:
         check_images(images, len(prompts), f"reward {self.name!r}")
         self.model.to(images.device)
         return F.normalize(self.model.encode_image(self.preprocess(images)).float(), dim=-1)
+
+    def text_embeddings(self, prompts: Sequence[Any], device: torch.device) -> torch.Tensor:
+        with torch.no_grad():
+            tokens = self.tokenizer(_check_prompts(prompts, self.name)).to(device)
+            return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
 
 
 class CLIPScore(_ClipImageReward):
@@ -179,17 +277,103 @@ class CLIPScore(_ClipImageReward):
     ) -> CLIPScore:
         return cls(*load_open_clip(model, pretrained), **kwargs)
 
-    def text_embeddings(self, prompts: Sequence[Any], device: torch.device) -> torch.Tensor:
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str):
-                raise ValueError(f"reward {self.name!r}: prompt {i} must be a string, got {type(p).__name__}")
-        with torch.no_grad():
-            tokens = self.tokenizer(list(prompts)).to(device)
-            return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
-
     def __call__(self, prompts: Sequence[str], images: torch.Tensor) -> torch.Tensor:
         image = self.image_embeddings(prompts, images)
         return self.scale * (image * self.text_embeddings(prompts, image.device)).sum(-1)
+
+
+class HPSv2Score(_ClipImageReward):
+    """Human Preference Score v2 / v2.1 (Wu et al. 2023): cos(image, prompt) under an open_clip ViT-H-14 fine-tuned
+    on human preferences, as the `hpsv2` package scores it (the diagonal of image_features @ text_features.T, unit
+    features, no logit scale; typical values 0.2–0.3). Preprocessing is hpsv2's own (longer side resized, padded
+    to a square), not open_clip's resize-and-crop.
+
+    `checkpoint` is the HPS weights as safetensors (convert the released `.pt` once with `HPS_TO_SAFETENSORS`);
+    `model` the open_clip architecture they fit ("ViT-H-14").
+    """
+
+    name = "hpsv2"
+
+    def __init__(self, model: nn.Module, tokenizer: Any):
+        from open_clip import get_model_preprocess_cfg
+
+        cfg = get_model_preprocess_cfg(model)
+        size = cfg["size"] if isinstance(cfg["size"], int) else max(cfg["size"])
+        super().__init__(model, tokenizer, LongestEdgePreprocess(size, cfg["mean"], cfg["std"]))
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: str, model: str = "ViT-H-14") -> HPSv2Score:
+        path = Path(checkpoint)
+        if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+            raise ValueError(
+                f"{path}: HPS weights are read from safetensors only (never unpickled); convert once with\n"
+                f"  {HPS_TO_SAFETENSORS.replace('IN.pt', str(path)).replace('OUT', str(path.with_suffix('')))}"
+            )
+        if not path.is_file():
+            raise FileNotFoundError(f"HPS checkpoint not found: {path}")
+        return cls(*load_open_clip(model, str(path)))
+
+    def __call__(self, prompts: Sequence[str], images: torch.Tensor) -> torch.Tensor:
+        image = self.image_embeddings(prompts, images)
+        return (image * self.text_embeddings(prompts, image.device)).sum(-1)
+
+
+class PickScore:
+    """PickScore (Kirstain et al. 2023): exp(logit_scale) · cos(image, prompt) under a transformers `CLIPModel`
+    fine-tuned on Pick-a-Pic preferences, as its reference code scores it (typical values around 20).
+
+    Loads `model` (hub id `yuvalkirstain/PickScore_v1` or a local directory) and its processor (`processor`; by
+    default `laion/CLIP-ViT-H-14-laion2B-s32B-b79K` for the PickScore hub id, as its README does, else the model's
+    own directory). Images go through `HFClipPreprocess`, so gradients reach the pixels.
+    """
+
+    differentiable = True
+    name = "pickscore"
+
+    def __init__(self, model: nn.Module, processor: Any, *, max_length: int = 77):
+        self.model, self.processor = model.eval().requires_grad_(False), processor
+        self.preprocess = HFClipPreprocess(processor.image_processor)
+        self.max_length = max_length
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str = PICKSCORE_MODEL, processor: str | None = None, **kwargs: Any
+    ) -> PickScore:
+        from transformers import AutoProcessor, CLIPModel
+
+        if processor is None:
+            processor = PICKSCORE_PROCESSOR if model == PICKSCORE_MODEL else model
+        for value in (model, processor):
+            if (value.startswith((".", "/")) or Path(value).exists()) and not Path(value).is_dir():
+                raise FileNotFoundError(f"PickScore model or processor directory not found: {value}")
+        return cls(CLIPModel.from_pretrained(model), AutoProcessor.from_pretrained(processor), **kwargs)
+
+    @staticmethod
+    def _features(output: Any) -> torch.Tensor:
+        """transformers 5 returns model outputs whose `pooler_output` is the projected embedding; 4.x a tensor."""
+        return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+    def text_embeddings(self, prompts: Sequence[Any], device: torch.device) -> torch.Tensor:
+        tokens = self.processor.tokenizer(
+            _check_prompts(prompts, self.name),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        ).to(device)
+        with torch.no_grad():
+            return F.normalize(self._features(self.model.get_text_features(**tokens)).float(), dim=-1)
+
+    def image_embeddings(self, prompts: Sequence[Any], images: torch.Tensor) -> torch.Tensor:
+        check_images(images, len(prompts), f"reward {self.name!r}")
+        self.model.to(images.device)
+        pixels = self.preprocess(images).to(self.model.dtype)
+        return F.normalize(self._features(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+
+    def __call__(self, prompts: Sequence[str], images: torch.Tensor) -> torch.Tensor:
+        image = self.image_embeddings(prompts, images)
+        cos = (image * self.text_embeddings(prompts, image.device)).sum(-1)
+        return self.model.logit_scale.exp().float() * cos
 
 
 # ------------------------------------------------------------------------------------------- aesthetics

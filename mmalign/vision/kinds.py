@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mmalign.core.config import RecipeError, check_dtype, to_dataclass
-from mmalign.core.data import Row, validate_image_pair_rows, validate_prompt_rows, validate_unpaired_rows
+from mmalign.core.data import Row, validate_image_pair_rows, validate_prompt_rows
 from mmalign.core.diffusion_policy import DiffusionModelConfig
 from mmalign.core.model_files import check_pipeline_dir, check_transformers_dir, local_model_dir
 from mmalign.core.paths import resolve
@@ -115,6 +115,8 @@ def diffusion_evaluation(context: Any) -> tuple[Any, Any]:
     evaluator = DiffusionEvaluator(
         context.prompts,
         context.rewards,
+        judges=context.judges,
+        trained_on=getattr(context.algorithm_reward, "name", None),
         seeds=cfg.seeds,
         batch_size=cfg.batch_size,
         grid_prompts=cfg.n_samples,
@@ -135,7 +137,13 @@ def _tiny_image() -> dict[str, Any]:
             "guidance_scale": 3.0,
         },
         "data": {"prompts": f"{w}/train_prompts.jsonl", "pairs": f"{w}/train_pairs.jsonl"},
-        "eval": {"prompts": f"{w}/eval_prompts.jsonl", "rewards": [classifier], "seeds": 1, "n_samples": 2},
+        "eval": {
+            "prompts": f"{w}/eval_prompts.jsonl",
+            "rewards": [classifier],
+            "judges": [{"name": "digit_judge", "path": f"{w}/judge"}],
+            "seeds": 1,
+            "n_samples": 2,
+        },
         "reward": classifier,
     }
 
@@ -205,6 +213,12 @@ def _vlm_pairs(rows: list[Any]) -> list[Any]:
     return validate_vlm_preference_rows(rows, noisy=True)
 
 
+def _vlm_unpaired(rows: list[Any]) -> list[Any]:
+    from mmalign.vision.vlm_data import validate_vlm_unpaired_rows
+
+    return validate_vlm_unpaired_rows(rows)
+
+
 def _vlm_corrections(rows: list[Any]) -> list[Any]:
     from mmalign.vision.vlm_data import validate_correction_rows
 
@@ -255,7 +269,7 @@ register_model_kind(
         validators={
             "pairs": _vlm_pairs,
             "corrections": _vlm_corrections,
-            "unpaired": _vlm_rows(validate_unpaired_rows),
+            "unpaired": _vlm_unpaired,
             "completions": _vlm_rows(validate_prompt_rows),
             "prompts": _vlm_rows(validate_prompt_rows),
         },
@@ -342,6 +356,18 @@ def _classifier_reward(options: dict[str, Any], context: Any) -> Any:
     return DigitAgreement.from_pretrained(resolve(options.pop("path")), **options)
 
 
+def _judge_reward(options: dict[str, Any], context: Any) -> Any:
+    from mmalign.evaluation.classifier import PromptedClassReward
+
+    if "path" not in options:
+        raise RecipeError(
+            "reward 'digit_judge' needs `path:` (a judge classifier directory, e.g. zoo://image/judge)"
+        )
+    return PromptedClassReward.from_pretrained(
+        resolve(options.pop("path")), **{"name": "digit_judge", **options}
+    )
+
+
 def _jpeg(larger: bool) -> Any:
     def build(options: dict[str, Any], context: Any) -> Any:
         from mmalign.vision import rewards
@@ -365,6 +391,29 @@ def _clip(load: str) -> Any:
         return getattr(clip_rewards, load).from_pretrained(**options)
 
     return build
+
+
+def _pickscore(options: dict[str, Any], context: Any) -> Any:
+    from mmalign.vision.clip_rewards import PickScore
+
+    for key in ("model", "processor"):
+        if options.get(key):
+            options[key] = resolve(options[key])
+    return PickScore.from_pretrained(**options)
+
+
+def _hpsv2(options: dict[str, Any], context: Any) -> Any:
+    from mmalign.vision.clip_rewards import HPSv2Score
+
+    if not options.get("checkpoint"):
+        raise RecipeError(
+            "reward 'hpsv2' needs `checkpoint:` (HPS_v2.1_compressed.pt converted to .safetensors; see "
+            "mmalign.vision.clip_rewards.HPS_TO_SAFETENSORS)"
+        )
+    options["checkpoint"] = resolve(options["checkpoint"])
+    if options.get("model"):
+        options["model"] = resolve(options["model"])
+    return HPSv2Score.from_pretrained(**options)
 
 
 def _image_reward_model(options: dict[str, Any], context: Any) -> Any:
@@ -391,6 +440,16 @@ register_reward(
         check_rows=_digit_prompts,
     )
 )
+register_reward(
+    RewardSpec(
+        "digit_judge",
+        _judge_reward,
+        "image",
+        True,
+        "p(prompted digit | image) under an independent judge (another architecture, seed and data split; eval.judges)",
+        check_rows=_digit_prompts,
+    )
+)
 register_reward(RewardSpec("jpeg_compressibility", _jpeg(False), "image", False, "−JPEG size in kB (DDPO)"))
 register_reward(RewardSpec("jpeg_incompressibility", _jpeg(True), "image", False, "+JPEG size in kB (DDPO)"))
 register_reward(
@@ -398,6 +457,16 @@ register_reward(
 )
 register_reward(
     RewardSpec("aesthetic", _clip("AestheticScore"), "image", True, "LAION aesthetic head on CLIP")
+)
+register_reward(
+    RewardSpec(
+        "pickscore", _pickscore, "image", True, "PickScore: exp(logit_scale)·cos on a transformers CLIPModel"
+    )
+)
+register_reward(
+    RewardSpec(
+        "hpsv2", _hpsv2, "image", True, "HPS v2/v2.1: cos on an open_clip ViT-H-14 with the HPS weights"
+    )
 )
 register_reward(
     RewardSpec(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from mmalign.core.corrections import apply_corrections
-from mmalign.core.data import Row, image_identity, require_image, require_text
+from mmalign.core.data import Row, image_identity, require_bool, require_image, require_text
 
 
 def _text(row: Row, field: str) -> str:
@@ -48,6 +48,28 @@ def validate_vlm_preference_rows(rows: list[Row], *, noisy: bool = False) -> lis
             if extra == chosen:
                 raise row.error("rejected_noisy", "is identical to 'chosen'; use null when there is none")
         _not_duplicate(seen, row, [image, prompt, chosen, rejected, extra])
+    return rows
+
+
+def validate_vlm_unpaired_rows(rows: list[Row]) -> list[Row]:
+    """Check KTO rows (image, prompt, completion, label). A completion is judged for its image: the same text can be
+    true of one image and false of another, so only the same image, prompt and completion may not repeat."""
+    seen: dict[str, Row] = {}
+    for row in rows:
+        image, prompt, completion = require_image_field(row), _text(row, "prompt"), _text(row, "completion")
+        label = require_bool(row, "label")
+        key = json.dumps([image, prompt, completion], sort_keys=True)
+        first = seen.setdefault(key, row)
+        if first is not row:
+            if first.data["label"] != label:
+                raise row.error(
+                    "label",
+                    f"contradicts {first.unit} {first.line}, which has the same image, prompt and completion "
+                    f"labelled {json.dumps(first.data['label'])}",
+                )
+            raise row.error(
+                None, f"duplicate of {first.unit} {first.line} (same image, prompt and completion)"
+            )
     return rows
 
 

@@ -34,7 +34,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrained
 
 from mmalign.core.data import write_jsonl
 from mmalign.core.flow import TIMESTEP_SAMPLING, FlowMatchForwardProcess, flow_matching_loss
-from mmalign.evaluation.classifier import ConvClassifier
+from mmalign.evaluation.classifier import Classifier, load_classifier
 from mmalign.zoo.image_world import (
     EVAL_TEMPLATES,
     IMAGE_SIZE,
@@ -48,6 +48,7 @@ from mmalign.zoo.image_world import (
     train_prompts,
     world_tokenizer,
 )
+from mmalign.zoo.reproducible import build_threads
 
 END_TOKEN = "</s>"
 MAX_SEQUENCE_LENGTH = (
@@ -262,7 +263,7 @@ def train_transformer(
 
 @torch.no_grad()
 def prompt_agreement(
-    pipe: StableDiffusion3Pipeline, classifier: ConvClassifier, prompts: list[str], spec: FlowWorldSpec
+    pipe: StableDiffusion3Pipeline, classifier: Classifier, prompts: list[str], spec: FlowWorldSpec
 ) -> dict[str, float]:
     """How often, and how surely, a classifier reads the pipeline's images as the prompted digit."""
     prompts = [p for p in prompts for _ in range(max(1, spec.eval_images // len(prompts)))]
@@ -299,12 +300,8 @@ def build_flow_world(out_dir: str | Path, spec: FlowWorldSpec | None = None, log
     from mmalign.zoo import registry
 
     spec = spec or FlowWorldSpec()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(spec.torch_threads)  # the same weights whatever thread count the caller runs with
-    try:
+    with build_threads(spec.torch_threads):  # the same weights whatever thread count the caller runs with
         return _build(Path(out_dir), spec, registry.build(spec.base_world, log=log), log)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _build(out: Path, spec: FlowWorldSpec, base: Path, log) -> Path:
@@ -319,17 +316,19 @@ def _build(out: Path, spec: FlowWorldSpec, base: Path, log) -> Path:
     base_spec = ImageWorldSpec(seed=base_world["seed"], eval_fraction=base_world["eval_fraction"])
     train, _ = split_indices(len(images), base_spec)  # the base world's split: the same training images
     shutil.copytree(base / "classifier", out / "classifier", dirs_exist_ok=True)
-    classifier = ConvClassifier.from_pretrained(out / "classifier")
+    classifier = load_classifier(out / "classifier")
     judge = None
     if (base / "judge").exists():
         shutil.copytree(base / "judge", out / "judge", dirs_exist_ok=True)
-        judge = ConvClassifier.from_pretrained(out / "judge")
+        judge = load_classifier(out / "judge")
     vae = (
         AutoencoderKL.from_pretrained(base / "base" / "vae", local_files_only=True)
         .eval()
         .requires_grad_(False)
     )
     vae.register_to_config(shift_factor=0.0)  # SD3 pipelines subtract it; the base world's latents have none
+    # where it came from, instead of the cache path it was loaded from (which would make builds differ by home)
+    vae.register_to_config(_name_or_path=f"zoo://{spec.base_world}/base/vae")
 
     tokenizer = flow_tokenizer()
     text_encoder, text_encoder_2 = train_text_encoders(tokenizer, spec, generator, log)

@@ -15,10 +15,15 @@ from pathlib import Path
 import torch
 
 from mmalign.core.data import read_rows, write_jsonl
+from mmalign.zoo.reproducible import build_threads
 
 
 @dataclass
 class ImagePairsSpec:
+    """How many pairs to draw, from which image world (its fingerprint is part of this world's: a rebuilt base
+    world rebuilds the pairs)."""
+
+    base_world: str = "image"
     samples_per_prompt: int = 6
     repeats: int = 32  # passes over the training prompts (different seeds)
     min_gap: float = 0.2
@@ -30,15 +35,18 @@ class ImagePairsSpec:
         return cls(samples_per_prompt=2, repeats=1, min_gap=0.0, eval_repeats=1)
 
 
+@build_threads()
 def build_image_pairs(
-    out_dir: str | Path, spec: ImagePairsSpec | None = None, log=print, world: str = "image"
+    out_dir: str | Path, spec: ImagePairsSpec | None = None, log=print, world: str | None = None
 ) -> Path:
-    """Write PNG pairs, `train_pairs.jsonl` and held-out `eval_pairs.jsonl` (prompt, image_w, image_l, scores)."""
+    """Write PNG pairs, `train_pairs.jsonl` and held-out `eval_pairs.jsonl` (prompt, image_w, image_l, scores)
+    drawn from `world` (default `spec.base_world`), on `BUILD_THREADS` torch threads (bit-identical builds)."""
     from mmalign.evaluation.classifier import PromptedClassReward
     from mmalign.vision.diffusion_policy import DiffusionImagePolicy
     from mmalign.zoo import registry
 
     spec = spec or ImagePairsSpec()
+    world = world or spec.base_world
     source = registry.build(world, log=log)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,12 @@ CLIP text encoder over a character tokenizer and a tiny cross-attention UNet are
 `StableDiffusionPipeline`, so every code path that loads SD 1.5 loads this model offline. The UNet is stopped
 early on purpose: prompted with a held-out template ("a sketch of a seven"), it draws the right digit only part of
 the time, which a digit classifier trained on the same images measures (and rewards).
+
+The world also holds an independent judge (`judge/`): a `ColumnConvClassifier` (another architecture than the
+classifier's) trained with another seed on two thirds of the digits held out from everything else, and tested on
+the last third. No recipe trains on it; evaluations report it beside the classifier (`eval.judges`). It and the
+small real-digit preference set of the tiny world (`train_pairs.jsonl`) are made after everything else, from their
+own generators, so the classifier, VAE, text encoder and UNet are the bits they were before the judge existed.
 """
 
 from __future__ import annotations
@@ -28,7 +34,14 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 from mmalign.core.data import write_jsonl
-from mmalign.evaluation.classifier import DIGIT_WORDS, ConvClassifier, digit_of, train_classifier
+from mmalign.evaluation.classifier import (
+    DIGIT_WORDS,
+    Classifier,
+    ColumnConvClassifierConfig,
+    digit_of,
+    train_classifier,
+)
+from mmalign.zoo.reproducible import build_threads
 from mmalign.zoo.tokenizer import char_tokenizer
 
 IMAGE_SIZE = 16
@@ -66,6 +79,15 @@ class ImageWorldSpec:
     eval_guidance_scale: float = 3.0
     eval_eta: float = 1.0
     seed: int = 0
+    # The independent judge (judge/): its own architecture, seed and split of the held-out digits.
+    judge_steps: int = 400
+    judge_channels: tuple[int, int] = (64, 64)
+    judge_test_fraction: float = (
+        1 / 3
+    )  # of the held-out digits, kept to measure the judge; the rest trains it
+    judge_seed: int = 1
+    # Real-digit preference pairs (train_pairs.jsonl, pairs/*.png): the prompted digit over another; 0 = none.
+    real_pairs: int = 0
 
     @classmethod
     def tiny(cls) -> ImageWorldSpec:
@@ -80,6 +102,8 @@ class ImageWorldSpec:
             unet_steps=20,
             eval_images=20,
             eval_inference_steps=2,
+            judge_steps=20,
+            real_pairs=8,
         )
 
 
@@ -262,10 +286,10 @@ def train_unet(
 
 
 @torch.no_grad()
-def prompt_agreement(
-    pipe: StableDiffusionPipeline, classifier: ConvClassifier, prompts: list[str], spec: ImageWorldSpec
-) -> dict[str, float]:
-    """How often, and how surely, the classifier reads generated images as the prompted digit."""
+def base_samples(
+    pipe: StableDiffusionPipeline, prompts: list[str], spec: ImageWorldSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`eval_images` images (in [-1, 1]) drawn for the prompts at the recipes' sampler settings, and their digits."""
     prompts = [p for p in prompts for _ in range(max(1, spec.eval_images // len(prompts)))]
     images = pipe(
         prompts,
@@ -275,13 +299,105 @@ def prompt_agreement(
         generator=torch.Generator().manual_seed(spec.seed),
         output_type="pt",
     ).images
-    digits = torch.tensor([digit_of(p) for p in prompts])
-    p_digit = classifier.log_prob(images * 2 - 1, digits).exp().mean().item()
-    return {"agreement": classifier.accuracy(images * 2 - 1, digits), "p_digit": p_digit, "n": len(prompts)}
+    return images * 2 - 1, torch.tensor([digit_of(p) for p in prompts])
 
 
+@torch.no_grad()
+def prompt_agreement(classifier: Classifier, images: torch.Tensor, digits: torch.Tensor) -> dict[str, float]:
+    """How often, and how surely, a classifier reads generated images as the prompted digit."""
+    p_digit = classifier.log_prob(images, digits).exp().mean().item()
+    return {"agreement": classifier.accuracy(images, digits), "p_digit": p_digit, "n": len(digits)}
+
+
+def judge_split(held_out: torch.Tensor, spec: ImageWorldSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The judge's own split of the held-out digits (its own seed): (judge training part, judge test part)."""
+    order = held_out[torch.randperm(len(held_out), generator=torch.Generator().manual_seed(spec.judge_seed))]
+    n_test = round(len(order) * spec.judge_test_fraction)
+    return order[n_test:], order[:n_test]
+
+
+def train_judge(
+    images: torch.Tensor,
+    digits: torch.Tensor,
+    held_out: torch.Tensor,
+    classifier: Classifier,
+    samples: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    spec: ImageWorldSpec,
+    log,
+) -> tuple[Classifier, dict]:
+    """Train the independent judge on held-out digits the classifier never saw; measure it against the classifier.
+
+    Its weights start from `judge_seed` and its draws come from its own generator (torch's global state is
+    restored after), so the judge changes nothing else the build makes.
+    """
+    train, test = judge_split(held_out, spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.judge_seed)
+        judge = train_classifier(
+            images[train],
+            digits[train],
+            spec.judge_steps,
+            batch_size=spec.batch_size * 2,
+            config=ColumnConvClassifierConfig(height=IMAGE_SIZE, in_channels=3, channels=spec.judge_channels),
+            generator=torch.Generator().manual_seed(spec.judge_seed),
+            log=log,
+            log_prefix="[zoo image] judge",
+        )
+    base = {}
+    for name, (generated, prompted) in samples.items():
+        base[name] = {
+            **prompt_agreement(judge, generated, prompted),
+            "agrees_with_classifier": (judge.predict(generated) == classifier.predict(generated))
+            .float()
+            .mean()
+            .item(),
+        }
+    report = {
+        "architecture": judge.architecture,
+        "config": asdict(judge.config),
+        "seed": spec.judge_seed,
+        "n_train_images": len(train),
+        "n_test_images": len(test),
+        "accuracy": judge.accuracy(images[test], digits[test]),
+        "classifier_accuracy_same_images": classifier.accuracy(images[test], digits[test]),
+        "agrees_with_classifier_real": (judge.predict(images[test]) == classifier.predict(images[test]))
+        .float()
+        .mean()
+        .item(),
+        "base_agreement": base,
+    }
+    log(f"[zoo image] judge test accuracy {report['accuracy']:.3f}; on the base's images {base}")
+    return judge, report
+
+
+def write_real_pairs(
+    out: Path, images: torch.Tensor, digits: torch.Tensor, train: torch.Tensor, spec: ImageWorldSpec
+) -> int:
+    """`train_pairs.jsonl` + `pairs/*.png`: a training image of the prompted digit preferred over one of another
+    digit (real images, so offline Diffusion-DPO and reward models have a preference with ground truth)."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(spec.seed + 2)
+    (out / "pairs").mkdir(parents=True, exist_ok=True)
+    prompts, rows = train_prompts(), []
+    for i in range(spec.real_pairs):
+        prompt = prompts[int(torch.randint(len(prompts), (1,), generator=generator))]
+        digit = digit_of(prompt)
+        names = []
+        for tag, pool in (("w", train[digits[train] == digit]), ("l", train[digits[train] != digit])):
+            image = images[pool[int(torch.randint(len(pool), (1,), generator=generator))]]
+            pixels = ((image + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+            names.append(f"pairs/{i:03d}_{tag}.png")
+            Image.fromarray(pixels).save(out / names[-1])
+        rows.append({"prompt": prompt, "image_w": names[0], "image_l": names[1]})
+    write_jsonl(out / "train_pairs.jsonl", rows)
+    return len(rows)
+
+
+@build_threads()
 def build_image_world(out_dir: str | Path, spec: ImageWorldSpec | None = None, log=print) -> Path:
-    """Train classifier, VAE, text encoder and UNet and write them with the prompts; returns `out_dir`."""
+    """Train classifier, VAE, text encoder and UNet and write them with the prompts, then the independent judge;
+    returns `out_dir`. Runs on `BUILD_THREADS` torch threads whatever the caller's setting (bit-identical builds)."""
     spec = spec or ImageWorldSpec()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -341,12 +457,18 @@ def build_image_world(out_dir: str | Path, spec: ImageWorldSpec | None = None, l
 
     pipe = StableDiffusionPipeline.from_pretrained(out / "base", local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    agreement = {
-        "eval_prompts": prompt_agreement(pipe, classifier, eval_prompts(), spec),
-        "train_prompts": prompt_agreement(pipe, classifier, train_prompts(), spec),
+    samples = {
+        "eval_prompts": base_samples(pipe, eval_prompts(), spec),
+        "train_prompts": base_samples(pipe, train_prompts(), spec),
     }
+    agreement = {name: prompt_agreement(classifier, *drawn) for name, drawn in samples.items()}
     log(f"[zoo image] base agreement {agreement}")
     timings["eval_s"] = time.perf_counter() - started - sum(timings.values())
+
+    judge, judge_report = train_judge(images, digits, held_out, classifier, samples, spec, log)
+    judge.save_pretrained(out / "judge")
+    n_pairs = write_real_pairs(out, images, digits, train, spec) if spec.real_pairs else 0
+    timings["judge_s"] = time.perf_counter() - started - sum(timings.values())
     timings["total_s"] = time.perf_counter() - started
 
     world = {
@@ -362,6 +484,8 @@ def build_image_world(out_dir: str | Path, spec: ImageWorldSpec | None = None, l
         "classifier_accuracy": classifier_accuracy,
         "vae_reconstruction_accuracy": vae_accuracy,
         "base_agreement": agreement,
+        "judge": judge_report,
+        "real_pairs": n_pairs,
         "timings": {k: round(v, 1) for k, v in timings.items()},
     }
     (out / "world.json").write_text(json.dumps(world, indent=2))

@@ -13,6 +13,7 @@ from filelock import FileLock
 
 from mmalign.core.errors import MmalignError
 from mmalign.core.paths import register_scheme
+from mmalign.zoo.reproducible import IN_PROCESS, run_build_process
 
 # name → (module, builder, spec factory, description); imported lazily so text users never import diffusers.
 WORLDS: dict[str, tuple[str, str, str, str]] = {
@@ -110,11 +111,15 @@ def world_dir(name: str) -> Path:
 
 
 def fingerprint(name: str) -> str:
-    """Hash of a world's builder source and spec: a cached world built by other code is rebuilt, not reused."""
+    """Hash of a world's builder source and spec, and of the fingerprint of the world it builds on (a spec's
+    `base_world`): a cached world built by other code, or on a base world built by other code, is rebuilt."""
     module_name = WORLDS[name][0]
-    _, spec = _builder(name)
+    _, factory = _builder(name)
+    spec = factory()
     source = Path(inspect.getsourcefile(importlib.import_module(module_name)) or "").read_bytes()
-    return hashlib.sha256(source + repr(spec()).encode()).hexdigest()[:16]
+    base = getattr(spec, "base_world", None)
+    base_print = fingerprint(base).encode() if base else b""
+    return hashlib.sha256(source + repr(spec).encode() + base_print).hexdigest()[:16]
 
 
 def _is_current(out: Path, name: str) -> bool:
@@ -122,8 +127,18 @@ def _is_current(out: Path, name: str) -> bool:
     return (out / "world.json").exists() and stamp.exists() and stamp.read_text().strip() == fingerprint(name)
 
 
+def build_here(name: str, out: str | Path, log=print) -> Path:
+    """Run world `name`'s builder with its spec into `out`, in this process (what the build process runs)."""
+    builder, spec = _builder(name)
+    return builder(Path(out), spec(), log=log)
+
+
 def build(name: str, force: bool = False, log=print) -> Path:
-    """Build a world into the cache (atomically: a half-built world is never used)."""
+    """Build a world into the cache (atomically: a half-built world is never used).
+
+    The builder runs in a fresh process started with `reproducible.BUILD_ENV` (one thread, AVX2 math paths), so
+    the world has the same bits whatever this process's threads, state or CPU; with MMALIGN_ZOO_IN_PROCESS=1 it
+    runs here (the build process itself does this for the base worlds it builds on)."""
     if name not in WORLDS:
         raise ZooError(f"unknown world {name!r}; known: {', '.join(sorted(WORLDS))}")
     out = world_dir(name)
@@ -135,10 +150,12 @@ def build(name: str, force: bool = False, log=print) -> Path:
             return out
         if (out / "world.json").exists():
             log(f"[zoo] {name}: the cached world was built by other code or settings; rebuilding")
-        builder, spec = _builder(name)
         tmp = out.with_name(out.name + ".building")
         shutil.rmtree(tmp, ignore_errors=True)
-        builder(tmp, spec(), log=log)
+        if os.environ.get(IN_PROCESS) == "1":
+            build_here(name, tmp, log)
+        else:
+            run_build_process(name, tmp, log)
         (tmp / "fingerprint.txt").write_text(fingerprint(name) + "\n")
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)

@@ -7,6 +7,13 @@ is pretrained to tell the digits apart and frozen; a small 1-D convolutional den
 text, and is stopped early on purpose: its speech is recognised only part of the time, which is the room the
 alignment recipes in speech/ have to gain. The training recordings (`train_speech.jsonl`) and the held-out-voice
 recordings (`heldout_speech.jsonl`) are written as WAV files with their prompts.
+
+Made after everything else, from their own generators (so the recogniser, encoder and UNet stay the bits they were
+before): an independent judge (`judge/`, a `ColumnConvClassifier`, the keyword-spotting layout of mel bands as
+channels convolved over time) trained with another seed on a third set of voices and tested on the held-out
+voices; and preference pairs for offline Diffusion-DPO (`train_pairs.jsonl`, `eval_pairs.jsonl`, WAVs in
+`pairs/`): the base TTS's own utterances of each prompt, vocoded with the world's Griffin-Lim vocoder, the one the
+recogniser hears as the prompted digit most surely preferred over the one it hears least surely.
 """
 
 from __future__ import annotations
@@ -22,11 +29,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmalign.core.data import write_jsonl
-from mmalign.evaluation.classifier import DIGIT_WORDS, ConvClassifierConfig, digit_of, train_classifier
-from mmalign.speech.audio import MelConfig, MelFrontend, write_wav
+from mmalign.evaluation.classifier import (
+    DIGIT_WORDS,
+    Classifier,
+    ColumnConvClassifierConfig,
+    ConvClassifierConfig,
+    digit_of,
+    train_classifier,
+)
+from mmalign.speech.audio import MelConfig, MelFrontend, read_wav, write_wav
 from mmalign.speech.denoiser import MelDenoiser
 from mmalign.speech.text import CharEncoder
 from mmalign.speech.tts import MelTTS
+from mmalign.zoo.reproducible import build_threads
 
 TRAIN_TEMPLATES = ("{word}", "{num}", "{word}.", "{num}!")
 EVAL_TEMPLATES = ("{word}!", "{num}.")
@@ -66,6 +81,18 @@ class SpeechWorldSpec:
     eval_guidance_scale: float = 7.0
     mel: dict = field(default_factory=dict)  # MelConfig overrides
     seed: int = 0
+    # The independent judge (judge/): a third set of voices (none of them f2/f3/f5, which espeak-ng renders
+    # differently from one process to the next), its own architecture and seed; tested on the held-out voices.
+    judge_variants: tuple[str, ...] = ("m5", "m7", "m8", "klatt2", "klatt4", "linda", "steph", "anika")
+    judge_per_digit: int = 100
+    judge_steps: int = 400
+    judge_channels: tuple[int, int] = (64, 64)
+    judge_seed: int = 1
+    # Offline Diffusion-DPO pairs (pairs/, train_pairs.jsonl, eval_pairs.jsonl) drawn from the base TTS.
+    pair_samples_per_prompt: int = 4
+    pair_repeats: int = 8  # passes over the train prompts
+    pair_eval_repeats: int = 4  # passes over the held-out prompts
+    pair_min_gap: float = 0.2  # least difference in p(prompted digit) between the two utterances of a pair
 
     @classmethod
     def tiny(cls) -> SpeechWorldSpec:
@@ -82,6 +109,13 @@ class SpeechWorldSpec:
             unet_steps=20,
             eval_per_prompt=1,
             eval_inference_steps=2,
+            judge_per_digit=4,
+            judge_steps=20,
+            judge_channels=(16, 16),
+            pair_samples_per_prompt=2,
+            pair_repeats=1,
+            pair_eval_repeats=1,
+            pair_min_gap=0.0,
         )
 
 
@@ -183,24 +217,152 @@ def make_denoiser(spec: SpeechWorldSpec, mel: MelConfig) -> MelDenoiser:
     )
 
 
-@torch.no_grad()
-def base_accuracy(tts: MelTTS, recogniser, prompts: list[str], spec: SpeechWorldSpec) -> dict[str, float]:
-    """Recogniser accuracy and mean p(prompted digit) on the TTS's speech, at the recipes' sampler settings."""
+def sampling_policy(tts: MelTTS, spec: SpeechWorldSpec):
+    """The TTS as a diffusion policy at the speech/ recipes' sampler settings."""
     from mmalign.speech.diffusion_policy import DiffusionSpeechPolicy
 
-    policy = DiffusionSpeechPolicy(
+    return DiffusionSpeechPolicy(
         tts, num_steps=spec.eval_inference_steps, guidance_scale=spec.eval_guidance_scale, eta=1.0
     )
+
+
+@torch.no_grad()
+def base_speech(tts: MelTTS, prompts: list[str], spec: SpeechWorldSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """`eval_per_prompt` mels of each prompt from the TTS (seeded), and the prompted digits."""
+    policy = sampling_policy(tts, spec)
     jobs = [p for p in prompts for _ in range(spec.eval_per_prompt)]
     mels = policy.sample(jobs, generator=torch.Generator().manual_seed(spec.seed), record=False).final
-    digits = torch.tensor([digit_of(p) for p in jobs])
-    logp = recogniser.log_prob(mels, digits)
     tts.unet.requires_grad_(False)
+    return mels, torch.tensor([digit_of(p) for p in jobs])
+
+
+@torch.no_grad()
+def recognised(recogniser: Classifier, mels: torch.Tensor, digits: torch.Tensor) -> dict[str, float]:
+    """A recogniser's accuracy and mean p(prompted digit) on mels."""
+    logp = recogniser.log_prob(mels, digits)
     return {
         "accuracy": recogniser.accuracy(mels, digits),
         "p_digit": logp.exp().mean().item(),
-        "n": len(jobs),
+        "n": len(digits),
     }
+
+
+def base_accuracy(tts: MelTTS, recogniser, prompts: list[str], spec: SpeechWorldSpec) -> dict[str, float]:
+    """Recogniser accuracy and mean p(prompted digit) on the TTS's speech, at the recipes' sampler settings."""
+    return recognised(recogniser, *base_speech(tts, prompts, spec))
+
+
+def train_judge(
+    spec: SpeechWorldSpec,
+    frontend: MelFrontend,
+    held: tuple[torch.Tensor, torch.Tensor],
+    recogniser: Classifier,
+    speech: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    log,
+) -> tuple[Classifier, dict]:
+    """Render the judge's own voices and train the independent judge on them; measure it against the recogniser
+    on the held-out voices and on the base TTS's speech. Its draws come from its own generators (torch's global
+    state is restored after), so it changes nothing else the build makes."""
+    mel = frontend.config
+    waves, digits, _ = render(
+        spec, spec.judge_variants, spec.judge_per_digit, mel, np.random.default_rng(spec.judge_seed)
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.judge_seed)
+        judge = train_classifier(
+            frontend(waves),
+            digits,
+            spec.judge_steps,
+            batch_size=spec.batch_size * 2,
+            config=ColumnConvClassifierConfig(height=mel.n_mels, in_channels=1, channels=spec.judge_channels),
+            generator=torch.Generator().manual_seed(spec.judge_seed),
+            log=log,
+            log_prefix="[zoo speech] judge",
+        )
+    held_mels, held_digits = held
+    base = {}
+    for name, (mels, prompted) in speech.items():
+        agree = (judge.predict(mels) == recogniser.predict(mels)).float().mean().item()
+        base[name] = {**recognised(judge, mels, prompted), "agrees_with_recogniser": agree}
+    report = {
+        "architecture": judge.architecture,
+        "config": asdict(judge.config),
+        "seed": spec.judge_seed,
+        "variants": list(spec.judge_variants),
+        "n_train_utterances": len(waves),
+        "accuracy_heldout_voices": judge.accuracy(held_mels, held_digits),
+        "agrees_with_recogniser_heldout_voices": (judge.predict(held_mels) == recogniser.predict(held_mels))
+        .float()
+        .mean()
+        .item(),
+        "base_accuracy": base,
+    }
+    log(
+        f"[zoo speech] judge accuracy on held-out voices {report['accuracy_heldout_voices']:.3f}; base {base}"
+    )
+    return judge, report
+
+
+@torch.no_grad()
+def write_pairs(out: Path, tts: MelTTS, recogniser: Classifier, spec: SpeechWorldSpec, log) -> dict:
+    """Offline Diffusion-DPO pairs from the base TTS's own speech: `pair_samples_per_prompt` utterances per prompt
+    per pass, vocoded to WAV; the utterance the recogniser gives the highest p(prompted digit) is `audio_w`, the
+    lowest `audio_l` (kept when they differ by `pair_min_gap`). Scores are measured on the WAV files as a run reads
+    them back (Griffin-Lim, 16-bit PCM, the frontend), not on the sampled mels.
+
+    Both utterances come from the same model through the same vocoder, so what separates them is what the
+    recogniser hears (the digit), as in Pick-a-Pic-style data; real recordings as winners would also teach "sound
+    like espeak-ng, not like Griffin-Lim". Returns counts and recogniser accuracy after the round trip.
+    """
+    policy = sampling_policy(tts, spec)
+    generator = torch.Generator().manual_seed(spec.seed + 3)
+    (out / "pairs").mkdir(parents=True, exist_ok=True)
+    k, stats = spec.pair_samples_per_prompt, {}
+    for split, prompts, repeats in (
+        ("train", train_prompts(), spec.pair_repeats),
+        ("eval", eval_prompts(), spec.pair_eval_repeats),
+    ):
+        rows, heard_right, heard = [], 0, 0
+        for rep in range(repeats):
+            batch = [p for p in prompts for _ in range(k)]
+            waves = policy.to_waveform(policy.sample(batch, generator=generator, record=False).final)
+            files = [f"pairs/{split}_{rep:02d}_{j:04d}.wav" for j in range(len(batch))]
+            for file, wave in zip(files, waves, strict=True):
+                write_wav(out / file, wave, policy.sample_rate)
+            mels = torch.cat([policy.frontend(read_wav(out / file, policy.sample_rate)) for file in files])
+            digits = torch.tensor([digit_of(p) for p in batch])
+            scores = recogniser.log_prob(mels, digits).exp().view(len(prompts), k)
+            heard_right += int((recogniser.predict(mels) == digits).sum())
+            heard += len(batch)
+            keep = set()
+            for i, prompt in enumerate(prompts):
+                best, worst = int(scores[i].argmax()), int(scores[i].argmin())
+                if best == worst or scores[i, best] - scores[i, worst] < spec.pair_min_gap:
+                    continue
+                keep |= {i * k + best, i * k + worst}
+                rows.append(
+                    {
+                        "prompt": prompt,
+                        "audio_w": files[i * k + best],
+                        "audio_l": files[i * k + worst],
+                        "score_chosen": round(float(scores[i, best]), 4),
+                        "score_rejected": round(float(scores[i, worst]), 4),
+                    }
+                )
+            for j, file in enumerate(files):
+                if j not in keep:
+                    (out / file).unlink()
+        if not rows:
+            raise RuntimeError(
+                f"no {split} pair had a score gap >= pair_min_gap; lower SpeechWorldSpec.pair_min_gap"
+            )
+        write_jsonl(out / f"{split}_pairs.jsonl", rows)
+        stats[f"{split}_pairs"] = len(rows)
+        stats[f"{split}_recogniser_accuracy_after_vocoder"] = heard_right / heard
+        log(
+            f"[zoo speech] {len(rows)} {split} pairs; recogniser accuracy on the vocoded speech {heard_right / heard:.3f}"
+        )
+    return stats
 
 
 def train_unet(mels, digits, text_encoder, chars, mel, spec, generator, log, probe=None):
@@ -256,8 +418,10 @@ def _write_split(out: Path, name: str, waves, digits, meta, templates, mel: MelC
     write_jsonl(out / f"{name}.jsonl", rows)
 
 
+@build_threads()
 def build_speech_world(out_dir: str | Path, spec: SpeechWorldSpec | None = None, log=print) -> Path:
-    """Render the audio, train recogniser, text encoder and UNet, write them with prompts; returns `out_dir`."""
+    """Render the audio, train recogniser, text encoder and UNet, write them with prompts, then the judge and the
+    preference pairs; returns `out_dir`. Runs on `BUILD_THREADS` torch threads (bit-identical builds)."""
     from diffusers import DDIMScheduler
 
     spec = spec or SpeechWorldSpec()
@@ -337,12 +501,17 @@ def build_speech_world(out_dir: str | Path, spec: SpeechWorldSpec | None = None,
     _write_split(out, "train_speech", train_w, train_d, train_meta, TRAIN_TEMPLATES, mel)
 
     tts = MelTTS.from_pretrained(out / "base")
-    accuracy = {
-        "eval_prompts": base_accuracy(tts, recogniser, eval_prompts(), spec),
-        "train_prompts": base_accuracy(tts, recogniser, train_prompts(), spec),
-    }
+    speech = {"eval_prompts": base_speech(tts, eval_prompts(), spec)}
+    speech["train_prompts"] = base_speech(tts, train_prompts(), spec)
+    accuracy = {name: recognised(recogniser, *drawn) for name, drawn in speech.items()}
     log(f"[zoo speech] base recogniser accuracy on its speech {accuracy}")
     timings["eval_s"] = time.perf_counter() - started - sum(timings.values())
+
+    judge, judge_report = train_judge(spec, frontend, (held_mels, held_d), recogniser, speech, log)
+    judge.save_pretrained(out / "judge")
+    timings["judge_s"] = time.perf_counter() - started - sum(timings.values())
+    pairs = write_pairs(out, tts, recogniser, spec, log)
+    timings["pairs_s"] = time.perf_counter() - started - sum(timings.values())
     timings["total_s"] = time.perf_counter() - started
     world = {
         "world": "speech",
@@ -355,6 +524,8 @@ def build_speech_world(out_dir: str | Path, spec: SpeechWorldSpec | None = None,
         "recogniser_accuracy_heldout_voices": recogniser_accuracy,
         "recogniser_nonspeech_recall_heldout_voices": nonspeech_recall,
         "base_accuracy": accuracy,
+        "judge": judge_report,
+        "pairs": pairs,
         "timings": {k: round(v, 1) for k, v in timings.items()},
     }
     (out / "world.json").write_text(json.dumps(world, indent=2))

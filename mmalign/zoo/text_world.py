@@ -17,6 +17,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mmalign.core.data import write_jsonl
+from mmalign.zoo.reproducible import build_threads
 from mmalign.zoo.tokenizer import char_tokenizer
 
 
@@ -94,8 +95,11 @@ def preference_rows(problems: list[tuple[int, int]], n: int, rng: random.Random)
     return rows
 
 
+@build_threads()
 def build_text_world(out_dir: str | Path, spec: TextWorldSpec | None = None, log=print) -> Path:
-    """Train the base LM and write it with its data; returns `out_dir`. Minutes on 2 CPU cores."""
+    """Train the base LM and write it with its data; returns `out_dir`. Minutes on 2 CPU cores.
+
+    Runs on `BUILD_THREADS` torch threads whatever the caller's setting, so every build gives the same bits."""
     spec = spec or TextWorldSpec()
     out = Path(out_dir)
     torch.manual_seed(spec.seed)

@@ -17,6 +17,12 @@ learns to say what the digit usually looks like instead of what the image shows.
 images are answered from the true facts, so (as with real VLMs that answer "is the ink faint?" better than they
 describe) the vision side carries the attributes and the free-form descriptions do not use them; preference
 data built from ground truth can re-align the descriptions, and the metrics measure how much.
+
+Besides the held-out evaluation files and the POVID / DPO / RLHF-V pairs, the world writes the training data of the
+other sequence methods, after everything else and without new random draws: `train_describe.jsonl` (training images
+with the describe prompt and their ground truth, what online methods sample from and the `vlm_statements` reward
+checks), `train_sft.jsonl` (the true description as `completion`) and `train_unpaired.jsonl` (KTO: each DPO pair's
+true description labelled desirable, its hallucination-injected rewrite undesirable).
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from mmalign.vision import vlm_builders as B
 from mmalign.vision import vlm_digits as D
 from mmalign.vision.hallucination import description_metrics, diversity, pope_metrics
 from mmalign.vision.vlm_policy import VisionLanguagePolicy
+from mmalign.zoo.reproducible import build_threads
 from mmalign.zoo.tokenizer import char_tokenizer
 
 IMAGE_TOKEN = "<image>"
@@ -332,8 +339,25 @@ def evaluate_base(policy, images, facts, probe_rows, batch_size=128) -> dict[str
     return metrics
 
 
+def sequence_method_rows(records: list[dict], dpo: list[dict]) -> dict[str, list[dict]]:
+    """Rows of the online, SFT and KTO files from the training records and the DPO pairs (no random draws)."""
+    describe = [{"image": r["image"], "prompt": r["prompt"], **r["facts"]} for r in records]
+    sft = [
+        {"image": r["image"], "prompt": r["prompt"], "completion": D.describe(r["facts"])} for r in records
+    ]
+    unpaired = []
+    for row in dpo:
+        for field, label in (("chosen", True), ("rejected", False)):
+            unpaired.append(
+                {"image": row["image"], "prompt": row["prompt"], "completion": row[field], "label": label}
+            )
+    return {"train_describe": describe, "train_sft": sft, "train_unpaired": unpaired}
+
+
+@build_threads()
 def build_vlm_world(out_dir: str | Path, spec: VLMWorldSpec | None = None, log=print) -> Path:
-    """Train the base VLM and write it with held-out eval files and POVID / DPO / RLHF-V training data."""
+    """Train the base VLM and write it with held-out eval files and POVID / DPO / RLHF-V / KTO / SFT / online
+    training data. Runs on `BUILD_THREADS` torch threads whatever the caller's setting (bit-identical builds)."""
     spec = spec or VLMWorldSpec()
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -401,7 +425,8 @@ def build_vlm_world(out_dir: str | Path, spec: VLMWorldSpec | None = None, log=p
 
     records = [{"image": rel[i], "prompt": D.DESCRIBE_PROMPT, "facts": facts[i]} for i in train]
     train_pil = [pil[i] for i in train]
-    write_jsonl(out / "train_dpo.jsonl", B.dpo_rows(records, seed=spec.seed))
+    dpo = B.dpo_rows(records, seed=spec.seed)
+    write_jsonl(out / "train_dpo.jsonl", dpo)
     povid, povid_stats = B.povid_rows(
         base, records, train_pil, noise_step=spec.povid_noise_step, seed=spec.seed
     )
@@ -409,6 +434,8 @@ def build_vlm_world(out_dir: str | Path, spec: VLMWorldSpec | None = None, log=p
     rlhfv, rlhfv_stats = B.correction_rows(base, records, train_pil)
     write_jsonl(out / "train_rlhfv.jsonl", rlhfv)
     log(f"[zoo vlm] povid {povid_stats}; rlhf-v {rlhfv_stats}")
+    for name, rows in sequence_method_rows(records, dpo).items():
+        write_jsonl(out / f"{name}.jsonl", rows)
 
     world = {
         "world": "vlm",
