@@ -111,7 +111,7 @@ def attach_value_function(policy: Any, value_model: str | None) -> None:
     base = _base_model(module)
     if base is module:  # full fine-tuning saves the module's state dict: leave the value function out
         ignored = set(getattr(module, "_keys_to_ignore_on_save", None) or ())
-        ignored |= {n for n, _ in module.named_parameters() if n.split(".")[0] in names}
+        ignored |= {n for n in module.state_dict() if n.split(".")[0] in names}
         module._keys_to_ignore_on_save = ignored
 
 
