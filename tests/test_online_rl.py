@@ -226,6 +226,9 @@ def test_trl_names_and_presets():
     assert PolicyGradientConfig(advantage="grpo", scale_rewards="none").advantage == "dr_grpo"
     assert PolicyGradientConfig(advantage="grpo", scale_rewards="batch").advantage == "batch"
     assert PolicyGradientConfig(num_generations=6).samples_per_prompt == 6
+    assert PolicyGradientConfig().samples_per_prompt == 4
+    with pytest.raises(ValueError, match="num_generations"):
+        PolicyGradientConfig(num_generations=6, samples_per_prompt=4)
     assert PolicyGradientConfig(kl_coef=0.04).beta == 0.04
     with pytest.raises(ValueError, match="scale_rewards"):
         PolicyGradientConfig(advantage="rloo", scale_rewards="group")

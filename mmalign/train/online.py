@@ -178,6 +178,11 @@ class OnlineDPO(AlgorithmBase):
                 f"algorithm.preference.loss {preference.loss!r} sorts the batch, so its losses are not per pair "
                 "and cannot take the weight 0 of tied pairs"
             )
+        if PREFERENCE_LOSSES[preference.loss].needs_score_diff:
+            raise RecipeError(
+                f"algorithm.preference.loss {preference.loss!r} reads scores stored on offline rows; online pairs "
+                "have none"
+            )
         self.scorer = scorer or policy
         self.preference = PreferenceAlgorithm(self.scorer, [], preference)
         # reference scores are computed once per rollout unless the loss needs reference entropies or every batch
@@ -336,7 +341,7 @@ class PolicyGradientConfig:
     name: str = "rloo"
     advantage: str = "rloo"
     scale_rewards: str | bool | None = None
-    samples_per_prompt: int = 4
+    samples_per_prompt: int | None = None  # default 4
     num_generations: int | None = None  # trl's name for samples_per_prompt
     loss_type: str = "grpo"
     epsilon: float = 0.2
@@ -350,13 +355,15 @@ class PolicyGradientConfig:
     soft_punish_cache: int | None = None
 
     def __post_init__(self) -> None:
-        if self.num_generations is not None:
-            if self.num_generations != self.samples_per_prompt and self.samples_per_prompt != 4:
-                raise ValueError(
-                    f"num_generations ({self.num_generations}) and samples_per_prompt ({self.samples_per_prompt}) "
-                    "disagree; give one of them"
-                )
-            self.samples_per_prompt = self.num_generations
+        if (
+            None not in (self.num_generations, self.samples_per_prompt)
+            and self.num_generations != self.samples_per_prompt
+        ):
+            raise ValueError(
+                f"num_generations ({self.num_generations}) and samples_per_prompt ({self.samples_per_prompt}) "
+                "disagree; give one of them"
+            )
+        self.samples_per_prompt = self.num_generations or self.samples_per_prompt or 4
         if self.kl_coef is not None:
             if self.beta and self.beta != self.kl_coef:
                 raise ValueError(
