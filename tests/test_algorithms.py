@@ -232,6 +232,16 @@ ONLINE_CASES = [
     {"name": "rloo"},
     {"name": "grpo"},
     {"name": "reinforce", "samples_per_prompt": 2},
+    {"name": "dr_grpo"},
+    {"name": "dapo"},
+    {"name": "gspo"},
+    {"name": "ppo", "samples_per_prompt": 2, "kl_coef": 0.01},
+    {
+        "name": "iterative_dpo",
+        "samples_per_prompt": 4,
+        "prompts_per_iteration": 8,
+        "preference": {"beta": 0.5},
+    },
 ]
 
 

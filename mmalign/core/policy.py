@@ -73,9 +73,10 @@ class SequencePolicy(Policy, Protocol):
     def collate_completions(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]: ...
 
     def sequence_logprobs(
-        self, batch: dict[str, torch.Tensor], *, entropies: bool = False
+        self, batch: dict[str, torch.Tensor], *, entropies: bool = False, hidden_states: bool = False
     ) -> SequenceLogProbs:
-        """Per-token log-probs of the batch's responses under the current (or reference) weights."""
+        """Per-token log-probs of the batch's responses under the current (or reference) weights (and, with
+        `hidden_states`, the last hidden state at each predicting position)."""
         ...
 
     def generate(

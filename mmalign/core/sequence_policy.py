@@ -140,13 +140,15 @@ class LanguageModelPolicy(TrainableModule):
 
     # ------------------------------------------------------------------------------------------ scoring
     def sequence_logprobs(
-        self, batch: dict[str, torch.Tensor], *, entropies: bool = False
+        self, batch: dict[str, torch.Tensor], *, entropies: bool = False, hidden_states: bool = False
     ) -> SequenceLogProbs:
-        """Per-token log-probs of the response tokens (prompt and padding masked to zero)."""
+        """Per-token log-probs of the response tokens (prompt and padding masked to zero); with `hidden_states`,
+        also the last layer's hidden state at each position that predicts a token (what a value head reads)."""
         device = next(self.module.parameters()).device
         input_ids = batch["input_ids"].to(device)
         model = self._reference_model if self._use_reference else self.model
-        logits = model(**self._model_inputs(batch, device), use_cache=False).logits[:, :-1]
+        out = model(**self._model_inputs(batch, device), use_cache=False, output_hidden_states=hidden_states)
+        logits = out.logits[:, :-1]
         logits = logits.float()
         targets = input_ids[:, 1:]
         log_norm = torch.logsumexp(logits, dim=-1)
@@ -156,7 +158,8 @@ class LanguageModelPolicy(TrainableModule):
         if entropies:
             probs = torch.softmax(logits, dim=-1)
             ent = (log_norm - (probs * logits).sum(-1)) * mask
-        return SequenceLogProbs(token_logps * mask, mask, ent)
+        hidden = out.hidden_states[-1][:, :-1] if hidden_states else None
+        return SequenceLogProbs(token_logps * mask, mask, ent, hidden)
 
     def _model_inputs(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
         """The network's inputs for a collated batch (adapters with more inputs, e.g. images, extend this)."""

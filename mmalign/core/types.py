@@ -13,12 +13,14 @@ class SequenceLogProbs:
     """Per-token log-probs of responses under a policy; prompt and padding positions are masked out.
 
     `token_logps[b, t]` is log π(y_t | x, y_<t) for response tokens and 0 elsewhere; `mask` is 1 on response
-    tokens. `entropies` (optional) holds the per-token predictive entropy, used by Mallows-DPO.
+    tokens. `entropies` (optional) holds the per-token predictive entropy, used by Mallows-DPO; `hidden_states`
+    (optional, [B, T, H]) the last layer's hidden state at the position that predicts each token (PPO's value head).
     """
 
     token_logps: torch.Tensor
     mask: torch.Tensor
     entropies: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
 
     @property
     def lengths(self) -> torch.Tensor:

@@ -11,10 +11,12 @@ from mmalign.core.registry import AlgorithmSpec, register_algorithm
 from mmalign.objectives.preference import PREFERENCE_LOSSES
 from mmalign.train.diffusion_pg import DiffusionPGConfig, DiffusionPolicyGradient
 from mmalign.train.diffusion_preference import PairDenoisingScores
+from mmalign.train.iterative_dpo import IterativeDPO, IterativeDPOConfig
 from mmalign.train.kto import KTOAlgorithm, KTOConfig
 from mmalign.train.online import OnlineDPO, OnlineDPOConfig, PolicyGradientConfig, SequencePolicyGradient
 from mmalign.train.online_diffusion import OnlineDiffusionDPO
 from mmalign.train.povid import DenseDPOAlgorithm, DenseDPOConfig, POVIDAlgorithm, POVIDConfig
+from mmalign.train.ppo import PPO, PPOConfig
 from mmalign.train.preference import PreferenceAlgorithm, PreferenceConfig
 from mmalign.train.supervised import RewardModelAlgorithm, RewardModelConfig, SFTAlgorithm, SFTConfig
 
@@ -180,15 +182,58 @@ for _name in ("online_dpo", "online_diffusion_dpo"):
     )
 
 
+def _iterative_dpo(policy: Any, inputs: Any, config: IterativeDPOConfig) -> IterativeDPO:
+    return IterativeDPO(policy, inputs.rows["prompts"], inputs.reward, config)
+
+
+register_algorithm(
+    AlgorithmSpec(
+        "iterative_dpo",
+        "preference",
+        "sequence",
+        IterativeDPOConfig,
+        _iterative_dpo,
+        data=("prompts",),
+        description="iterative online DPO (seed 003): each iteration's pairs drawn by the policy at its start",
+        online=True,
+        tiny={"prompts_per_iteration": 16, "samples_per_prompt": 2},
+    )
+)
+
+
 def _sequence_pg(policy: Any, inputs: Any, config: PolicyGradientConfig) -> SequencePolicyGradient:
     return SequencePolicyGradient(policy, inputs.rows["prompts"], inputs.reward, config)
 
 
-for _name, _about in (
-    ("rloo", "RLOO: leave-one-out baseline over k samples, PPO-clip, KL to the reference"),
-    ("grpo", "GRPO: group-normalised advantages, PPO-clip, KL to the reference"),
-    ("reinforce", "REINFORCE with the batch-mean baseline"),
-):
+# the names and what they imply; a preset's settings are defaults a recipe may override (one config class)
+SEQUENCE_PG_PRESETS = {
+    "reinforce": ({"advantage": "reinforce"}, "REINFORCE with the batch-mean baseline"),
+    "rloo": (
+        {"advantage": "rloo"},
+        "RLOO: leave-one-out baseline over k samples, PPO-clip, KL to the reference",
+    ),
+    "grpo": ({"advantage": "grpo"}, "GRPO: group-normalised advantages, PPO-clip, KL to the reference"),
+    "dr_grpo": (
+        {"advantage": "dr_grpo", "loss_type": "dr_grpo"},
+        "Dr. GRPO: group-mean baseline without std scaling, sum over tokens / max_new_tokens",
+    ),
+    "dapo": (
+        {
+            "advantage": "grpo",
+            "loss_type": "dapo",
+            "epsilon": 0.2,
+            "epsilon_high": 0.28,
+            "dynamic_sampling": True,
+            "mask_truncated_completions": True,
+        },
+        "DAPO: clip-higher, token-level loss, dynamic sampling (zero weight for tied groups), overlong filtering",
+    ),
+    "gspo": (
+        {"advantage": "grpo", "importance_sampling_level": "sequence", "epsilon": 3e-4, "epsilon_high": 4e-4},
+        "GSPO: the length-normalised sequence importance ratio, clipped per sequence",
+    ),
+}
+for _name, (_defaults, _about) in SEQUENCE_PG_PRESETS.items():
     register_algorithm(
         AlgorithmSpec(
             _name,
@@ -197,12 +242,31 @@ for _name, _about in (
             PolicyGradientConfig,
             _sequence_pg,
             data=("prompts",),
-            defaults={"advantage": _name},
+            defaults=_defaults,
             description=_about,
             online=True,
-            tiny={"samples_per_prompt": 2},
+            tiny={} if _name == "reinforce" else {"samples_per_prompt": 2},
         )
     )
+
+
+def _ppo(policy: Any, inputs: Any, config: PPOConfig) -> PPO:
+    return PPO(policy, inputs.rows["prompts"], inputs.reward, config)
+
+
+register_algorithm(
+    AlgorithmSpec(
+        "ppo",
+        "policy_gradient",
+        "sequence",
+        PPOConfig,
+        _ppo,
+        data=("prompts",),
+        description="PPO with a value model (a head on the policy's backbone or a separate network), GAE, "
+        "KL-shaped reward",
+        online=True,
+    )
+)
 
 
 def _diffusion_pg(policy: Any, inputs: Any, config: DiffusionPGConfig) -> DiffusionPolicyGradient:

@@ -256,18 +256,30 @@ class PreferenceAlgorithm(AlgorithmBase):
 
     # ----------------------------------------------------------------------------------------- loss
     def loss(self, examples: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        cfg, n = self.config, len(examples)
-        batch = self.policy.collate_pairs(examples)
+        ref = None
+        if self.needs_reference and self._ref_cache is not None:
+            ref = torch.tensor([self._ref_cache[e["index"]] for e in examples])
+            ref = (ref[:, 0], ref[:, 1])
+        score_diff = [e["score_diff"] for e in examples] if self.entry.needs_score_diff else None
+        return self.batch_loss(self.policy.collate_pairs(examples), len(examples), ref, score_diff)
+
+    def batch_loss(
+        self,
+        batch: dict[str, Any],
+        n: int,
+        reference_scores: tuple[torch.Tensor, torch.Tensor] | None = None,
+        score_diff: Sequence[float] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-pair losses of `n` collated pairs (chosen first); `reference_scores` (chosen, rejected) when they
+        were computed beforehand, else the reference is scored on this batch."""
+        cfg = self.config
         lp = self.policy.sequence_logprobs(batch)
         chosen, rejected = lp.split(n)
         sc = sequence_logps(chosen.token_logps, chosen.mask)
         sr = sequence_logps(rejected.token_logps, rejected.mask)
         ref_sc = ref_sr = ref_lp = None
-        if self.needs_reference and self._ref_cache is not None:
-            ref = torch.tensor(
-                [self._ref_cache[e["index"]] for e in examples], device=sc.device, dtype=sc.dtype
-            )
-            ref_sc, ref_sr = ref[:, 0], ref[:, 1]
+        if self.needs_reference and reference_scores is not None:
+            ref_sc, ref_sr = (r.to(device=sc.device, dtype=sc.dtype) for r in reference_scores)
         elif self.needs_reference:
             ref_sc, ref_sr, ref_lp = self._reference_scores(batch, n)
         scores = P.PairScores(
@@ -277,7 +289,9 @@ class PreferenceAlgorithm(AlgorithmBase):
             rejected_lengths=rejected.lengths,
             ref_chosen_logps=ref_sc,
             ref_rejected_logps=ref_sr,
-            score_diff=self._score_diff(examples, sc) if self.entry.needs_score_diff else None,
+            score_diff=None
+            if score_diff is None
+            else torch.tensor(score_diff, device=sc.device, dtype=sc.dtype),
             **(self._entropies(ref_lp, n) if self.needs_entropy else {}),
             gather=self._gathered,
         )
@@ -292,10 +306,6 @@ class PreferenceAlgorithm(AlgorithmBase):
         metrics["logps/chosen"] = sc.detach().mean()
         metrics["logps/rejected"] = sr.detach().mean()
         return losses, metrics
-
-    @staticmethod
-    def _score_diff(examples: Sequence[dict[str, Any]], like: torch.Tensor) -> torch.Tensor:
-        return torch.tensor([e["score_diff"] for e in examples], device=like.device, dtype=like.dtype)
 
     def _entropies(self, ref_lp, n: int) -> dict[str, Any]:
         """Reference entropies of both responses of each pair side by side, for the Mallows dispersion."""
