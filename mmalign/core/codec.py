@@ -105,3 +105,89 @@ class TextCodec:
     def collate_completions(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Prompt + response sequences in one batch."""
         return self.collate([(e["prompt_ids"], e["response_ids"]) for e in examples])
+
+    def collate_pairs_packed(
+        self, examples: Sequence[dict[str, Any]], *, share_prompt: bool, padding_free: bool
+    ) -> dict[str, torch.Tensor]:
+        """Pairs laid out so the network computes no prompt twice (`share_prompt`) or no padding (`padding_free`).
+
+        A *document* is what one causal attention pattern covers. With `share_prompt` a pair is one document,
+        prompt + chosen + rejected: the rejected tokens take the positions that follow the prompt and see the
+        prompt but not the chosen tokens, which is what a forward of prompt + rejected computes, with the prompt run
+        once. Without it, prompt + chosen and prompt + rejected are two documents. With `padding_free` every
+        document of the batch goes into one row, position ids restarting per document; otherwise each document is
+        a row and rows are right-padded.
+
+        Returns input_ids and position_ids (rows × width); who may attend to whom, for the policy to turn into an
+        attention mask: `document_ids` (the document of each token, -1 on padding) and `branch_ids` (0 on tokens
+        every later token of their document sees, 1 / 2 on chosen / rejected tokens, which see only their own
+        branch and 0); and where the log-probs are read: `score_positions[s, k]` is the flat position
+        (row × width + column) whose logits predict token k of response s (the n chosen responses first, then the
+        n rejected, as in `collate_pairs`), `score_targets` that token and `score_mask` 1 on real tokens.
+        """
+        n = len(examples)
+        documents: list[tuple[list[int], list[int], list[int], list[tuple[int, list[int], list[int]]]]] = []
+        for i, e in enumerate(examples):
+            prompt, chosen, rejected = e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]
+            if not prompt:
+                raise ValueError(
+                    "share_prompt / padding_free need at least one prompt token per pair (the first response "
+                    "token is predicted from the prompt's last)"
+                )
+            p = len(prompt)
+            if share_prompt:
+                start = p + len(chosen)  # where the rejected tokens begin in the document
+                documents.append(
+                    (
+                        prompt + chosen + rejected,
+                        [*range(start), *range(p, p + len(rejected))],
+                        [0] * p + [1] * len(chosen) + [2] * len(rejected),
+                        [
+                            (i, [p - 1 + k for k in range(len(chosen))], chosen),
+                            (n + i, [p - 1] + [start + k - 1 for k in range(1, len(rejected))], rejected),
+                        ],
+                    )
+                )
+            else:
+                for s, response in ((i, chosen), (n + i, rejected)):
+                    length = p + len(response)
+                    sources = [p - 1 + k for k in range(len(response))]
+                    documents.append(
+                        (prompt + response, list(range(length)), [0] * length, [(s, sources, response)])
+                    )
+        rows = [documents] if padding_free else [[d] for d in documents]
+        width = max(sum(len(d[0]) for d in row) for row in rows)
+        shape = (len(rows), width)
+        input_ids = torch.full(shape, self.tokenizer.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros(shape, dtype=torch.long)
+        document_ids = torch.full(shape, -1, dtype=torch.long)
+        branch_ids = torch.zeros(shape, dtype=torch.long)
+        longest = max(len(r) for e in examples for r in (e["chosen_ids"], e["rejected_ids"]))
+        score_positions = torch.zeros((2 * n, longest), dtype=torch.long)
+        score_targets = torch.full((2 * n, longest), self.tokenizer.pad_token_id, dtype=torch.long)
+        score_mask = torch.zeros((2 * n, longest), dtype=torch.long)
+        document = 0
+        for r, row in enumerate(rows):
+            offset = 0
+            for tokens, positions, branches, responses in row:
+                span = slice(offset, offset + len(tokens))
+                input_ids[r, span] = torch.tensor(tokens)
+                position_ids[r, span] = torch.tensor(positions)
+                branch_ids[r, span] = torch.tensor(branches)
+                document_ids[r, span] = document
+                for s, sources, response in responses:
+                    k = len(response)
+                    score_positions[s, :k] = r * width + offset + torch.tensor(sources)
+                    score_targets[s, :k] = torch.tensor(response)
+                    score_mask[s, :k] = 1
+                offset += len(tokens)
+                document += 1
+        return {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "document_ids": document_ids,
+            "branch_ids": branch_ids,
+            "score_positions": score_positions,
+            "score_targets": score_targets,
+            "score_mask": score_mask,
+        }

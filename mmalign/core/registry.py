@@ -29,6 +29,7 @@ CAPABILITIES = {
     "audio_pairs": "preference pairs of audio files",
     "real_targets": "real outputs of the prompts (data.targets) it can encode",
     "differentiable_decode": "a decoder that passes gradients from the output back to the latents",
+    "token_packing": "token-only sequences that can be packed with their own positions and attention mask",
 }
 
 

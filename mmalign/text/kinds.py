@@ -130,7 +130,7 @@ register_model_kind(
         build=build_causal_lm,
         evaluation=sequence_evaluation,
         validators=TEXT_ROWS,
-        capabilities=frozenset({"token_entropies", "token_lengths", "log_probabilities"}),
+        capabilities=frozenset({"token_entropies", "token_lengths", "log_probabilities", "token_packing"}),
         description="any transformers causal LM (hub id or directory); LoRA or full fine-tuning",
         tiny=_tiny_text,
     )

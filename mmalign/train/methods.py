@@ -43,6 +43,9 @@ def _config_needs(config: PreferenceConfig) -> dict[str, str]:
     needs = {capability: f"loss: {config.loss}" for capability in _loss_needs(config.loss)}
     if config.length_normalize:
         needs["token_lengths"] = "length_normalize: true"
+    for key in ("share_prompt", "padding_free"):
+        if getattr(config, key):
+            needs["token_packing"] = f"{key}: true"
     return needs
 
 
