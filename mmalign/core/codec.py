@@ -157,37 +157,39 @@ class TextCodec:
                     )
         rows = [documents] if padding_free else [[d] for d in documents]
         width = max(sum(len(d[0]) for d in row) for row in rows)
-        shape = (len(rows), width)
-        input_ids = torch.full(shape, self.tokenizer.pad_token_id, dtype=torch.long)
-        position_ids = torch.zeros(shape, dtype=torch.long)
-        document_ids = torch.full(shape, -1, dtype=torch.long)
-        branch_ids = torch.zeros(shape, dtype=torch.long)
         longest = max(len(r) for e in examples for r in (e["chosen_ids"], e["rejected_ids"]))
-        score_positions = torch.zeros((2 * n, longest), dtype=torch.long)
-        score_targets = torch.full((2 * n, longest), self.tokenizer.pad_token_id, dtype=torch.long)
-        score_mask = torch.zeros((2 * n, longest), dtype=torch.long)
+        pad = self.tokenizer.pad_token_id
+        # plain lists, one tensor per field at the end: this runs every step, so no per-sequence tensors
+        ids, positions, document_ids, branch_ids = [], [], [], []
+        score_positions, score_targets = [[0] * longest] * (2 * n), [[pad] * longest] * (2 * n)
+        score_lengths = [0] * (2 * n)
         document = 0
         for r, row in enumerate(rows):
-            offset = 0
-            for tokens, positions, branches, responses in row:
-                span = slice(offset, offset + len(tokens))
-                input_ids[r, span] = torch.tensor(tokens)
-                position_ids[r, span] = torch.tensor(positions)
-                branch_ids[r, span] = torch.tensor(branches)
-                document_ids[r, span] = document
+            row_ids, row_positions, row_documents, row_branches = [], [], [], []
+            for tokens, token_positions, branches, responses in row:
+                offset = r * width + len(row_ids)
                 for s, sources, response in responses:
                     k = len(response)
-                    score_positions[s, :k] = r * width + offset + torch.tensor(sources)
-                    score_targets[s, :k] = torch.tensor(response)
-                    score_mask[s, :k] = 1
-                offset += len(tokens)
+                    score_positions[s] = [offset + q for q in sources] + [0] * (longest - k)
+                    score_targets[s] = response + [pad] * (longest - k)
+                    score_lengths[s] = k
+                row_ids += tokens
+                row_positions += token_positions
+                row_documents += [document] * len(tokens)
+                row_branches += branches
                 document += 1
+            fill = width - len(row_ids)
+            ids.append(row_ids + [pad] * fill)
+            positions.append(row_positions + [0] * fill)
+            document_ids.append(row_documents + [-1] * fill)
+            branch_ids.append(row_branches + [0] * fill)
+        score_mask = torch.arange(longest) < torch.tensor(score_lengths).unsqueeze(-1)
         return {
-            "input_ids": input_ids,
-            "position_ids": position_ids,
-            "document_ids": document_ids,
-            "branch_ids": branch_ids,
-            "score_positions": score_positions,
-            "score_targets": score_targets,
-            "score_mask": score_mask,
+            "input_ids": torch.tensor(ids),
+            "position_ids": torch.tensor(positions),
+            "document_ids": torch.tensor(document_ids),
+            "branch_ids": torch.tensor(branch_ids),
+            "score_positions": torch.tensor(score_positions),
+            "score_targets": torch.tensor(score_targets),
+            "score_mask": score_mask.long(),
         }
