@@ -35,12 +35,13 @@ zoo: setup
 	$(BIN)/mmalign zoo build text
 
 BENCH := benchmarks/.venv-trl
-bench:  ## side-by-side benchmarks against trl, in their own venv (trl is not a runtime dependency)
+bench:  ## DPO and GRPO side by side with trl, in their own venv (trl is not a runtime dependency)
 	test -x $(BENCH)/bin/python || $(PYTHON) -m venv $(BENCH)
 	$(BENCH)/bin/python -m pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.0
 	$(BENCH)/bin/python -m pip install -q -c constraints.txt -e .
 	$(BENCH)/bin/python -m pip install -q -c constraints.txt -r benchmarks/requirements-trl.txt
 	$(BENCH)/bin/python benchmarks/dpo_vs_trl.py
+	$(BENCH)/bin/python benchmarks/grpo_vs_trl.py
 
 clean:
 	rm -rf $(VENV) runs

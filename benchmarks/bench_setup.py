@@ -103,3 +103,20 @@ def prepare(work: Path, spec: ModelSpec, n_pairs: int) -> dict:
         "pairs": n_pairs,
         "example": rows[0],
     }
+
+
+# ------------------------------------------------------------------------------------------------- GRPO
+def digit_fraction(text: str) -> float:
+    """The GRPO benchmark's verifiable reward: the share of a completion's characters that are digits (0 if empty).
+
+    Any function of the decoded text both trainers can call would do; this one varies across samples of an
+    untrained model, so advantages, and gradients, are not zero.
+    """
+    return sum(c.isdigit() for c in text) / len(text) if text else 0.0
+
+
+def prepare_prompts(work: Path, n: int) -> list[str]:
+    """Write work/prompts.jsonl: the prompts of n preference rows (the same problems as the DPO benchmark)."""
+    prompts = [r["prompt"] for r in make_rows(n)]
+    (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return prompts

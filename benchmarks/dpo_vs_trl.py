@@ -1,9 +1,15 @@
 """mmalign DPO vs trl's DPOTrainer on the same tiny LLaMA-style model, rows, data order, batch and steps (CPU).
 
-One command runs both sides, each in its own subprocess (so peak RSS does not mix), alternating, `--repeats`
-times, and reports medians and mmalign/trl ratios:
+One command runs every variant, each in its own subprocess (so peak RSS does not mix), in rotating order,
+`--repeats` times, and reports medians and mmalign/trl ratios:
 
     benchmarks/.venv-trl/bin/python benchmarks/dpo_vs_trl.py
+
+Variants (`--variants`): `mmalign` and `trl` are the plain paths; `mmalign+options` turns on what a user would:
+`precompute_reference` (reference log-probs computed once before training, the frozen copy freed) and
+`share_prompt` (each pair one sequence, the prompt computed once); `mmalign+padding_free` adds `padding_free`;
+`trl+precompute` is trl's `precompute_ref_log_probs=True`, the one of these options trl 1.16 has (its
+`padding_free` warns and falls back to padding; it has no shared-prompt option).
 
 What is measured per run:
   * steps/s: optimizer steps over the timed window. A timestamp is taken when each step starts computing its
@@ -98,7 +104,13 @@ def run_mmalign(args) -> dict:
     algo = PreferenceAlgorithm(
         policy,
         validate_preference_rows(rows_from_records(rows)),
-        PreferenceConfig(loss="dpo", beta=args.beta),
+        PreferenceConfig(
+            loss="dpo",
+            beta=args.beta,
+            precompute_reference=args.precompute_reference,
+            share_prompt=args.share_prompt,
+            padding_free=args.padding_free,
+        ),
     )
     stamps: list[tuple[float, float]] = []
     order: list[list[int]] = []
@@ -108,7 +120,7 @@ def run_mmalign(args) -> dict:
     def timed_loss(examples):
         _stamp(stamps)
         order.append([e["index"] for e in examples])
-        if len(batches) < CHECK_STEPS:
+        if len(batches) < CHECK_STEPS:  # the padded form, to compare tokens with trl's batch
             b = policy.collate_pairs(examples)
             batches.append({"input_ids": b["input_ids"].tolist(), "mask": b["response_mask"].tolist()})
         return inner(examples)
@@ -134,6 +146,7 @@ def run_mmalign(args) -> dict:
     t1 = time.perf_counter()
     _maybe_profiled(trainer.train, args)
     train_s = time.perf_counter() - t1
+    to_first_step_s = stamps[0][0] - t1  # includes precomputing the reference when asked
     metrics = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [m["train/loss"] for m in sorted(metrics, key=lambda m: m["step"])]
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -142,6 +155,7 @@ def run_mmalign(args) -> dict:
         "side": "mmalign",
         "setup_s": setup_s,
         "train_call_s": train_s,
+        "to_first_step_s": to_first_step_s,
         "rss_before_train_mb": rss_before,
         "losses": losses,
         "batches": batches,
@@ -206,7 +220,7 @@ def run_trl(args) -> dict:
         max_grad_norm=args.max_grad_norm,
         beta=args.beta,
         loss_type=["sigmoid"],
-        precompute_ref_log_probs=False,
+        precompute_ref_log_probs=args.precompute_reference,
         max_length=args.max_length,
         disable_dropout=True,
         bf16=False,  # trl defaults to bf16=True
@@ -245,6 +259,7 @@ def run_trl(args) -> dict:
     t1 = time.perf_counter()
     _maybe_profiled(trainer.train, args)
     train_s = time.perf_counter() - t1
+    to_first_step_s = stamps[0][0] - t1  # trl precomputes the reference in __init__ (setup_s)
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     shutil.rmtree(out_dir, ignore_errors=True)
     result = {
@@ -253,6 +268,7 @@ def run_trl(args) -> dict:
         "transformers": transformers.__version__,
         "setup_s": setup_s,
         "train_call_s": train_s,
+        "to_first_step_s": to_first_step_s,
         "rss_before_train_mb": rss_before,
         "losses": losses,
         "logged_losses_first": logged[:CHECK_STEPS],
@@ -263,16 +279,38 @@ def run_trl(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- driver
+VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "mmalign": ("mmalign", ()),
+    "mmalign+options": ("mmalign", ("--precompute-reference", "--share-prompt")),
+    "mmalign+padding_free": ("mmalign", ("--precompute-reference", "--share-prompt", "--padding-free")),
+    "trl": ("trl", ()),
+    "trl+precompute": ("trl", ("--precompute-reference",)),
+}
+"""label → (side, the side's option flags)."""
+DEFAULT_VARIANTS = ("mmalign", "mmalign+options", "trl", "trl+precompute")
+_SHARED = ("steps", "warmup", "batch", "lr", "beta", "max_grad_norm", "max_length", "threads")
+_MEDIANS = (
+    "steps_per_s",
+    "cpu_s_per_step",
+    "peak_rss_mb",
+    "rss_before_train_mb",
+    "setup_s",
+    "to_first_step_s",
+)
+
+
 def _median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def _child(side: str, args, extra_env: dict) -> dict:
+def _child(variant: str, args, extra_env: dict) -> dict:
+    side, flags = VARIANTS[variant]
     cmd = [
         args.python or sys.executable,
         str(Path(__file__).resolve()),
         "--side",
         side,
+        *flags,
         "--work",
         str(args.work),
         *[f"--{k.replace('_', '-')}={getattr(args, k)}" for k in _SHARED],
@@ -281,11 +319,8 @@ def _child(side: str, args, extra_env: dict) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"{side} side failed (exit {proc.returncode})")
+        raise SystemExit(f"{variant} failed (exit {proc.returncode})")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-_SHARED = ("steps", "warmup", "batch", "lr", "beta", "max_grad_norm", "max_length", "threads")
 
 
 def drive(args) -> None:
@@ -299,6 +334,12 @@ def drive(args) -> None:
             "trl is not installed in this interpreter; create the benchmark venv (see benchmarks/README.md) and "
             "run: benchmarks/.venv-trl/bin/python benchmarks/dpo_vs_trl.py"
         )
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not any(VARIANTS[v][0] == "trl" for v in variants):
+        raise SystemExit(
+            f"--variants: choose from {', '.join(VARIANTS)}, at least one trl; got {args.variants}"
+        )
     work = Path(args.work)
     info = bench_setup.prepare(work, bench_setup.ModelSpec(layers=args.layers), args.pairs)
     env = {
@@ -306,89 +347,97 @@ def drive(args) -> None:
         "MKL_NUM_THREADS": str(args.threads),
         "TOKENIZERS_PARALLELISM": "false",
     }
-    runs: dict[str, list[dict]] = {"mmalign": [], "trl": []}
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(args.repeats):
-        for side in ("mmalign", "trl") if r % 2 == 0 else ("trl", "mmalign"):
+        shift = r % len(variants)  # rotate the order so every variant runs in every position
+        for variant in variants[shift:] + variants[:shift]:
             load = os.getloadavg()[0]
-            res = _child(side, args, env)
+            res = _child(variant, args, env)
             res["loadavg_1min_before"] = load
-            runs[side].append(res)
+            runs[variant].append(res)
             print(
-                f"[run {r + 1}/{args.repeats}] {side:7s} {res['steps_per_s']:.2f} steps/s, "
+                f"[run {r + 1}/{args.repeats}] {variant:21s} {res['steps_per_s']:.2f} steps/s, "
                 f"{res['cpu_s_per_step']:.3f} CPU s/step, "
                 f"peak RSS {res['peak_rss_mb']:.0f} MB, first loss {res['losses'][0]:.6f}, "
                 f"load avg before/after {load:.2f}/{res['loadavg_1min_after']:.2f}",
                 file=sys.stderr,
             )
 
-    mm, tr = runs["mmalign"], runs["trl"]
-    m_loss, t_loss = mm[0]["losses"], tr[0]["losses"]
-    n_check = min(CHECK_STEPS, len(m_loss), len(t_loss))
-    diffs = [abs(a - b) for a, b in zip(m_loss, t_loss, strict=False)]
-    same_tokens = [
-        mb["input_ids"] == tb["input_ids"] and mb["mask"] == tb["mask"]
-        for mb, tb in zip(mm[0]["batches"], tr[0]["batches"], strict=False)
-    ]
-    deterministic = all(r["losses"] == m_loss for r in mm) and all(r["losses"] == t_loss for r in tr)
+    first = {v: rs[0] for v, rs in runs.items()}
+    trl_base = next(v for v in variants if VARIANTS[v][0] == "trl")
+    t_loss = first[trl_base]["losses"]
+    loss_check = {}
+    for v, res in first.items():
+        diffs = [abs(a - b) for a, b in zip(res["losses"], t_loss, strict=False)]
+        loss_check[v] = {
+            "losses_first_steps": res["losses"][:CHECK_STEPS],
+            "first_step_diff": diffs[0],
+            "max_abs_diff_first_steps": max(diffs[:CHECK_STEPS]),
+            "max_abs_diff_all_steps": max(diffs),
+            "deterministic_across_repeats": all(r["losses"] == res["losses"] for r in runs[v]),
+        }
+    same_tokens = {
+        v: [
+            mb["input_ids"] == tb["input_ids"] and mb["mask"] == tb["mask"]
+            for mb, tb in zip(first[v]["batches"], first[trl_base]["batches"], strict=False)
+        ]
+        for v in variants
+        if VARIANTS[v][0] == "mmalign"
+    }
+    med = {v: {k: _median(rs, k) for k in _MEDIANS} for v, rs in runs.items()}
+    ratios = {
+        f"{m} / {t}": {
+            "steps_per_s": med[m]["steps_per_s"] / med[t]["steps_per_s"],
+            "steps_per_cpu_s": med[t]["cpu_s_per_step"] / med[m]["cpu_s_per_step"],
+            "peak_rss": med[m]["peak_rss_mb"] / med[t]["peak_rss_mb"],
+            "paired_steps_per_s": [
+                a["steps_per_s"] / b["steps_per_s"] for a, b in zip(runs[m], runs[t], strict=True)
+            ],
+        }
+        for m in variants
+        if VARIANTS[m][0] == "mmalign"
+        for t in variants
+        if VARIANTS[t][0] == "trl"
+    }
+    trl_runs = [r for v in variants if VARIANTS[v][0] == "trl" for r in runs[v]]
     summary = {
         "command": " ".join(["benchmarks/.venv-trl/bin/python benchmarks/dpo_vs_trl.py", *sys.argv[1:]]),
-        "settings": {k: getattr(args, k) for k in (*_SHARED, "pairs", "layers", "repeats")},
+        "settings": {k: getattr(args, k) for k in (*_SHARED, "pairs", "layers", "repeats", "variants")},
+        "variants": {v: " ".join(VARIANTS[v][1]) or "(plain)" for v in variants},
         "setup": info,
         "versions": {
             "python": sys.version.split()[0],
             "torch": torch.__version__,
             "transformers": transformers.__version__,
-            "trl": tr[0]["trl"],
+            "trl": trl_runs[0]["trl"],
         },
         "cpu_cores": os.cpu_count(),
         "loadavg_range": [
             min(min(r["loadavg_1min_before"], r["loadavg_1min_after"]) for rs in runs.values() for r in rs),
             max(max(r["loadavg_1min_before"], r["loadavg_1min_after"]) for rs in runs.values() for r in rs),
         ],
-        "median": {
-            side: {
-                "steps_per_s": _median(rs, "steps_per_s"),
-                "cpu_s_per_step": _median(rs, "cpu_s_per_step"),
-                "peak_rss_mb": _median(rs, "peak_rss_mb"),
-                "rss_before_train_mb": _median(rs, "rss_before_train_mb"),
-                "setup_s": _median(rs, "setup_s"),
-                "train_call_s": _median(rs, "train_call_s"),
-            }
-            for side, rs in runs.items()
-        },
-        "ratio_mmalign_over_trl": {
-            "steps_per_s": _median(mm, "steps_per_s") / _median(tr, "steps_per_s"),
-            "steps_per_cpu_s": _median(tr, "cpu_s_per_step") / _median(mm, "cpu_s_per_step"),
-            "peak_rss": _median(mm, "peak_rss_mb") / _median(tr, "peak_rss_mb"),
-        },
-        "losses_first_steps": {"mmalign": m_loss[:n_check], "trl": t_loss[:n_check]},
-        "max_abs_loss_diff_first_steps": max(diffs[:n_check]),
-        "max_abs_loss_diff_all_steps": max(diffs),
-        "first_step_loss_diff": diffs[0],
+        "median": med,
+        "ratios": ratios,
+        "losses_vs": trl_base,
+        "loss_check": loss_check,
         "identical_tokens_first_steps": same_tokens,
-        "trl_token_mismatched_examples": tr[0]["token_mismatched_examples"],
-        "mmalign_order_matches_formula": mm[0]["order_matches_formula"],
-        "losses_deterministic_across_repeats": deterministic,
-        "runs": {
-            side: [{k: v for k, v in r.items() if k != "batches"} for r in rs] for side, rs in runs.items()
-        },
+        "trl_token_mismatched_examples": max(r["token_mismatched_examples"] for r in trl_runs),
+        "mmalign_order_matches_formula": all(
+            r["order_matches_formula"] for v in variants if VARIANTS[v][0] == "mmalign" for r in runs[v]
+        ),
+        "runs": {v: [{k: x for k, x in r.items() if k != "batches"} for r in rs] for v, rs in runs.items()},
     }
     md = render(summary)
     out = HERE / "out"
     out.mkdir(exist_ok=True)
-    (out / "dpo_vs_trl.md").write_text(md)
-    (out / "dpo_vs_trl.json").write_text(json.dumps(summary, indent=2))
+    (out / f"{args.out_name}.md").write_text(md)
+    (out / f"{args.out_name}.json").write_text(json.dumps(summary, indent=2))
     print(md)
 
 
-def _runs(s: dict, side: str) -> str:
-    return " ".join(f"{r['steps_per_s']:.2f}" for r in s["runs"][side])
-
-
 def render(s: dict) -> str:
-    med, ratio, st = s["median"], s["ratio_mmalign_over_trl"], s["settings"]
-    m, t = med["mmalign"], med["trl"]
-    v = s["versions"]
+    med, st, v = s["median"], s["settings"], s["versions"]
+    names = list(med)
     lines = [
         f"`{s['command']}`",
         "",
@@ -397,35 +446,52 @@ def render(s: dict) -> str:
         f"{s['setup']['vocab']}), {st['pairs']} pairs, batch {st['batch']} pairs, {st['steps']} steps "
         f"(timed: steps {st['warmup'] + 1}..{st['steps'] - 1}), full fine-tuning, fp32, {st['threads']} torch "
         f"thread(s), {s['cpu_cores']} CPU cores (shared; 1-min load average {s['loadavg_range'][0]:.1f}-"
-        f"{s['loadavg_range'][1]:.1f} during the runs); median of {st['repeats']} alternating runs. torch {v['torch']}, "
-        f"transformers {v['transformers']}, trl {v['trl']}.",
+        f"{s['loadavg_range'][1]:.1f} during the runs); median of {st['repeats']} runs, variants in rotating order. "
+        f"torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}.",
         "",
-        "| metric | mmalign | trl DPOTrainer | mmalign / trl |",
-        "| --- | ---: | ---: | ---: |",
-        f"| steps/s (timed window) | {m['steps_per_s']:.2f} | {t['steps_per_s']:.2f} | {ratio['steps_per_s']:.2f}× |",
-        f"| steps/s of each run | {_runs(s, 'mmalign')} | {_runs(s, 'trl')} | |",
-        f"| CPU s per step (process, all threads) | {m['cpu_s_per_step']:.3f} | {t['cpu_s_per_step']:.3f} | "
-        f"{ratio['steps_per_cpu_s']:.2f}× (steps per CPU s) |",
-        f"| peak RSS (MB) | {m['peak_rss_mb']:.0f} | {t['peak_rss_mb']:.0f} | {ratio['peak_rss']:.2f}× |",
-        f"| RSS before train() (MB) | {m['rss_before_train_mb']:.0f} | {t['rss_before_train_mb']:.0f} | |",
-        f"| setup: load + trainer init (s) | {m['setup_s']:.2f} | {t['setup_s']:.2f} | |",
-        f"| whole train() call (s) | {m['train_call_s']:.2f} | {t['train_call_s']:.2f} | |",
-        "",
-        "| step | mmalign loss | trl loss | abs diff |",
-        "| ---: | ---: | ---: | ---: |",
+        "| variant | options | steps/s | steps/s of each run | CPU s/step | peak RSS MB | setup s | train() start → "
+        "step 1 (s) |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
-    for i, (a, b) in enumerate(
-        zip(s["losses_first_steps"]["mmalign"], s["losses_first_steps"]["trl"], strict=True)
-    ):
-        lines.append(f"| {i + 1} | {a:.6f} | {b:.6f} | {abs(a - b):.1e} |")
+    for name in names:
+        m = med[name]
+        each = " ".join(f"{r['steps_per_s']:.2f}" for r in s["runs"][name])
+        lines.append(
+            f"| {name} | {s['variants'][name]} | {m['steps_per_s']:.2f} | {each} | {m['cpu_s_per_step']:.3f} | "
+            f"{m['peak_rss_mb']:.0f} | {m['setup_s']:.2f} | {m['to_first_step_s']:.2f} |"
+        )
     lines += [
         "",
-        f"- first-step loss diff: {s['first_step_loss_diff']:.1e} (ln 2 = 0.693147); max abs diff steps 1..5: "
-        f"{s['max_abs_loss_diff_first_steps']:.1e}; over all {st['steps']} steps: {s['max_abs_loss_diff_all_steps']:.1e}",
-        f"- identical padded input_ids and response masks in steps 1..5: {s['identical_tokens_first_steps']}; "
-        f"rows tokenised differently by trl vs mmalign: {s['trl_token_mismatched_examples']}",
-        f"- mmalign's step order matches the reordered trl dataset: {s['mmalign_order_matches_formula']}; "
-        f"losses bit-identical across repeats: {s['losses_deterministic_across_repeats']}",
+        "| mmalign / trl | steps/s (medians) | paired runs | steps per CPU s | peak RSS |",
+        "| --- | ---: | --- | ---: | ---: |",
+    ]
+    for pair, r in s["ratios"].items():
+        paired = " ".join(f"{x:.2f}" for x in r["paired_steps_per_s"])
+        lines.append(
+            f"| {pair} | **{r['steps_per_s']:.2f}×** | {paired} | {r['steps_per_cpu_s']:.2f}× | {r['peak_rss']:.2f}× |"
+        )
+    lines += [
+        "",
+        f"| step | {' | '.join(names)} |",
+        "| ---: |" + " ---: |" * len(names),
+    ]
+    for i in range(len(s["loss_check"][names[0]]["losses_first_steps"])):
+        cells = " | ".join(f"{s['loss_check'][n]['losses_first_steps'][i]:.6f}" for n in names)
+        lines.append(f"| {i + 1} | {cells} |")
+    lines.append("")
+    for name in (n for n in names if n != s["losses_vs"]):
+        c = s["loss_check"][name]
+        lines.append(
+            f"- {name} vs {s['losses_vs']}: first-step loss diff {c['first_step_diff']:.1e}, max abs diff steps "
+            f"1..{CHECK_STEPS} {c['max_abs_diff_first_steps']:.1e}, all {st['steps']} steps "
+            f"{c['max_abs_diff_all_steps']:.1e}; losses bit-identical across repeats: "
+            f"{c['deterministic_across_repeats']}"
+        )
+    lines += [
+        f"- identical padded input_ids and response masks in steps 1..{CHECK_STEPS} (mmalign vs trl): "
+        f"{s['identical_tokens_first_steps']}; rows tokenised differently by trl vs mmalign: "
+        f"{s['trl_token_mismatched_examples']}; mmalign's step order matches the reordered trl dataset: "
+        f"{s['mmalign_order_matches_formula']}",
         "",
     ]
     return "\n".join(lines)
@@ -447,15 +513,30 @@ def main() -> None:
     )
     p.add_argument("--pairs", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help=f"comma-separated, from: {', '.join(VARIANTS)}",
+    )
+    p.add_argument("--out-name", default="dpo_vs_trl", help="results go to benchmarks/out/NAME.{md,json}")
     p.add_argument("--python", help="interpreter for the sides (default: this one)")
     p.add_argument(
         "--profile", help="with --side: write a CPU-time cProfile of train() here, print the top to stderr"
     )
+    p.add_argument(
+        "--precompute-reference",
+        action="store_true",
+        help="with --side: mmalign precompute_reference / trl precompute_ref_log_probs",
+    )
+    p.add_argument("--share-prompt", action="store_true", help="with --side mmalign: algorithm.share_prompt")
+    p.add_argument("--padding-free", action="store_true", help="with --side mmalign: algorithm.padding_free")
     args = p.parse_args()
     if args.side is None:
         drive(args)
         return
+    if args.side == "trl" and (args.share_prompt or args.padding_free):
+        raise SystemExit("--share-prompt and --padding-free are mmalign options")
     runner = run_mmalign if args.side == "mmalign" else run_trl
     print(json.dumps(runner(args)))
 

@@ -105,3 +105,91 @@ class TextCodec:
     def collate_completions(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Prompt + response sequences in one batch."""
         return self.collate([(e["prompt_ids"], e["response_ids"]) for e in examples])
+
+    def collate_pairs_packed(
+        self, examples: Sequence[dict[str, Any]], *, share_prompt: bool, padding_free: bool
+    ) -> dict[str, torch.Tensor]:
+        """Pairs laid out so the network computes no prompt twice (`share_prompt`) or no padding (`padding_free`).
+
+        A *document* is what one causal attention pattern covers. With `share_prompt` a pair is one document,
+        prompt + chosen + rejected: the rejected tokens take the positions that follow the prompt and see the
+        prompt but not the chosen tokens, which is what a forward of prompt + rejected computes, with the prompt run
+        once. Without it, prompt + chosen and prompt + rejected are two documents. With `padding_free` every
+        document of the batch goes into one row, position ids restarting per document; otherwise each document is
+        a row and rows are right-padded.
+
+        Returns input_ids and position_ids (rows × width); who may attend to whom, for the policy to turn into an
+        attention mask: `document_ids` (the document of each token, -1 on padding) and `branch_ids` (0 on tokens
+        every later token of their document sees, 1 / 2 on chosen / rejected tokens, which see only their own
+        branch and 0); and where the log-probs are read: `score_positions[s, k]` is the flat position
+        (row × width + column) whose logits predict token k of response s (the n chosen responses first, then the
+        n rejected, as in `collate_pairs`), `score_targets` that token and `score_mask` 1 on real tokens.
+        """
+        n = len(examples)
+        documents: list[tuple[list[int], list[int], list[int], list[tuple[int, list[int], list[int]]]]] = []
+        for i, e in enumerate(examples):
+            prompt, chosen, rejected = e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]
+            if not prompt:
+                raise ValueError(
+                    "share_prompt / padding_free need at least one prompt token per pair (the first response "
+                    "token is predicted from the prompt's last)"
+                )
+            p = len(prompt)
+            if share_prompt:
+                start = p + len(chosen)  # where the rejected tokens begin in the document
+                documents.append(
+                    (
+                        prompt + chosen + rejected,
+                        [*range(start), *range(p, p + len(rejected))],
+                        [0] * p + [1] * len(chosen) + [2] * len(rejected),
+                        [
+                            (i, [p - 1 + k for k in range(len(chosen))], chosen),
+                            (n + i, [p - 1] + [start + k - 1 for k in range(1, len(rejected))], rejected),
+                        ],
+                    )
+                )
+            else:
+                for s, response in ((i, chosen), (n + i, rejected)):
+                    length = p + len(response)
+                    sources = [p - 1 + k for k in range(len(response))]
+                    documents.append(
+                        (prompt + response, list(range(length)), [0] * length, [(s, sources, response)])
+                    )
+        rows = [documents] if padding_free else [[d] for d in documents]
+        width = max(sum(len(d[0]) for d in row) for row in rows)
+        longest = max(len(r) for e in examples for r in (e["chosen_ids"], e["rejected_ids"]))
+        pad = self.tokenizer.pad_token_id
+        # plain lists, one tensor per field at the end: this runs every step, so no per-sequence tensors
+        ids, positions, document_ids, branch_ids = [], [], [], []
+        score_positions, score_targets = [[0] * longest] * (2 * n), [[pad] * longest] * (2 * n)
+        score_lengths = [0] * (2 * n)
+        document = 0
+        for r, row in enumerate(rows):
+            row_ids, row_positions, row_documents, row_branches = [], [], [], []
+            for tokens, token_positions, branches, responses in row:
+                offset = r * width + len(row_ids)
+                for s, sources, response in responses:
+                    k = len(response)
+                    score_positions[s] = [offset + q for q in sources] + [0] * (longest - k)
+                    score_targets[s] = response + [pad] * (longest - k)
+                    score_lengths[s] = k
+                row_ids += tokens
+                row_positions += token_positions
+                row_documents += [document] * len(tokens)
+                row_branches += branches
+                document += 1
+            fill = width - len(row_ids)
+            ids.append(row_ids + [pad] * fill)
+            positions.append(row_positions + [0] * fill)
+            document_ids.append(row_documents + [-1] * fill)
+            branch_ids.append(row_branches + [0] * fill)
+        score_mask = torch.arange(longest) < torch.tensor(score_lengths).unsqueeze(-1)
+        return {
+            "input_ids": torch.tensor(ids),
+            "position_ids": torch.tensor(positions),
+            "document_ids": torch.tensor(document_ids),
+            "branch_ids": torch.tensor(branch_ids),
+            "score_positions": torch.tensor(score_positions),
+            "score_targets": torch.tensor(score_targets),
+            "score_mask": score_mask.long(),
+        }

@@ -30,6 +30,7 @@ CAPABILITIES = {
     "real_targets": "real outputs of the prompts (data.targets) it can encode",
     "differentiable_decode": "a decoder that passes gradients from the output back to the latents",
     "gradient_checkpointing": "activation (gradient) checkpointing in its trained network",
+    "token_packing": "token-only sequences that can be packed with their own positions and attention mask",
 }
 
 

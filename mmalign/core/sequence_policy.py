@@ -143,7 +143,14 @@ class LanguageModelPolicy(TrainableModule):
         self, batch: dict[str, torch.Tensor], *, entropies: bool = False, hidden_states: bool = False
     ) -> SequenceLogProbs:
         """Per-token log-probs of the response tokens (prompt and padding masked to zero); with `hidden_states`,
-        also the last layer's hidden state at each position that predicts a token (what a value head reads)."""
+        also the last layer's hidden state at each position that predicts a token (what a value head reads).
+
+        A batch from `collate_pairs_packed` (it carries `score_positions`) is scored by `_packed_logprobs`.
+        """
+        if "score_positions" in batch:
+            if hidden_states:
+                raise ValueError("hidden_states are read from padded batches only, not from packed pairs")
+            return self._packed_logprobs(batch, entropies=entropies)
         device = next(self.module.parameters()).device
         input_ids = batch["input_ids"].to(device)
         model = self._reference_model if self._use_reference else self.model
@@ -160,6 +167,50 @@ class LanguageModelPolicy(TrainableModule):
             ent = (log_norm - (probs * logits).sum(-1)) * mask
         hidden = out.hidden_states[-1][:, :-1] if hidden_states else None
         return SequenceLogProbs(token_logps * mask, mask, ent, hidden)
+
+    def collate_pairs_packed(
+        self, examples: Sequence[dict[str, Any]], *, share_prompt: bool, padding_free: bool
+    ) -> dict[str, torch.Tensor]:
+        """Pairs with the prompt computed once and/or without padding (see `TextCodec.collate_pairs_packed`)."""
+        if type(self)._model_inputs is not LanguageModelPolicy._model_inputs:
+            raise ValueError(
+                f"share_prompt / padding_free pack token ids only; {type(self).__name__} feeds its network more "
+                "inputs than token ids"
+            )
+        return self.codec.collate_pairs_packed(examples, share_prompt=share_prompt, padding_free=padding_free)
+
+    def _packed_logprobs(self, batch: dict[str, torch.Tensor], *, entropies: bool) -> SequenceLogProbs:
+        """Log-probs of a packed batch: one forward with a block mask, logits read where each response token is
+        predicted. Equal to the padded path's: every token sees exactly the tokens it sees there, at the same
+        positions."""
+        implementation = getattr(self.module.config, "_attn_implementation", None)
+        if implementation not in ("sdpa", "eager"):
+            raise ValueError(
+                "share_prompt / padding_free give the network a 4-D attention mask, which needs "
+                f"attn_implementation 'sdpa' or 'eager'; this model uses {implementation!r}"
+            )
+        device = next(self.module.parameters()).device
+        dtype = self.module.get_input_embeddings().weight.dtype
+        model = self._reference_model if self._use_reference else self.model
+        mask = packed_attention_mask(batch["document_ids"].to(device), batch["branch_ids"].to(device), dtype)
+        logits = model(
+            input_ids=batch["input_ids"].to(device),
+            position_ids=batch["position_ids"].to(device),
+            attention_mask=mask,
+            use_cache=False,
+        ).logits
+        logits = logits.flatten(0, 1)[
+            batch["score_positions"].to(device)
+        ].float()  # (responses, tokens, vocab)
+        log_norm = torch.logsumexp(logits, dim=-1)
+        targets = batch["score_targets"].to(device)
+        token_logps = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+        mask = batch["score_mask"].to(device).to(token_logps.dtype)
+        ent = None
+        if entropies:
+            probs = torch.softmax(logits, dim=-1)
+            ent = (log_norm - (probs * logits).sum(-1)) * mask
+        return SequenceLogProbs(token_logps * mask, mask, ent)
 
     def _model_inputs(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
         """The network's inputs for a collated batch (adapters with more inputs, e.g. images, extend this)."""
@@ -233,6 +284,21 @@ class LanguageModelPolicy(TrainableModule):
             text = self.tokenizer.decode(new, skip_special_tokens=True)
             results.append({"prompt_ids": e, "response_ids": new, "text": text})
         return results
+
+
+def packed_attention_mask(
+    document_ids: torch.Tensor, branch_ids: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive (rows, 1, width, width) mask: a token sees the earlier tokens of its document that are on branch 0
+    or on its own branch; padding (document -1) sees only itself, so no softmax row is empty."""
+    width = document_ids.shape[1]
+    earlier = torch.ones(width, width, dtype=torch.bool, device=document_ids.device).tril()
+    same_document = document_ids[:, :, None] == document_ids[:, None, :]
+    same_branch = (branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :])
+    allowed = earlier & same_document & same_branch & (document_ids[:, None, :] >= 0)
+    allowed |= torch.eye(width, dtype=torch.bool, device=document_ids.device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=document_ids.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def _disable_dropout(model: torch.nn.Module) -> None:

@@ -169,7 +169,13 @@ register_model_kind(
         evaluation=sequence_evaluation,
         validators=TEXT_ROWS,
         capabilities=frozenset(
-            {"token_entropies", "token_lengths", "log_probabilities", "gradient_checkpointing"}
+            {
+                "token_entropies",
+                "token_lengths",
+                "log_probabilities",
+                "gradient_checkpointing",
+                "token_packing",
+            }
         ),
         description="any transformers causal LM (hub id or directory); LoRA or full fine-tuning",
         tiny=_tiny_text,

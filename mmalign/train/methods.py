@@ -49,6 +49,9 @@ def _config_needs(config: PreferenceConfig) -> dict[str, str]:
         needs["token_lengths"] = "length_normalize: true"
     if config.rpo_alpha:
         needs["log_probabilities"] = "rpo_alpha"
+    for key in ("share_prompt", "padding_free"):
+        if getattr(config, key):
+            needs["token_packing"] = f"{key}: true"
     return needs
 
 

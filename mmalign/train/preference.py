@@ -83,6 +83,15 @@ class PreferenceConfig:
     mmalign's; sigmoid_norm and ipo also set length_normalize, as trl normalises them; a list of one of them and
     'sft' with `loss_weights` [1, α] is rpo_alpha α) and `discopop_tau`; f_divergence_type,
     f_alpha_divergence_coef and precompute_ref_log_probs are errors naming mmalign's key.
+
+    Speed options, each giving the losses and gradients of the plain path (tests/test_dpo_fast.py):
+    precompute_reference scores every pair under the frozen reference once before training and frees the copy
+    (trl's precompute_ref_log_probs); share_prompt runs each pair as one sequence, prompt + chosen + rejected, the
+    rejected tokens attending to the prompt but not the chosen ones, so the prompt is computed once, not twice;
+    padding_free packs every sequence of a micro-batch into one row, position ids restarting per sequence, with
+    an attention mask that keeps sequences apart (no padding tokens, but attention over the whole row: faster
+    only where padding outweighs that, e.g. very unequal lengths). Both packing options need a token-only
+    sequence policy (model.kind causal_lm) with attn_implementation sdpa or eager.
     """
 
     name: str = "preference"
@@ -100,6 +109,8 @@ class PreferenceConfig:
     mallows: bool = False
     tau: float | None = None
     precompute_reference: bool = False
+    share_prompt: bool = False
+    padding_free: bool = False
     rpo_alpha: float | None = None
     loss_type: str | list[str] | None = None
     loss_weights: list[float] | None = None
@@ -205,6 +216,10 @@ class PreferenceAlgorithm(AlgorithmBase):
     def __init__(self, policy: Any, rows: Sequence[Row], config: PreferenceConfig):
         self.policy, self.config = policy, config
         self.entry = P.PREFERENCE_LOSSES[config.loss]
+        self.packed = config.share_prompt or config.padding_free
+        if self.packed and not hasattr(policy, "collate_pairs_packed"):
+            key = "share_prompt" if config.share_prompt else "padding_free"
+            raise ValueError(f"algorithm.{key} packs token sequences; {type(policy).__name__} does not")
         if self.entry.needs_score_diff and any("score_chosen" not in r.data for r in rows):
             missing = next(r for r in rows if "score_chosen" not in r.data)
             raise missing.error(
@@ -233,14 +248,26 @@ class PreferenceAlgorithm(AlgorithmBase):
                 "(diffusion), so its reference must be computed on the same draw"
             )
         cache = {}
-        for start in range(0, len(self.train_examples), 64):
-            chunk = self.train_examples[start : start + 64]
-            ref_c, ref_r, _ = self._reference_scores(self.policy.collate_pairs(chunk), len(chunk))
+        size = (
+            8 if self.config.padding_free else 64
+        )  # a packed row's mask grows with the square of its length
+        for start in range(0, len(self.train_examples), size):
+            chunk = self.train_examples[start : start + size]
+            ref_c, ref_r, _ = self._reference_scores(self._collate(chunk), len(chunk))
             for e, c, r in zip(chunk, ref_c.tolist(), ref_r.tolist(), strict=True):
                 cache[e["index"]] = (c, r)
         self._ref_cache = cache
         if hasattr(self.policy, "release_reference"):
             self.policy.release_reference()
+
+    def _collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """The policy's batch of the pairs: padded, or packed as share_prompt / padding_free ask."""
+        if self.packed:
+            cfg = self.config
+            return self.policy.collate_pairs_packed(
+                examples, share_prompt=cfg.share_prompt, padding_free=cfg.padding_free
+            )
+        return self.policy.collate_pairs(examples)
 
     @torch.no_grad()
     def _reference_scores(self, batch: dict[str, torch.Tensor], n: int):
@@ -261,7 +288,7 @@ class PreferenceAlgorithm(AlgorithmBase):
             ref = torch.tensor([self._ref_cache[e["index"]] for e in examples])
             ref = (ref[:, 0], ref[:, 1])
         score_diff = [e["score_diff"] for e in examples] if self.entry.needs_score_diff else None
-        return self.batch_loss(self.policy.collate_pairs(examples), len(examples), ref, score_diff)
+        return self.batch_loss(self._collate(examples), len(examples), ref, score_diff)
 
     def batch_loss(
         self,
