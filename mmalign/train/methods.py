@@ -12,6 +12,7 @@ from mmalign.objectives.preference import PREFERENCE_LOSSES
 from mmalign.train.diffusion_pg import DiffusionPGConfig, DiffusionPolicyGradient
 from mmalign.train.diffusion_preference import PairDenoisingScores
 from mmalign.train.kto import KTOAlgorithm, KTOConfig
+from mmalign.train.mdpo import MDPOAlgorithm, MDPOConfig
 from mmalign.train.online import OnlineDPO, OnlineDPOConfig, PolicyGradientConfig, SequencePolicyGradient
 from mmalign.train.online_diffusion import OnlineDiffusionDPO
 from mmalign.train.povid import DenseDPOAlgorithm, DenseDPOConfig, POVIDAlgorithm, POVIDConfig
@@ -119,6 +120,18 @@ register_algorithm(
         data=("pairs",),
         needs=frozenset({"image_inputs"}),
         description="POVID: DPO against hallucination-injected and noisy-image responses",
+    )
+)
+register_algorithm(
+    AlgorithmSpec(
+        "mdpo",
+        "preference",
+        "sequence",
+        MDPOConfig,
+        lambda policy, inputs, config: MDPOAlgorithm(policy, inputs.rows["pairs"], config),
+        data=("pairs",),
+        needs=frozenset({"image_inputs"}),
+        description="mDPO: DPO + the same response preferred under the real over a corrupted image + reward anchor",
     )
 )
 for _name in ("rlhfv", "dense_dpo"):
