@@ -738,6 +738,52 @@ def dense_token_weights(changed: Tensor, gamma: float) -> Tensor:
     return 1.0 + (gamma - 1.0) * changed
 
 
+def conditional_image_loss(
+    chosen_logratios: Tensor, corrupted_chosen_logratios: Tensor, beta: float
+) -> Tensor:
+    """Make the preferred response depend on the image: prefer it under the real image over a corrupted one.
+
+    mDPO's conditional preference (Wang et al., 2024, "mDPO: Conditional Preference Optimization for Multimodal
+    LLMs", Eq. 2), with h(y_w | m) = log π_θ(y_w | m, q) − log π_ref(y_w | m, q) for the real image m_w and the
+    corrupted image m_l (same question q, same response y_w):
+
+        ℓ_CoPO = −log σ(β h(y_w | m_w) − β h(y_w | m_l))
+    """
+    _check_positive("beta", beta)
+    return -F.logsigmoid(beta * (chosen_logratios - corrupted_chosen_logratios))
+
+
+def reward_anchor_loss(chosen_logratios: Tensor, beta: float, delta: float = 0.0) -> Tensor:
+    """Keep the preferred response's implicit reward above δ, so preference training cannot lower its likelihood.
+
+    mDPO's anchored preference (Wang et al., 2024, Eq. 3): ℓ_AnchPO = −log σ(β h(y_w) − δ), δ = 0 in the paper.
+    """
+    _check_positive("beta", beta)
+    return -F.logsigmoid(beta * chosen_logratios - delta)
+
+
+def mdpo_loss(
+    chosen_logratios: Tensor,
+    rejected_logratios: Tensor,
+    corrupted_chosen_logratios: Tensor,
+    beta: float,
+    delta: float = 0.0,
+    conditional_weight: float = 1.0,
+    anchor_weight: float = 1.0,
+) -> Tensor:
+    """mDPO (Wang et al., 2024, Eq. 4): ℓ = ℓ_DPO + ℓ_CoPO + ℓ_AnchPO, all with the same β.
+
+    The weights (1 and 1 in the paper) scale the conditional and anchor terms; 0 drops one (the paper's ablations).
+    """
+    _check_non_negative("conditional_weight", conditional_weight)
+    _check_non_negative("anchor_weight", anchor_weight)
+    return (
+        dpo_loss(chosen_logratios, rejected_logratios, beta)
+        + conditional_weight * conditional_image_loss(chosen_logratios, corrupted_chosen_logratios, beta)
+        + anchor_weight * reward_anchor_loss(chosen_logratios, beta, delta)
+    )
+
+
 # ------------------------------------------------------------------------------------------------ registry
 
 

@@ -13,6 +13,7 @@ from mmalign.train.diffusion_pg import DiffusionPGConfig, DiffusionPolicyGradien
 from mmalign.train.diffusion_preference import PairDenoisingScores
 from mmalign.train.iterative_dpo import IterativeDPO, IterativeDPOConfig
 from mmalign.train.kto import KTOAlgorithm, KTOConfig
+from mmalign.train.mdpo import MDPOAlgorithm, MDPOConfig
 from mmalign.train.online import OnlineDPO, OnlineDPOConfig, PolicyGradientConfig, SequencePolicyGradient
 from mmalign.train.online_diffusion import OnlineDiffusionDPO
 from mmalign.train.povid import DenseDPOAlgorithm, DenseDPOConfig, POVIDAlgorithm, POVIDConfig
@@ -130,6 +131,18 @@ register_algorithm(
         data=("pairs",),
         needs=frozenset({"image_inputs"}),
         description="POVID: DPO against hallucination-injected and noisy-image responses",
+    )
+)
+register_algorithm(
+    AlgorithmSpec(
+        "mdpo",
+        "preference",
+        "sequence",
+        MDPOConfig,
+        lambda policy, inputs, config: MDPOAlgorithm(policy, inputs.rows["pairs"], config),
+        data=("pairs",),
+        needs=frozenset({"image_inputs"}),
+        description="mDPO: DPO + the same response preferred under the real over a corrupted image + reward anchor",
     )
 )
 for _name in ("rlhfv", "dense_dpo"):

@@ -20,17 +20,18 @@ from mmalign.core.data import Row
 from mmalign.objectives import preference as P
 from mmalign.objectives.sequence import sequence_logps
 from mmalign.train.algorithm import AlgorithmBase
+from mmalign.train.image_terms import ImageTerms, ImageTermsConfig
 
 NOISY_CONTEXTS = ("clean", "noisy")
 
 
 @dataclass
-class POVIDConfig:
+class POVIDConfig(ImageTermsConfig):
     """`algorithm:` of POVID (seed 004 §5.2.2): α on the preferred response, β₁ on the hallucination-injected
     one, β₂ on the noisy-image one (β₂ = 0 is the text-injection-only ablation; the noisy sequences are then not
     scored at all). `noisy_context` is the image the noisy-image response is scored under: `clean` (default, the
     issue's choice: lower the chance of saying it when looking at the real image) or `noisy` (the seed's printed
-    π(y_l^n | x^n), which needs a `noisy_image` column)."""
+    π(y_l^n | x^n), which needs a `noisy_image` column). mDPO's image terms (`ImageTermsConfig`) scale with α."""
 
     name: str = "povid"
     alpha: float = 0.1
@@ -42,6 +43,7 @@ class POVIDConfig:
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.noisy_context not in NOISY_CONTEXTS:
             raise ValueError(
                 f"algorithm.noisy_context must be one of {NOISY_CONTEXTS}, got {self.noisy_context!r}"
@@ -71,6 +73,7 @@ class POVIDAlgorithm(AlgorithmBase):
 
     def __init__(self, policy: Any, rows: Sequence[Row], config: POVIDConfig):
         self.policy, self.config = policy, config
+        self.terms = ImageTerms(policy, config, config.alpha)
         self.use_noisy = config.beta2 > 0
         self.train_examples = []
         for i, row in enumerate(rows):
@@ -95,6 +98,7 @@ class POVIDAlgorithm(AlgorithmBase):
         """Nothing to precompute: the reference is scored on every batch."""
 
     def _batch(self, examples: Sequence[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """Chosen, injected, noisy-image (where present), then the corrupted-image chosen (mDPO's term, if on)."""
         seqs = [(e["prompt_ids"], e["chosen_ids"], e["pixel_values"]) for e in examples]
         seqs += [(e["prompt_ids"], e["rejected_ids"], e["pixel_values"]) for e in examples]
         noisy = [i for i, e in enumerate(examples) if e["noisy_ids"]]
@@ -104,6 +108,7 @@ class POVIDAlgorithm(AlgorithmBase):
                 seqs.append((e["noisy_prompt_ids"], e["noisy_ids"], e["noisy_pixel_values"]))
             else:
                 seqs.append((e["prompt_ids"], e["noisy_ids"], e["pixel_values"]))
+        seqs += self.terms.corrupted_sequences(examples)
         return self.policy.collate(seqs), noisy
 
     def loss(self, examples: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -115,16 +120,20 @@ class POVIDAlgorithm(AlgorithmBase):
             ref = _scores(self.policy.sequence_logprobs(batch))
         ratios = scores - ref
         h_w, h_t = ratios[:n], ratios[n : 2 * n]
+        end = 2 * n + len(noisy)
         h_n = torch.zeros_like(h_w)
         mask = torch.zeros_like(h_w)
         if noisy:
             idx = torch.tensor(noisy, device=h_w.device)
-            h_n = h_n.index_put((idx,), ratios[2 * n :])
+            h_n = h_n.index_put((idx,), ratios[2 * n : end])
             mask = mask.index_put((idx,), torch.ones(len(noisy), device=h_w.device, dtype=h_w.dtype))
         losses = P.povid_loss(h_w, h_t, h_n, cfg.alpha, cfg.beta1, cfg.beta2, noisy_mask=mask)
+        extra, image_metrics = self.terms.losses(h_w, ratios[end:] if self.terms.conditional else None)
+        losses = losses + extra
         if cfg.sft_weight:
             losses = losses + nll_term(lp, n, cfg.sft_weight)
         metrics = P.preference_metrics(cfg.alpha * h_w.detach(), cfg.beta1 * h_t.detach())
+        metrics.update(image_metrics)
         if noisy:
             metrics["rewards/noisy"] = (cfg.beta2 * h_n.detach()[mask.bool()]).mean()
         metrics["noisy_share"] = mask.mean()
@@ -139,9 +148,10 @@ class POVIDAlgorithm(AlgorithmBase):
 
 
 @dataclass
-class DenseDPOConfig:
+class DenseDPOConfig(ImageTermsConfig):
     """`algorithm:` of RLHF-V's dense DPO: DPO with β on scores where corrected tokens weigh γ (policy and
-    reference alike); `length_normalize` divides by the weighted length N = |y_u| + γ|y_c| as the paper does."""
+    reference alike); `length_normalize` divides by the weighted length N = |y_u| + γ|y_c| as the paper does.
+    mDPO's image terms (`ImageTermsConfig`) use β and the same token-weighted score of the corrected response."""
 
     name: str = "rlhfv"
     beta: float = 0.5
@@ -168,6 +178,7 @@ class DenseDPOAlgorithm(AlgorithmBase):
         if config.gamma < 0:
             raise ValueError(f"algorithm.gamma must be >= 0, got {config.gamma}")
         self.policy, self.config = policy, config
+        self.terms = ImageTerms(policy, config, config.beta)
         self.train_examples = []
         for i, row in enumerate(rows):
             fixed = apply_corrections(row)
@@ -186,10 +197,16 @@ class DenseDPOAlgorithm(AlgorithmBase):
     def setup(self) -> None:
         """Nothing to precompute: the reference is scored on every batch."""
 
-    def _weights(self, examples: Sequence[dict[str, Any]], width: int) -> torch.Tensor:
-        """Token weights aligned with the shifted per-token log-probs ([2B, width − 1], chosen first)."""
-        changed = torch.zeros(2 * len(examples), width)
-        for side, offset in (("chosen", 0), ("rejected", len(examples))):
+    def _weights(
+        self, examples: Sequence[dict[str, Any]], width: int, corrupted: bool = False
+    ) -> torch.Tensor:
+        """Token weights aligned with the shifted per-token log-probs ([2B, width − 1], chosen first; with
+        `corrupted`, [3B, ...]: the corrupted-image copies of the chosen responses last)."""
+        sides = [("chosen", 0), ("rejected", len(examples))] + (
+            [("chosen", 2 * len(examples))] if corrupted else []
+        )
+        changed = torch.zeros(len(sides) * len(examples), width)
+        for side, offset in sides:
             for b, e in enumerate(examples):
                 start = len(e["prompt_ids"])
                 flags = e[f"{side}_changed"]
@@ -198,20 +215,27 @@ class DenseDPOAlgorithm(AlgorithmBase):
 
     def loss(self, examples: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg, n = self.config, len(examples)
-        batch = self.policy.collate_pairs(examples)
+        seqs = [(e["prompt_ids"], e["chosen_ids"], e["pixel_values"]) for e in examples]
+        seqs += [(e["prompt_ids"], e["rejected_ids"], e["pixel_values"]) for e in examples]
+        seqs += self.terms.corrupted_sequences(examples)
+        batch = self.policy.collate(seqs)
         lp = self.policy.sequence_logprobs(batch)
-        weights = self._weights(examples, batch["input_ids"].shape[1]).to(lp.token_logps)
+        width = batch["input_ids"].shape[1]
+        weights = self._weights(examples, width, self.terms.conditional).to(lp.token_logps)
         scores = _scores(lp, weights, cfg.length_normalize)
         with torch.no_grad(), self.policy.reference():
             ref = _scores(self.policy.sequence_logprobs(batch), weights, cfg.length_normalize)
         ratios = scores - ref
-        h_w, h_l = ratios[:n], ratios[n:]
+        h_w, h_l = ratios[:n], ratios[n : 2 * n]
         losses = P.dpo_loss(h_w, h_l, cfg.beta)
+        extra, image_metrics = self.terms.losses(h_w, ratios[2 * n :] if self.terms.conditional else None)
+        losses = losses + extra
         if cfg.sft_weight:
             losses = losses + nll_term(lp, n, cfg.sft_weight)
         metrics = P.preference_metrics(cfg.beta * h_w.detach(), cfg.beta * h_l.detach())
+        metrics.update(image_metrics)
         metrics["logps/chosen"] = scores[:n].detach().mean()
-        metrics["logps/rejected"] = scores[n:].detach().mean()
+        metrics["logps/rejected"] = scores[n : 2 * n].detach().mean()
         return losses, metrics
 
     def state_dict(self) -> dict[str, Any]:

@@ -63,11 +63,16 @@ def description_metrics(responses: Sequence[str], facts: Sequence[D.Facts]) -> d
 
 
 class StatementReward:
-    """A verifiable reward for descriptions of the digits VLM world: (true − false − malformed statements) / 3.
+    """A verifiable reward for descriptions of the digits VLM world, in [−1, 1]:
+
+        (fields stated truly − false statements − malformed statements − repeated statements) / 3, clipped at −1
 
     Each prompt is the row the description answers (a VLM's `reward_prompt`: image path plus its ground truth
-    `digit`, `ink`, `frame`); a description stating all three facts truly scores 1, one naming a wrong digit loses a
-    point for it, and statements that do not parse count against it, so a model cannot gain by garbling.
+    `digit`, `ink`, `frame`). A description stating all three facts truly once scores 1; a missing fact earns
+    nothing, a false one costs a point, and so does every statement that does not parse (garbled text), and
+    every further statement about a field already stated (repeating a true fact or hedging between two values
+    cannot pay). The clip at −1 (as bad as three false facts) keeps one runaway garbled sample from dominating
+    a group's normalised advantages.
     """
 
     differentiable = False
@@ -75,19 +80,42 @@ class StatementReward:
     def __init__(self, name: str = "vlm_statements"):
         self.name = name
 
-    def __call__(self, prompts: Sequence[Mapping[str, Any]], outputs: Sequence[Any]) -> torch.Tensor:
-        scores = []
-        for row, out in zip(prompts, outputs, strict=True):
-            if not isinstance(row, Mapping) or any(f not in row for f in D.FIELDS):
+    def _truth(self, row: Any) -> Mapping[str, Any]:
+        if not isinstance(row, Mapping) or any(f not in row for f in D.FIELDS):
+            raise ValueError(
+                f"reward {self.name!r} needs prompt rows with the image's ground truth {D.FIELDS}; got {row!r}"
+            )
+        for field in D.FIELDS:
+            allowed = list(range(10)) if field == "digit" else list(D.ATTRIBUTES[field])
+            if row[field] not in allowed or isinstance(row[field], bool):
                 raise ValueError(
-                    f"reward {self.name!r} needs prompt rows with the image's ground truth {D.FIELDS}; got {row!r}"
+                    f"reward {self.name!r}: ground truth {field!r} must be one of {allowed}, got {row[field]!r}"
                 )
-            parsed = D.parse(out["text"] if isinstance(out, Mapping) else str(out))
-            checkable = [s for s in parsed if s.field is not None]
-            wrong = sum(D.is_hallucinated(s, row) for s in checkable)
-            right = len({s.field for s in checkable if not D.is_hallucinated(s, row)})
-            scores.append((right - wrong - (len(parsed) - len(checkable))) / len(D.FIELDS))
-        return torch.tensor(scores)
+        return row
+
+    def score(self, text: str, truth: Mapping[str, Any]) -> float:
+        """The reward of one description against its image's facts."""
+        right, penalties, stated = set(), 0, set()
+        for s in D.parse(text):
+            if s.field is None:
+                penalties += 1
+                continue
+            if s.field in stated:
+                penalties += 1
+            stated.add(s.field)
+            if D.is_hallucinated(s, truth):
+                penalties += 1
+            else:
+                right.add(s.field)
+        return max(-1.0, (len(right) - penalties) / len(D.FIELDS))
+
+    def __call__(self, prompts: Sequence[Mapping[str, Any]], outputs: Sequence[Any]) -> torch.Tensor:
+        return torch.tensor(
+            [
+                self.score(out["text"] if isinstance(out, Mapping) else str(out), self._truth(row))
+                for row, out in zip(prompts, outputs, strict=True)
+            ]
+        )
 
 
 def statement_changes(
@@ -140,6 +168,30 @@ def pope_metrics(answers: Sequence[str], truth: Sequence[str]) -> dict[str, floa
     }
 
 
+def pope_breakdown(
+    questions: Sequence[str], answers: Sequence[str], truth: Sequence[str]
+) -> dict[str, float]:
+    """POPE accuracy and yes-ratio per probed field (digit, ink, frame), so a fall can be traced to a kind of probe.
+
+    Keys `pope_accuracy_<field>` and `pope_yes_ratio_<field>`; `pope_unanswered` is the share of answers that are
+    neither yes nor no. A question that is not one of the world's probes is a ValueError naming it.
+    """
+    said = [a.strip().lower().rstrip(".!") for a in answers]
+    by_field: dict[str, list[tuple[str, str]]] = {f: [] for f in D.FIELDS}
+    for question, s, t in zip(questions, said, truth, strict=True):
+        claim = D.probe_claim(question)
+        if claim is None:
+            raise ValueError(f"not a probe of the digits world: {question!r}")
+        by_field[claim[0]].append((s, t))
+    out = {}
+    for field, pairs in by_field.items():
+        if pairs:
+            out[f"pope_accuracy_{field}"] = sum(s == t for s, t in pairs) / len(pairs)
+            out[f"pope_yes_ratio_{field}"] = sum(s == "yes" for s, _ in pairs) / len(pairs)
+    out["pope_unanswered"] = sum(s not in ("yes", "no") for s in said) / max(len(said), 1)
+    return out
+
+
 class HallucinationEvaluator:
     """Greedy descriptions and yes/no probes on held-out images; the same dict before and after training.
 
@@ -162,6 +214,10 @@ class HallucinationEvaluator:
         for r in self.probes:
             if r.data.get("answer") not in ("yes", "no"):
                 raise r.error("answer", f"expected 'yes' or 'no', got {r.data.get('answer')!r}")
+        # per-field POPE for the digits world's own probes; other probe sets get the overall numbers only
+        self.probes_by_field = bool(self.probes) and all(
+            D.probe_claim(str(r.data.get("prompt"))) for r in self.probes
+        )
         self.batch_size, self.n_samples = batch_size, n_samples
         self._encoded: dict[str, list[dict[str, Any]]] = {}
 
@@ -185,9 +241,10 @@ class HallucinationEvaluator:
             metrics["n_images"] = len(outputs)
         if self.probes:
             outputs = self._generate(policy, self._encode(policy, "probes", self.probes))
-            metrics.update(
-                pope_metrics([o["text"] for o in outputs], [r.data["answer"] for r in self.probes])
-            )
+            answers, truth = [o["text"] for o in outputs], [r.data["answer"] for r in self.probes]
+            metrics.update(pope_metrics(answers, truth))
+            if self.probes_by_field:
+                metrics.update(pope_breakdown([r.data["prompt"] for r in self.probes], answers, truth))
             metrics["n_probes"] = len(outputs)
         return metrics
 

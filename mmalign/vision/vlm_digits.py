@@ -120,6 +120,19 @@ def probes(facts: Facts, rng: random.Random) -> list[tuple[str, str]]:
     return out
 
 
+def probe_claim(question: str) -> tuple[str, object] | None:
+    """The (field, value) a yes/no probe asks about ("is the ink faint?" → ("ink", "faint")); None if no probe."""
+    for field, template in _PROBE.items():
+        head, tail = template.split("{}")
+        if question.startswith(head) and question.endswith(tail):
+            value = question[len(head) : len(question) - len(tail)]
+            if field == "digit" and value.isdigit() and len(value) == 1:
+                return field, int(value)
+            if field != "digit" and value in ATTRIBUTES[field]:
+                return field, value
+    return None
+
+
 def other_value(field: str, value: object, rng: random.Random) -> object:
     """A value of `field` different from `value` (a random other digit, or the attribute's opposite)."""
     if field == "digit":

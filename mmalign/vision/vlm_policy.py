@@ -111,6 +111,13 @@ class VisionLanguagePolicy(LanguageModelPolicy):
         """The processor's pixel tensor for a list of images, [N, C, H, W]."""
         return self.processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
 
+    def corrupt_pixel_values(self, pixels: torch.Tensor, how: str, **options: Any) -> torch.Tensor:
+        """Corrupted copies of processed images [N, C, H, W] (mDPO's rejected image): `crop` or `noise`, see
+        `mmalign.vision.image_corruption.corrupt`; drawn from torch's global (seeded, checkpointed) generator."""
+        from mmalign.vision.image_corruption import corrupt
+
+        return corrupt(pixels, how, **options)
+
     def encode_image_prompt(self, prompt: str, image: Image.Image) -> tuple[list[int], torch.Tensor]:
         """Prompt ids with the image placeholder expanded into image tokens, and the image's pixel values."""
         text = self.prompt_template.format(image=self.image_token, prompt=prompt)
