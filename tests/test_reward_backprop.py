@@ -401,3 +401,27 @@ def test_ppo_epochs_reuse_the_rollouts_draws_with_the_updated_weights(pipeline_d
     assert not torch.equal(batches[1], batches[2])
     rewards = [m["train/reward"] for m in log if "train/reward" in m]
     assert rewards[1] != rewards[0]  # the same noise, resampled under the updated weights
+
+
+def test_real_images_become_vae_latents_for_the_pretraining_loss(pipeline_dir, tmp_path):
+    """Image `data.targets`: validated rows, encoded with the VAE's latent mean × scaling factor."""
+    import numpy as np
+    from PIL import Image
+
+    from mmalign.core.data import DataError, read_rows
+    from mmalign.vision.kinds import validate_image_target_rows
+
+    pixels = np.random.default_rng(0).integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "seven.png")
+    (tmp_path / "targets.jsonl").write_text(json.dumps({"prompt": PROMPTS[0], "image": "seven.png"}) + "\n")
+    rows = validate_image_target_rows(read_rows(tmp_path / "targets.jsonl"))
+    policy = DiffusionImagePolicy.from_pretrained(str(pipeline_dir))
+    encoded = policy.encode_target(rows[0])
+    image = torch.from_numpy(pixels).permute(2, 0, 1).float()[None] / 127.5 - 1
+    with torch.no_grad():
+        expected = policy.vae.encode(image).latent_dist.mean[0] * policy.vae.config.scaling_factor
+    assert encoded["prompt"] == PROMPTS[0]
+    torch.testing.assert_close(encoded["latents"], expected)
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": PROMPTS[0], "img": "seven.png"}) + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl.*line 1.*image"):
+        validate_image_target_rows(read_rows(tmp_path / "bad.jsonl"))
