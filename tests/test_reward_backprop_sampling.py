@@ -233,3 +233,27 @@ def test_checkpointed_and_plain_backprop_give_equal_gradients(pipeline_dir):
     assert grads[0] and all(g.abs().sum() > 0 for g in grads[0].values())
     for name, value in grads[0].items():
         torch.testing.assert_close(grads[1][name], value, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "start, repeats, checkpoint, recomputed",
+    [(1, 1, True, 2), (1, 1, False, 0), (3, 1, True, 0), (3, 3, True, 2), (0, 1, True, 3)],
+)
+def test_checkpointing_recomputes_every_gradient_call_but_the_last(start, repeats, checkpoint, recomputed):
+    """K = 4 − start gradient steps (+ repeats − 1 DRaFT-LV calls): backward re-runs all of them but the last,
+    whose activations backward needs first (as checkpoint_sequential leaves its last segment)."""
+    sampler = DDPMFamilySampler(ddim_config(), "ddim", num_steps=4, eta=0.0)
+    net, calls = ToyDenoiser(sampler.timesteps()), []
+    net.register_forward_pre_hook(lambda module, args: calls.append(torch.is_grad_enabled()))
+    process = DDPMForwardProcess(ddim_config())
+    t_last = sampler.timesteps()[-1]
+    window = GradientWindow(
+        start=start,
+        checkpoint=checkpoint,
+        repeats=repeats,
+        renoise=lambda clean, eps: process.add_noise(clean, eps, t_last.expand(len(clean))),
+    )
+    sample = sample_with_gradients(net, sampler, noise(), window)
+    assert calls == [False] * start + [True] * (4 - start + repeats - 1)
+    sum(reward(out).sum() for out in sample.outputs).backward()
+    assert len(calls) == 4 + repeats - 1 + recomputed

@@ -91,7 +91,7 @@ class GradientWindow:
     with gradients, end = start + 1). `repeats` = n > 1 is DRaFT-LV: the last step is run n − 1 more times, each
     from `renoise(final, ε)`, the chain's final sample (detached) noised afresh to the last step's input level, and
     every run's output is returned. `checkpoint` recomputes each denoiser call in the backward pass
-    (`torch.utils.checkpoint`, non-reentrant) instead of keeping its activations.
+    (`torch.utils.checkpoint`, non-reentrant) instead of keeping its activations (all calls but the last).
     """
 
     start: int
@@ -156,7 +156,9 @@ def sample_with_gradients(
     the steps of `window`: the reward-backprop methods' differentiable sampler.
 
     Call it with gradients enabled; only the window's denoiser calls build a graph, so memory grows with the
-    window's length (with checkpointing, by one sample-sized input and output per step). Deterministic samplers
+    window's length (with checkpointing, by one sample-sized input and output per step). The last denoiser call
+    with gradients is not checkpointed, as `torch.utils.checkpoint.checkpoint_sequential` leaves its last segment:
+    backward starts there, so recomputing it would only repeat the forward just run. Deterministic samplers
     (DDIM with η = 0, flow ODE) need no noise; stochastic steps add theirs as data (the reparameterised step).
     """
     end = window.check(sampler.num_steps)
@@ -167,11 +169,16 @@ def sample_with_gradients(
             x = sampler.step(
                 predict(x, timesteps[i]), i, x, _step_noise(sampler, i, x, generator)
             ).prev_sample
+    calls_left = end - window.start + window.repeats - 1
+
+    def call(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        nonlocal calls_left
+        calls_left -= 1
+        return _call(predict, x, t, window.checkpoint and calls_left > 0)
+
     steps: list[WindowStep] = []
     for i in range(window.start, end):
-        out = sampler.step(
-            _call(predict, x, timesteps[i], window.checkpoint), i, x, _step_noise(sampler, i, x, generator)
-        )
+        out = sampler.step(call(x, timesteps[i]), i, x, _step_noise(sampler, i, x, generator))
         steps.append(WindowStep(i, x.detach(), out))
         x = out.prev_sample
     outputs = [x if end == sampler.num_steps else steps[-1].output.pred_original_sample]
@@ -180,10 +187,7 @@ def sample_with_gradients(
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
         start = window.renoise(x.detach(), noise)  # type: ignore[misc]  (checked: repeats > 1 needs renoise)
         out = sampler.step(
-            _call(predict, start, timesteps[last], window.checkpoint),
-            last,
-            start,
-            _step_noise(sampler, last, start, generator),
+            call(start, timesteps[last]), last, start, _step_noise(sampler, last, start, generator)
         )
         outputs.append(out.prev_sample)
     return DifferentiableSample(outputs, steps)
