@@ -1,7 +1,7 @@
 """Real digit images for the image world: ReFL's pretraining data, and the held-out denoising loss on real data.
 
     python vision/real_digits.py write DIR
-        DIR/train_targets.jsonl: the world's 1437 training-split digits as 16×16 PNGs, each with one training-template
+        DIR/train_targets.jsonl: the world's 1438 training-split digits as 16×16 PNGs, each with one training-template
         prompt of its digit (`data.targets` of vision/refl_pretrain_digits.yaml); DIR/heldout_targets.jsonl: the
         359 held-out digits with held-out-template prompts.
     python vision/real_digits.py denoising-loss DIR MODEL [MODEL ...]
