@@ -27,6 +27,7 @@ from mmalign.core.registry import (
     REWARDS,
     AlgorithmSpec,
     ModelKind,
+    RewardSpec,
     algorithm_for,
     model_kind,
     reward_spec,
@@ -336,6 +337,8 @@ def plan(recipe: dict[str, Any], *, with_training: bool = True) -> Plan:
                 f"{where}: reward {reward.name!r} scores {reward.outputs} but model.kind {kind.name!r} outputs "
                 f"{kind.outputs}; rewards for it: {', '.join(fitting)}"
             )
+        if where == "algorithm.reward" and spec.needs_differentiable_reward:
+            _check_backprop(spec, reward, kind, train_cfg)
         if reward.check_rows is not None:
             reward.check_rows(scored)
     reward_specs = [(where, r) for where, r, _ in rewards]
@@ -434,6 +437,23 @@ def check_judges_independent(training_reward: Any, judges: list[Any]) -> None:
                 f"algorithm.reward {training_reward!r} is eval.judges[{i}] ({judge!r}): a judge must never be the "
                 "training reward of its own run; train on another reward or judge with another model"
             )
+
+
+def _check_backprop(spec: AlgorithmSpec, reward: RewardSpec, kind: ModelKind, train: TrainConfig) -> None:
+    """Reward backprop descends the reward's gradient: a reward without one (JPEG size, DNSMOS) cannot train it,
+    and gradients through a sampling chain need the trainer's norm clipping, which also catches NaN/inf."""
+    if not reward.differentiable:
+        fitting = sorted(n for n, x in REWARDS.items() if x.outputs == kind.outputs and x.differentiable)
+        raise RecipeError(
+            f"algorithm.reward: {spec.name} backpropagates through the reward, but reward {reward.name!r} is not "
+            f"differentiable; differentiable rewards for {kind.name}: {', '.join(fitting) or 'none'} "
+            "(or use a policy-gradient method such as ddpo)"
+        )
+    if train.max_grad_norm is None:
+        raise RecipeError(
+            f"train.max_grad_norm must be set for {spec.name}: gradients through a sampling chain can explode, and "
+            "the clipped norm is where a NaN/inf gradient is caught before the update"
+        )
 
 
 def model_plan(recipe: dict[str, Any]) -> tuple[ModelKind, Any]:

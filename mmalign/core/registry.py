@@ -82,6 +82,7 @@ class AlgorithmSpec:
     tiny: Mapping[str, Any] = field(default_factory=dict)
     online: bool = False
     config_needs: Callable[[Any], dict[str, str]] | None = None  # capability → the setting that needs it
+    needs_differentiable_reward: bool = False  # reward backprop: `algorithm.reward` must pass gradients
 
 
 @dataclass(frozen=True)

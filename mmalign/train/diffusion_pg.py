@@ -149,6 +149,28 @@ def data_denoising_loss(policy: DiffusionPolicy, clean: torch.Tensor, cond: Cond
     return 0.5 * (conditional + unconditional)
 
 
+def read_real_outputs(
+    policy: DiffusionPolicy, prompts: Sequence[Row], rows: Sequence[Row], purpose: str
+) -> dict[str, torch.Tensor]:
+    """Real outputs (`data.targets`) encoded and pooled by prompt; every prompt row must have one (named error).
+
+    Read before training, for a loss on real data (DLPO's data term, ReFL's pretraining loss: `purpose`).
+    """
+    pools: dict[str, list[torch.Tensor]] = {}
+    for row in rows:
+        encoded = policy.encode_target(row)
+        pools.setdefault(encoded["prompt"], []).append(encoded["latents"])
+    for row in prompts:
+        if row.data["prompt"] not in pools:
+            raise row.error("prompt", f"no real output for this prompt in data.targets ({purpose})")
+    return {prompt: torch.stack(latents) for prompt, latents in pools.items()}
+
+
+def draw_real_outputs(pools: dict[str, torch.Tensor], prompts: Sequence[str]) -> torch.Tensor:
+    """One real output of each prompt, drawn uniformly from its pool (the global RNG, so resume is exact)."""
+    return torch.stack([pools[p][int(torch.randint(len(pools[p]), ()))] for p in prompts])
+
+
 def trainable_steps(stochastic: torch.Tensor, step_range: tuple[float, float]) -> torch.Tensor:
     """Indices of the steps a policy gradient may train on: stochastic, and lo <= i/n < hi."""
     n_total = len(stochastic)
@@ -197,14 +219,7 @@ class DiffusionPolicyGradient(AlgorithmBase):
             return {}
         if not rows:
             raise ValueError("diffusion_loss_on: data needs real outputs of the prompts in data.targets")
-        pools: dict[str, list[torch.Tensor]] = {}
-        for row in rows:
-            encoded = self.policy.encode_target(row)
-            pools.setdefault(encoded["prompt"], []).append(encoded["latents"])
-        for row in self.prompts:
-            if row.data["prompt"] not in pools:
-                raise row.error("prompt", "no real output for this prompt in data.targets (DLPO's data loss)")
-        return {prompt: torch.stack(latents) for prompt, latents in pools.items()}
+        return read_real_outputs(self.policy, self.prompts, rows, "DLPO's data loss")
 
     def setup(self) -> None:
         """Nothing to precompute."""
@@ -243,11 +258,7 @@ class DiffusionPolicyGradient(AlgorithmBase):
             **{f"cond.{k}": v for k, v in trajectory.conditioning.items()},
         }
         if self.targets:  # one real output of the prompt, drawn per sample (DLPO's data loss)
-            draws = []
-            for p in prompts:
-                pool = self.targets[p]
-                draws.append(pool[int(torch.randint(len(pool), ()))])
-            fields["targets"] = torch.stack(draws).to(trajectory.final.device)
+            fields["targets"] = draw_real_outputs(self.targets, prompts).to(trajectory.final.device)
         metrics = {
             "rollout/reward": all_rewards.mean().item(),
             "rollout/reward_std": all_rewards.std().item(),

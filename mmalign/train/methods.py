@@ -19,6 +19,7 @@ from mmalign.train.online_diffusion import OnlineDiffusionDPO
 from mmalign.train.povid import DenseDPOAlgorithm, DenseDPOConfig, POVIDAlgorithm, POVIDConfig
 from mmalign.train.ppo import PPO, PPOConfig
 from mmalign.train.preference import PreferenceAlgorithm, PreferenceConfig
+from mmalign.train.reward_backprop import RewardBackprop, RewardBackpropConfig
 from mmalign.train.supervised import RewardModelAlgorithm, RewardModelConfig, SFTAlgorithm, SFTConfig
 
 # ------------------------------------------------------------------------------------- preference family
@@ -352,3 +353,55 @@ register_algorithm(
         description="Bradley–Terry reward-model training on preference pairs",
     )
 )
+
+
+# ---------------------------------------------------------------------------------------- reward backprop
+def _reward_backprop(policy: Any, inputs: Any, config: RewardBackpropConfig) -> RewardBackprop:
+    return RewardBackprop(
+        policy, inputs.rows["prompts"], inputs.reward, config, targets=inputs.rows.get("targets", [])
+    )
+
+
+def _pretrain_needs(config: RewardBackpropConfig) -> dict[str, str]:
+    return {"real_targets": "pretrain_loss_coef"} if config.uses_data else {}
+
+
+for _name, _defaults, _about in (
+    (
+        "alignprop",
+        {"truncation": "uniform"},
+        "AlignProp: reward backprop through a randomly truncated chain (first gradient step drawn per batch)",
+    ),
+    (
+        "draft",
+        {"truncation": "last"},
+        "DRaFT-K: reward backprop through the last K denoising steps (backprop_steps; null = full DRaFT)",
+    ),
+    (
+        "draft_lv",
+        {"truncation": "last", "backprop_steps": 1, "last_step_repeats": 2},
+        "DRaFT-LV: DRaFT-1 with the last step repeated from re-noised samples, rewards averaged",
+    ),
+    (
+        "refl",
+        {"truncation": "refl", "loss": "refl"},
+        "ReFL: one gradient step at a random late step, its predicted clean sample scored (+ pretraining loss)",
+    ),
+):
+    register_algorithm(
+        AlgorithmSpec(
+            _name,
+            "reward_backprop",
+            "diffusion",
+            RewardBackpropConfig,
+            _reward_backprop,
+            data=("prompts",),
+            optional_data=("targets",),
+            needs=frozenset({"differentiable_decode"}),
+            defaults=_defaults,
+            description=_about,
+            online=True,
+            config_needs=_pretrain_needs,
+            needs_differentiable_reward=True,
+        )
+    )

@@ -137,6 +137,17 @@ class DiffusionImagePolicy(DenoisingPolicy):
         latents = latents * self.vae.config.scaling_factor
         return {"prompt": row.data["prompt"], "latents_w": latents[0].cpu(), "latents_l": latents[1].cpu()}
 
+    def encode_target(self, row: Row) -> dict[str, Any]:
+        """A real image of a prompt (`image`) as its VAE latents: ReFL's and DLPO's pretraining data (`data.targets`)."""
+        from mmalign.vision.images import load_image_tensor
+
+        size = self.latent_shape[-1] * self.vae_scale_factor
+        base = Path(row.source).parent if row.source and not row.source.startswith("<") else Path(".")
+        image = load_image_tensor(row, "image", base, size)
+        with torch.no_grad():
+            latents = self.vae.encode(image[None].to(self.device)).latent_dist.mean
+        return {"prompt": row.data["prompt"], "latents": (latents * self.vae.config.scaling_factor)[0].cpu()}
+
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)

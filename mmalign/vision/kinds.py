@@ -126,6 +126,17 @@ def diffusion_evaluation(context: Any) -> tuple[Any, Any]:
     return evaluator, ImageSamples(context.rewards)
 
 
+def validate_image_target_rows(rows: list[Any]) -> list[Any]:
+    """Real images of prompts (`data.targets` of a loss on real data): a plain-string prompt and an `image`."""
+    from mmalign.core.data import require_image, require_text
+
+    for row in rows:
+        if not isinstance(require_text(row, "prompt"), str):
+            raise row.error("prompt", "image targets need a plain-string prompt, got a conversation")
+        require_image(row, "image")
+    return rows
+
+
 def _tiny_image() -> dict[str, Any]:
     w = "zoo://image-tiny"
     classifier = {"name": "digit_classifier", "path": f"{w}/classifier"}
@@ -155,8 +166,14 @@ register_model_kind(
         config=DiffusionModelConfig,
         build=build_stable_diffusion,
         evaluation=diffusion_evaluation,
-        validators={"prompts": validate_prompt_rows, "pairs": validate_image_pair_rows},
-        capabilities=frozenset({"image_pairs", "differentiable_decode", "gradient_checkpointing"}),
+        validators={
+            "prompts": validate_prompt_rows,
+            "pairs": validate_image_pair_rows,
+            "targets": validate_image_target_rows,
+        },
+        capabilities=frozenset(
+            {"image_pairs", "real_targets", "differentiable_decode", "gradient_checkpointing"}
+        ),
         outputs="image",
         description="Stable Diffusion 1.x/2.x layout (UNet + CLIP text encoder + VAE); LoRA in diffusers format",
         tiny=_tiny_image,
