@@ -195,7 +195,11 @@ class FlowMatchSampler:
         return self.noise_level * math.sqrt(sigma / (1 - below))
 
     def step(
-        self, model_output: torch.Tensor, index: int, sample: torch.Tensor, noise: torch.Tensor | None
+        self,
+        model_output: torch.Tensor,
+        index: int,
+        sample: torch.Tensor,
+        noise: torch.Tensor | None = None,
     ) -> StepOutput:
         """Step `index` from σ_i to σ_{i+1} given the velocity; `noise` None returns the mean as the next sample.
 
