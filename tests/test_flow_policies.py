@@ -230,3 +230,17 @@ def test_eval_sampler_is_the_ode_on_the_training_grid(dirs):
     with policy.sampling_with(policy.eval_sampler):
         assert policy.sampler is policy.eval_sampler
     assert policy.sampler.sde_type == "flow_grpo"
+
+
+def test_a_half_precision_base_trains_float32_lora_weights(dirs):
+    """A bf16 transformer (FLUX.1-dev's size forces it) samples and back-propagates; LoRA weights stay float32."""
+    policy = SD3Policy.from_pretrained(
+        dirs["sd3"], dtype="bfloat16", lora=LoraSpec(r=4, alpha=8), num_steps=2
+    )
+    assert policy.module.pos_embed.proj.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in policy.trainable_parameters())
+    traj = policy.sample(PROMPTS, generator=torch.Generator().manual_seed(0))
+    assert traj.final.dtype == torch.float32 and torch.isfinite(traj.logprobs).all()
+    x = traj.latents[:, 0]
+    policy.predict(x, policy.sampler.timesteps()[0], traj.conditioning).float().pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in policy.trainable_parameters())

@@ -163,6 +163,7 @@ class FlowImagePolicy(DenoisingPolicy):
     ):
         self.pipeline = pipeline
         self.vae = pipeline.vae
+        self.compute_dtype = pipeline.transformer.dtype  # what the transformer's inputs are cast to
         for frozen in self.encoders():
             frozen.requires_grad_(False).eval()
         self.resolution = resolution or self.default_resolution()
@@ -189,6 +190,11 @@ class FlowImagePolicy(DenoisingPolicy):
             lora=lora,
             guidance_scale=guidance_scale,
         )
+        if (
+            lora is not None
+        ):  # LoRA weights train in float32 on a half-precision base (diffusers' training scripts)
+            for param in self.trainable_parameters():
+                param.data = param.data.float()
 
     # ------------------------------------------------------------------------------- family hooks
     @abstractmethod

@@ -127,15 +127,16 @@ class FluxPolicy(FlowImagePolicy):
         """The velocity, called as FluxPipeline calls its transformer (timestep/1000, text and image position ids)."""
         from diffusers import FluxPipeline
 
-        embeds = conditioning["prompt_embeds"]
+        dtype = self.compute_dtype
+        x, embeds = x.to(dtype), conditioning["prompt_embeds"].to(dtype)
         side = self.latent_shape[1] // 2
-        image_ids = FluxPipeline._prepare_latent_image_ids(len(x), side, side, x.device, x.dtype)
-        text_ids = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=embeds.dtype)
+        image_ids = FluxPipeline._prepare_latent_image_ids(len(x), side, side, x.device, dtype)
+        text_ids = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=dtype)
         return net(
             hidden_states=x,
-            timestep=batch_timestep(t, len(x)).to(x.dtype) / 1000,
+            timestep=batch_timestep(t, len(x)).to(dtype) / 1000,
             guidance=conditioning.get("guidance"),
-            pooled_projections=conditioning["pooled_prompt_embeds"],
+            pooled_projections=conditioning["pooled_prompt_embeds"].to(dtype),
             encoder_hidden_states=embeds,
             txt_ids=text_ids,
             img_ids=image_ids,

@@ -79,10 +79,11 @@ class SD3Policy(FlowImagePolicy):
 
     def denoise(self, net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, conditioning: Conditioning):
         """The velocity, called as StableDiffusion3Pipeline calls its transformer (timestep = σ·1000)."""
+        dtype = self.compute_dtype
         return net(
-            hidden_states=x,
+            hidden_states=x.to(dtype),
             timestep=batch_timestep(t, len(x)),
-            encoder_hidden_states=conditioning["prompt_embeds"],
-            pooled_projections=conditioning["pooled_prompt_embeds"],
+            encoder_hidden_states=conditioning["prompt_embeds"].to(dtype),
+            pooled_projections=conditioning["pooled_prompt_embeds"].to(dtype),
             return_dict=False,
         )[0]
