@@ -349,3 +349,46 @@ def test_ddpo_raises_its_reward_on_a_tiny_sdxl(dirs, tmp_path):
     _train(policy, DiffusionPolicyGradient(policy, ROWS, Brightness(), cfg), tmp_path, lr=3e-2)
     after = _mean_reward(policy)
     assert after > before + 0.03, (before, after)  # the tiny SDXL's per-sample reward spread is 0.05
+
+
+# ------------------------------------------------------------------------ the recipe path on image-flow-tiny
+@pytest.fixture(scope="module")
+def flow_tiny(mmalign_home):
+    from filelock import FileLock
+
+    from mmalign.zoo import registry
+
+    with FileLock(str(mmalign_home) + ".lock"):
+        return registry.build("image-flow-tiny", log=lambda *_: None)
+
+
+@pytest.mark.parametrize(
+    ("name", "extra"),
+    [
+        ("grpo", {"samples_per_prompt": 2, "sde_window_size": 1, "same_latent": True, "kl_coef": 0.04}),
+        ("diffusion_nft", {"samples_per_prompt": 2, "timesteps_per_sample": 1}),
+        ("online_diffusion_dpo", {"samples_per_prompt": 2}),
+    ],
+)
+def test_flow_methods_run_through_the_recipe_path_and_evaluate_with_the_ode(flow_tiny, tmp_path, name, extra):
+    from mmalign import plugins
+    from mmalign.core.registry import MODEL_KINDS
+    from mmalign.run import build_run
+
+    plugins.load()
+    tiny = MODEL_KINDS["diffusion_sd3"].tiny()
+    recipe = {
+        "model": tiny["model"],
+        "data": {"prompts": tiny["data"]["prompts"]},
+        "algorithm": {"name": name, "reward": tiny["reward"], **extra},
+        "eval": tiny["eval"],
+        "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-4, "progress": False},
+    }
+    policy, algorithm, train, evaluator, report = build_run(recipe)
+    assert policy.sampler.sde_type == "flow_grpo" and policy.eval_sampler.sde_type == "ode"
+    before = evaluator.evaluate(policy)
+    assert "kl_to_base" not in before and before["win_rate_vs_base"] == 0.5  # the ODE: no path KL
+    assert evaluator.evaluate(policy) == before  # the ODE from fixed seeds is deterministic
+    summary = Trainer(policy, algorithm, train, tmp_path / name, evaluator=evaluator, report=report).train()
+    assert summary["steps"] == 2 and (tmp_path / name / "final").exists()
+    assert policy.sampler.sde_type == "flow_grpo"  # evaluation swapped the sampler back
