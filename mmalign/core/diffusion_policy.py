@@ -220,16 +220,21 @@ class DenoisingPolicy(TrainableModule, ABC):
         generator: torch.Generator | None = None,
         record: bool = True,
         initial: torch.Tensor | None = None,
+        sampler: Sampler | None = None,
     ) -> Trajectory:
-        """Sample latents for `prompts`, recording the trajectory (x_i, x_{i+1}, t, log-prob) of every step."""
+        """Sample latents for `prompts`, recording the trajectory (x_i, x_{i+1}, t, log-prob) of every step.
+
+        `sampler` replaces the policy's own for this call (e.g. one rollout's SDE window, or the ODE for evaluation).
+        """
+        sampler = self.sampler if sampler is None else sampler
         conditioning = self.encode_prompts(prompts)
         if initial is None:
-            initial = self.sampler.initial_noise((len(prompts), *self.sample_shape), generator, self.device)
+            initial = sampler.initial_noise((len(prompts), *self.sample_shape), generator, self.device)
         was = self.module.training
         self.module.eval()
         traj = sample_trajectory(
             lambda x, t: self.predict(x, t, conditioning),
-            self.sampler,
+            sampler,
             initial,
             generator=generator,
             record=record,

@@ -34,7 +34,6 @@ import copy
 import inspect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,21 +41,13 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+from mmalign.core.sampler import StepOutput
+
 SDE_TYPES = ("ode", "flow_grpo", "dance_grpo")
 GRID_LAYOUTS = ("sd3", "flux")
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 # Scheduler options that change the step rule or run the grid backwards: the Euler step below would not be theirs.
 UNSUPPORTED_OPTIONS = ("stochastic_sampling", "invert_sigmas")
-
-
-@dataclass
-class StepOutput:
-    """One sampler step: the next sample and the Gaussian it was drawn from (std 0 = deterministic step)."""
-
-    prev_sample: torch.Tensor
-    mean: torch.Tensor
-    std: torch.Tensor
-    pred_original_sample: torch.Tensor
 
 
 def _scheduler(config: dict[str, Any]) -> FlowMatchEulerDiscreteScheduler:
@@ -164,7 +155,7 @@ class FlowMatchSampler:
         shape: tuple[int, ...],
         generator: torch.Generator | list[torch.Generator] | None,
         device: torch.device | str,
-        dtype: torch.dtype,
+        dtype: torch.dtype = torch.float32,
         *,
         group_size: int = 1,
     ) -> torch.Tensor:
@@ -204,7 +195,11 @@ class FlowMatchSampler:
         return self.noise_level * math.sqrt(sigma / (1 - below))
 
     def step(
-        self, model_output: torch.Tensor, index: int, sample: torch.Tensor, noise: torch.Tensor | None
+        self,
+        model_output: torch.Tensor,
+        index: int,
+        sample: torch.Tensor,
+        noise: torch.Tensor | None = None,
     ) -> StepOutput:
         """Step `index` from σ_i to σ_{i+1} given the velocity; `noise` None returns the mean as the next sample.
 
@@ -281,6 +276,11 @@ class FlowMatchForwardProcess:
     def target(self, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The velocity the model is trained to output: v = dx_σ/dσ = ε − x₀."""
         return noise - clean
+
+    def implied_noise(self, noisy: torch.Tensor, clean: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The ε that `add_noise` turns `clean` into `noisy` with at σ: ε = (x_σ − (1 − σ)·x₀)/σ (σ > 0)."""
+        sigma = self._expand(t, noisy)
+        return (noisy - (1 - sigma) * clean) / sigma
 
     def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
         """σ in the scheduler's units (σ·1000), what StableDiffusion3Pipeline passes to its transformer."""

@@ -143,8 +143,10 @@ class DiffusionPolicy(Policy, Protocol):
         generator: torch.Generator | None = None,
         record: bool = True,
         initial: torch.Tensor | None = None,
+        sampler: Sampler | None = None,
     ) -> Trajectory:
-        """Run the sampler from noise (or `initial`), recording every transition when `record`."""
+        """Run the sampler (or `sampler` instead) from noise (or `initial`), recording every transition when
+        `record`."""
         ...
 
     def decode(self, latents: torch.Tensor) -> Any:

@@ -16,6 +16,10 @@ tracker by default, GRPO's group normalisation over `samples_per_prompt` samples
   does: the pretraining loss on real outputs of the rollout's prompts (`data.targets`), freshly noised, once
   per sample and update; `samples` on the recorded trajectory itself (x_t and the noise implied by the policy's own
   final sample), which pulls the model towards its own samples, reward-hacked or not.
+- Flow-GRPO (Liu et al. 2025, arXiv:2505.05470): this algorithm on a flow-matching policy sampled with its SDE,
+  `advantage: grpo` (or `batch`: Flow-GRPO's `global_std`) over `samples_per_prompt` samples, `kl_coef` (its β) and
+  the clipped ratio; Flow-GRPO-Fast / MixGRPO add `sde_window_size` (a random SDE window per rollout, recorded in
+  the rollout so re-scoring uses the step types it was sampled with) and `same_latent`.
 
 A rollout is one `Batch` of tensors from sampling to loss: sample i's trained steps are `steps[i]` (the same for
 every sample of a rollout, so each trained step is one sampler step for the whole micro-batch).
@@ -75,6 +79,14 @@ class DiffusionPGConfig:
     advantage_scale: str = (
         "prompt"  # per_prompt: prompt = DDPO's per-prompt std | batch = the batch's std (saturating rewards)
     )
+    # Flow-GRPO-Fast / MixGRPO (flow-matching SDE samplers): each rollout draws noise only in a window of
+    # `sde_window_size` consecutive steps whose start is drawn uniformly so the window lies in `sde_window_range`
+    # [lo, hi) (default: all steps); the other steps are ODE steps. 0 = the sampler's own steps.
+    sde_window_size: int = 0
+    sde_window_range: tuple[int, int] | None = None
+    same_latent: bool = (
+        False  # the samples of a prompt start from one initial noise (Flow-GRPO's same_latent)
+    )
     kl_coef: float = 0.0  # DPOK's β
     reward_coef: float = 1.0  # DPOK/DLPO's α on the policy-gradient term
     diffusion_loss_coef: float = 0.0  # DLPO's β on the denoising loss
@@ -101,6 +113,23 @@ class DiffusionPGConfig:
         if self.advantage in ("rloo", "grpo", "dr_grpo", "batch") and self.samples_per_prompt < 2:
             raise ValueError(
                 f"advantage {self.advantage!r} compares the samples of a prompt: samples_per_prompt >= 2"
+            )
+        if self.sde_window_size < 0:
+            raise ValueError(f"sde_window_size must be >= 0, got {self.sde_window_size}")
+        if self.sde_window_range is not None:
+            if self.sde_window_size == 0:
+                raise ValueError(
+                    "sde_window_range places a window of sde_window_size steps: set sde_window_size"
+                )
+            lo, hi = self.sde_window_range
+            if not 0 <= lo < hi or hi - lo < self.sde_window_size:
+                raise ValueError(
+                    f"sde_window_range must be [lo, hi) with 0 <= lo < hi and hi - lo >= sde_window_size="
+                    f"{self.sde_window_size}, got {list(self.sde_window_range)}"
+                )
+        if self.same_latent and self.samples_per_prompt < 2:
+            raise ValueError(
+                "same_latent shares one initial noise among a prompt's samples: samples_per_prompt >= 2"
             )
 
     def estimator(self) -> AdvantageEstimator:
@@ -197,16 +226,75 @@ class DiffusionPolicyGradient(AlgorithmBase):
         self.policy, self.prompts, self.reward, self.config = policy, list(prompts), reward, config
         self.samples_per_prompt = config.samples_per_prompt
         self.advantages = config.estimator()
+        self.window_range = self._window_range()
         if not trainable_steps(self._stochastic(), config.train_step_range).numel():
             raise ValueError(
                 f"the sampler has no stochastic step in train_step_range {config.train_step_range}: a policy "
-                "gradient needs steps that draw noise (e.g. DDIM with eta > 0)"
+                "gradient needs steps that draw noise (DDIM with eta > 0; a flow model with an SDE sde_type and "
+                "noise_level > 0)"
             )
+        if config.diffusion_loss_coef and config.diffusion_loss_on == "samples":
+            probe = torch.tensor([1.0])
+            if not torch.equal(policy.forward_process.model_timestep(probe), probe):
+                raise ValueError(
+                    "diffusion_loss_on: samples reads the sampler's timesteps as forward-process timesteps, which "
+                    "differ for this model (flow matching: σ vs σ·1000); use diffusion_loss_on: data"
+                )
         self.targets = self._read_targets(targets)
+
+    def _window_range(self) -> tuple[int, int] | None:
+        """Where a rollout's SDE window may lie, checked against the sampler before training (None: no window)."""
+        cfg, sampler = self.config, self.policy.sampler
+        if not cfg.sde_window_size:
+            return None
+        if not hasattr(sampler, "with_window") or getattr(sampler, "sde_type", "ode") == "ode":
+            raise ValueError(
+                "sde_window_size moves an SDE window over the steps: it needs a flow-matching model sampling with "
+                "an SDE (model.sde_type flow_grpo or dance_grpo)"
+            )
+        lo, hi = cfg.sde_window_range or (0, sampler.num_steps)
+        if hi > sampler.num_steps:
+            raise ValueError(
+                f"sde_window_range {[lo, hi]} runs past the sampler's {sampler.num_steps} steps (model.num_steps)"
+            )
+        size = cfg.sde_window_size
+        for start in range(lo, hi - size + 1):
+            window = torch.tensor([start <= i < start + size for i in range(sampler.num_steps)])
+            if not trainable_steps(window, cfg.train_step_range).numel():
+                raise ValueError(
+                    f"the SDE window [{start}, {start + size}) that sde_window_range {[lo, hi]} allows has no step "
+                    f"in train_step_range {cfg.train_step_range}"
+                )
+        return lo, hi
 
     def _stochastic(self) -> torch.Tensor:
         sampler = self.policy.sampler
+        if self.window_range is not None:  # some window of the range: every step of the range may draw noise
+            lo, hi = self.window_range
+            return torch.tensor([lo <= i < hi for i in range(sampler.num_steps)])
         return torch.tensor([sampler.is_stochastic(i) for i in range(sampler.num_steps)])
+
+    def _rollout_window(self) -> tuple[int, int] | None:
+        """This rollout's SDE window [start, start + size), start uniform over the allowed range."""
+        if self.window_range is None:
+            return None
+        lo, hi = self.window_range
+        start = int(torch.randint(lo, hi - self.config.sde_window_size + 1, ()))
+        return start, start + self.config.sde_window_size
+
+    def _sampler(self, window: torch.Tensor | None) -> Any:
+        """The sampler a rollout was drawn with: the policy's, or its copy with the rollout's SDE window."""
+        if window is None:
+            return self.policy.sampler
+        return self.policy.sampler.with_window((int(window[0]), int(window[1])))
+
+    def _initial_noise(self, n: int) -> torch.Tensor | None:
+        """One initial noise per prompt, repeated over its samples (`same_latent`); None: the sampler draws."""
+        if not self.config.same_latent:
+            return None
+        k, policy = self.config.samples_per_prompt, self.policy
+        draw = policy.sampler.initial_noise((n // k, *policy.sample_shape), None, policy.device)
+        return draw.repeat_interleave(k, dim=0)
 
     def _read_targets(self, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
         """Real outputs per prompt for DLPO's data loss, read (named errors) before training; {} if unused."""
@@ -230,7 +318,14 @@ class DiffusionPolicyGradient(AlgorithmBase):
 
         cfg, policy = self.config, self.policy
         prompts = [policy.prompt_of(r) for r in rows for _ in range(cfg.samples_per_prompt)]
-        trajectory = policy.sample(prompts, record=True)
+        window = self._rollout_window()
+        window_tensor = None if window is None else torch.tensor(window)
+        trajectory = policy.sample(
+            prompts,
+            record=True,
+            initial=self._initial_noise(len(prompts)),
+            sampler=self._sampler(window_tensor),
+        )
         outputs = policy.decode(trajectory.final)
         reward_prompts = [policy.reward_prompt(r) for r in rows for _ in range(cfg.samples_per_prompt)]
         rewards = score(self.reward, reward_prompts, outputs).float().to(trajectory.logprobs.device)
@@ -257,6 +352,8 @@ class DiffusionPolicyGradient(AlgorithmBase):
             "advantages": advantages,
             **{f"cond.{k}": v for k, v in trajectory.conditioning.items()},
         }
+        if window_tensor is not None:  # re-scoring must use the step types the rollout was sampled with
+            fields["sde_window"] = window_tensor.expand(n, -1)
         if self.targets:  # one real output of the prompt, drawn per sample (DLPO's data loss)
             fields["targets"] = draw_real_outputs(self.targets, prompts).to(trajectory.final.device)
         metrics = {
@@ -311,8 +408,9 @@ class DiffusionPolicyGradient(AlgorithmBase):
         index = int(batch["steps"][0, j])
         x, x_next = batch["latents"][:, j], batch["next_latents"][:, j]
         cond = self._conditioning(batch)
-        t = policy.sampler.timesteps(x.device)[index]
-        step = policy.sampler.step(policy.predict(x, t, cond), index, x)
+        sampler = self._sampler(batch["sde_window"][0] if "sde_window" in batch else None)
+        t = sampler.timesteps(x.device)[index]
+        step = sampler.step(policy.predict(x, t, cond), index, x)
         logp = gaussian_logprob(x_next, step.mean, step.std)
         old = batch["old_logprobs"][:, j].to(logp.device)
         if cfg.loss_type == "ppo":
@@ -322,7 +420,7 @@ class DiffusionPolicyGradient(AlgorithmBase):
         losses = cfg.reward_coef * losses
         if cfg.kl_coef:
             with torch.no_grad(), policy.reference():
-                ref = policy.sampler.step(policy.predict(x, t, cond), index, x)
+                ref = sampler.step(policy.predict(x, t, cond), index, x)
             kl = gaussian_kl(step.mean, ref.mean, step.std)
             losses = losses + cfg.kl_coef * kl
             metrics = {**metrics, "kl": kl.detach().mean()}

@@ -9,6 +9,7 @@ from typing import Any
 
 from mmalign.core.registry import AlgorithmSpec, register_algorithm
 from mmalign.objectives.preference import PREFERENCE_LOSSES
+from mmalign.train.diffusion_nft import DiffusionNFT, DiffusionNFTConfig
 from mmalign.train.diffusion_pg import DiffusionPGConfig, DiffusionPolicyGradient
 from mmalign.train.diffusion_preference import PairDenoisingScores
 from mmalign.train.iterative_dpo import IterativeDPO, IterativeDPOConfig
@@ -328,6 +329,24 @@ for _name, _defaults, _tiny, _about in (
             tiny=_tiny,
         )
     )
+
+
+def _diffusion_nft(policy: Any, inputs: Any, config: DiffusionNFTConfig) -> DiffusionNFT:
+    return DiffusionNFT(policy, inputs.rows["prompts"], inputs.reward, config)
+
+
+register_algorithm(
+    AlgorithmSpec(
+        "diffusion_nft",
+        "policy_gradient",
+        "diffusion",
+        DiffusionNFTConfig,
+        _diffusion_nft,
+        data=("prompts",),
+        description="DiffusionNFT: online RL on the forward process (positive/negative implicit policies, no log-probs, CFG-free)",
+        online=True,
+    )
+)
 
 
 # --------------------------------------------------------------------------------------- supervised

@@ -16,6 +16,9 @@ from mmalign.core.model_files import check_pipeline_dir, check_transformers_dir,
 from mmalign.core.paths import resolve
 from mmalign.core.registry import ModelKind, RewardSpec, register_model_kind, register_reward
 from mmalign.core.tokenizer_checks import check_prompt_length, check_vocabulary, load_tokenizer, text_items
+from mmalign.vision.flux_policy import FluxModelConfig
+from mmalign.vision.sd3_policy import SD3ModelConfig
+from mmalign.vision.sdxl_policy import SDXLModelConfig
 
 
 @dataclass
@@ -178,6 +181,120 @@ register_model_kind(
         description="Stable Diffusion 1.x/2.x layout (UNet + CLIP text encoder + VAE); LoRA in diffusers format",
         tiny=_tiny_image,
         preflight=stable_diffusion_preflight,
+    )
+)
+
+
+# ------------------------------------------------------------- SDXL, and the flow-matching models SD3 and FLUX
+def build_sdxl(cfg: Any, lora: Any) -> Any:
+    from mmalign.vision.sdxl_policy import SDXLPolicy
+
+    return SDXLPolicy.from_pretrained(
+        _path(cfg),
+        lora=lora,
+        dtype=cfg.dtype,
+        sampler=cfg.sampler,
+        num_steps=cfg.num_steps,
+        eta=cfg.eta,
+        guidance_scale=cfg.guidance_scale,
+    )
+
+
+def build_sd3(cfg: Any, lora: Any) -> Any:
+    from mmalign.vision.sd3_policy import SD3Policy
+
+    return SD3Policy.from_pretrained(
+        _path(cfg), lora=lora, dtype=cfg.dtype, text_encoder_3=cfg.text_encoder_3, **cfg.policy_kwargs()
+    )
+
+
+def build_flux(cfg: Any, lora: Any) -> Any:
+    from mmalign.vision.flux_policy import FluxPolicy
+
+    return FluxPolicy.from_pretrained(_path(cfg), lora=lora, dtype=cfg.dtype, **cfg.policy_kwargs())
+
+
+def flow_evaluation(context: Any) -> tuple[Any, Any]:
+    """The diffusion evaluation, sampled with the flow policy's `eval_sampler` (the pipeline's ODE by default);
+    the path KL to the base needs stochastic steps, so it is reported only when evaluation samples with the SDE."""
+    from mmalign.evaluation.diffusion import DiffusionEvaluator
+    from mmalign.vision.flow_image_policy import EvalSamplerEvaluation
+    from mmalign.vision.report import ImageSamples
+
+    cfg, policy = context.config, context.policy
+    if not context.prompts:
+        return None, ImageSamples()
+    stochastic = any(policy.eval_sampler.is_stochastic(i) for i in range(policy.eval_sampler.num_steps))
+    evaluator = DiffusionEvaluator(
+        context.prompts,
+        context.rewards,
+        seeds=cfg.seeds,
+        batch_size=cfg.batch_size,
+        grid_prompts=cfg.n_samples,
+        kl=cfg.kl and stochastic,
+    )
+    return EvalSamplerEvaluation(evaluator), ImageSamples()
+
+
+def _tiny_flow() -> dict[str, Any]:
+    w = "zoo://image-flow-tiny"
+    classifier = {"name": "digit_classifier", "path": f"{w}/classifier"}
+    return {
+        "model": {
+            "kind": "diffusion_sd3",
+            "name_or_path": f"{w}/base",
+            "num_steps": 2,
+            "guidance_scale": 3.0,
+            "max_sequence_length": 0,
+        },
+        "data": {"prompts": f"{w}/train_prompts.jsonl"},
+        "eval": {"prompts": f"{w}/eval_prompts.jsonl", "rewards": [classifier], "seeds": 1, "n_samples": 2},
+        "reward": classifier,
+    }
+
+
+_IMAGE_VALIDATORS = {"prompts": validate_prompt_rows, "pairs": validate_image_pair_rows}
+_IMAGE_CAPABILITIES = frozenset({"image_pairs", "differentiable_decode"})
+
+
+register_model_kind(
+    ModelKind(
+        name="diffusion_sdxl",
+        policy_kind="diffusion",
+        config=SDXLModelConfig,
+        build=build_sdxl,
+        evaluation=diffusion_evaluation,
+        validators=_IMAGE_VALIDATORS,
+        capabilities=_IMAGE_CAPABILITIES,
+        outputs="image",
+        description="Stable Diffusion XL (UNet + two CLIP encoders, pooled embeddings and time ids); DDIM/DDPM",
+    )
+)
+register_model_kind(
+    ModelKind(
+        name="diffusion_sd3",
+        policy_kind="diffusion",
+        config=SD3ModelConfig,
+        build=build_sd3,
+        evaluation=flow_evaluation,
+        validators=_IMAGE_VALIDATORS,
+        capabilities=_IMAGE_CAPABILITIES,
+        outputs="image",
+        description="Stable Diffusion 3/3.5 (MM-DiT flow matching; ODE or Flow-GRPO/DanceGRPO SDE sampling)",
+        tiny=_tiny_flow,
+    )
+)
+register_model_kind(
+    ModelKind(
+        name="diffusion_flux",
+        policy_kind="diffusion",
+        config=FluxModelConfig,
+        build=build_flux,
+        evaluation=flow_evaluation,
+        validators=_IMAGE_VALIDATORS,
+        capabilities=_IMAGE_CAPABILITIES,
+        outputs="image",
+        description="FLUX.1 (packed-latent MM-DiT flow matching, guidance embedding; ODE or SDE sampling)",
     )
 )
 
