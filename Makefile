@@ -25,8 +25,8 @@ demo-text: setup  ## build the offline text world (first time only) and align it
 	$(BIN)/mmalign train text/dpo.yaml --output-dir runs/demo-dpo
 	@echo "report: runs/demo-dpo/report.md   summary: runs/demo-dpo/summary.json"
 
-test: setup  ## fast tests plus the few slow end-to-end ones (what CI runs)
-	$(BIN)/python -m pytest -q
+test: setup  ## every test, the method × model matrix and the few slow end-to-end ones, on 2 workers (what CI runs)
+	$(BIN)/python -m pytest -q -n 2
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

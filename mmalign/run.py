@@ -357,6 +357,12 @@ def _known_algorithm(algo: dict[str, Any], kind: ModelKind) -> AlgorithmSpec | N
 
 def _for_data(train: TrainConfig, n_items: int, spec: AlgorithmSpec, algo_cfg: Any) -> TrainConfig:
     """`train.num_train_epochs` as optimizer steps over the training rows (prompts, for online algorithms)."""
+    k = getattr(algo_cfg, "samples_per_prompt", 1)
+    if spec.online and not train.rollout_prompts and train.batch_size < k:
+        raise RecipeError(
+            f"train.batch_size ({train.batch_size}) is smaller than algorithm.samples_per_prompt ({k}): a rollout "
+            "of batch_size / samples_per_prompt prompts would have none; raise batch_size or set train.rollout_prompts"
+        )
     try:
         return train.for_data(
             n_items, online=spec.online, samples_per_prompt=getattr(algo_cfg, "samples_per_prompt", 1)

@@ -61,9 +61,10 @@ def test_text_policy_moves_the_reference_copy(tiny_world):
 
 
 def test_audioldm2_policy_moves_its_frozen_pipeline_parts_and_reference(tmp_path):
-    from test_audioldm2 import DESCRIPTION, tiny_audioldm2
+    from test_audioldm2 import DESCRIPTION
 
     from mmalign.speech.audioldm2_policy import AudioLDM2SpeechPolicy
+    from mmalign.zoo.tiny_pipelines import tiny_audioldm2
 
     tiny_audioldm2(tmp_path).save_pretrained(str(tmp_path / "pipe"))
     policy = AudioLDM2SpeechPolicy.from_pretrained(str(tmp_path / "pipe"), description=DESCRIPTION)

@@ -447,3 +447,41 @@ def test_online_algorithms_run_on_the_vlm(vlm_tiny, tmp_path, name):
     Trainer(run.policy, run.algorithm, run.train, tmp_path).train()
     rows = read_metrics(tmp_path)
     assert len(rows) == 2 and all(math.isfinite(r["train/loss"]) for r in rows)
+
+
+def test_an_unknown_key_in_online_dpos_preference_section_is_named_before_loading(tiny_world):
+    from mmalign import plugins
+    from mmalign.core.config import RecipeError
+    from mmalign.core.registry import MODEL_KINDS
+    from mmalign.run import plan
+
+    plugins.load()
+    tiny = MODEL_KINDS["causal_lm"].tiny()
+    recipe = {
+        "model": tiny["model"],
+        "data": {"prompts": tiny["data"]["prompts"]},
+        "algorithm": {"name": "online_dpo", "reward": tiny["reward"], "preference": {"betta": 0.1}},
+        "train": {"max_steps": 2},
+    }
+    with pytest.raises(RecipeError, match=r"algorithm\.preference.*betta"):
+        plan(recipe)
+
+
+def test_a_rollout_without_prompts_is_refused_before_loading(tiny_world):
+    from mmalign import plugins
+    from mmalign.core.config import RecipeError
+    from mmalign.core.registry import MODEL_KINDS
+    from mmalign.run import plan
+
+    plugins.load()
+    tiny = MODEL_KINDS["causal_lm"].tiny()
+    recipe = {
+        "model": tiny["model"],
+        "data": {"prompts": tiny["data"]["prompts"]},
+        "algorithm": {"name": "grpo", "reward": tiny["reward"], "samples_per_prompt": 8},
+        "train": {"max_steps": 2, "batch_size": 4},
+    }
+    with pytest.raises(
+        RecipeError, match=r"train.batch_size \(4\) is smaller than algorithm.samples_per_prompt \(8\)"
+    ):
+        plan(recipe)

@@ -10,6 +10,7 @@ imported by `mmalign.plugins`, so building a run never walks an if-chain of name
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ CAPABILITIES = {
     "differentiable_decode": "a decoder that passes gradients from the output back to the latents",
     "gradient_checkpointing": "activation (gradient) checkpointing in its trained network",
     "token_packing": "token-only sequences that can be packed with their own positions and attention mask",
+    "forward_timesteps": "sampler timesteps that are its forward process's (a denoising loss on its own samples)",
 }
 
 
@@ -169,7 +171,28 @@ def why_not(algorithm: str, kind: ModelKind) -> str | None:
     missing = sorted(set(spec.needs) - set(kind.capabilities))
     if missing:
         return f"{algorithm} needs {'; '.join(CAPABILITIES[m] for m in missing)}, which {kind.name} lacks"
+    if spec.config_needs is not None:
+        default_needs = _default_config_needs(spec)
+        lacking = sorted(c for c in default_needs if c not in kind.capabilities)
+        if lacking:
+            needed = "; ".join(f"{CAPABILITIES[c]} ({default_needs[c]})" for c in lacking)
+            return f"{algorithm} with its default settings needs {needed}, which {kind.name} lacks"
+    if spec.needs_differentiable_reward and not any(
+        r.differentiable and r.outputs == kind.outputs for r in REWARDS.values()
+    ):
+        return f"{algorithm} backpropagates through its reward, and no registered reward of {kind.outputs} is differentiable"
     return None
+
+
+def _default_config_needs(spec: AlgorithmSpec) -> dict[str, str]:
+    """The capabilities the algorithm's settings need when a recipe gives only its name."""
+    assert spec.config_needs is not None
+    fields = {f.name for f in dataclasses.fields(spec.config)}
+    try:
+        config = spec.config(**{k: v for k, v in {"name": spec.name, **spec.defaults}.items() if k in fields})
+    except (TypeError, ValueError):  # a setting without a default: no recipe runs on defaults alone
+        return {}
+    return spec.config_needs(config)
 
 
 def algorithm_for(name: str, kind: ModelKind) -> AlgorithmSpec:

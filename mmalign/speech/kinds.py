@@ -162,7 +162,7 @@ register_model_kind(
             "pairs": _audio_fields("audio_w", "audio_l"),
             "targets": _audio_fields("audio"),
         },
-        capabilities=frozenset({"audio_pairs", "real_targets", "differentiable_decode"}),
+        capabilities=frozenset({"audio_pairs", "real_targets", "differentiable_decode", "forward_timesteps"}),
         outputs="mel",
         description="mel-spectrogram TTS diffusion (character encoder + mel UNet + Griffin-Lim vocoder)",
         tiny=_tiny_speech,
@@ -216,6 +216,29 @@ def waveform_evaluation(context: Any) -> tuple[Any, Any]:
     return evaluator, WaveformSamples(policy.sample_rate)
 
 
+def _tiny_audioldm2() -> dict[str, Any]:
+    w = "zoo://pipelines-tiny"
+    dnsmos = {"name": "dnsmos_waveform", "sample_rate": 16000}
+    return {
+        "model": {
+            "kind": "diffusion_audioldm2",
+            "name_or_path": f"{w}/audioldm2",
+            "num_steps": 2,
+            "guidance_scale": 3.0,
+            "audio_length_in_s": 0.01,
+            "max_new_tokens": 4,
+        },
+        "data": {"prompts": f"{w}/train_spoken_prompts.jsonl"},
+        "eval": {
+            "prompts": f"{w}/eval_spoken_prompts.jsonl",
+            "rewards": [dnsmos],
+            "seeds": 1,
+            "n_samples": 1,
+        },
+        "reward": dnsmos,
+    }
+
+
 register_model_kind(
     ModelKind(
         name="diffusion_audioldm2",
@@ -224,9 +247,10 @@ register_model_kind(
         build=build_audioldm2,
         evaluation=waveform_evaluation,
         validators={"prompts": validate_prompt_rows},
-        capabilities=frozenset({"differentiable_decode", "gradient_checkpointing"}),
+        capabilities=frozenset({"differentiable_decode", "gradient_checkpointing", "forward_timesteps"}),
         outputs="waveform",
         description="AudioLDM 2 speech checkpoints (VITS text encoder, GPT-2 prior, HiFi-GAN); for GPU users",
+        tiny=_tiny_audioldm2,
         preflight=audioldm2_preflight,
     )
 )

@@ -191,7 +191,10 @@ register_model_kind(
         evaluation=reward_model_evaluation,
         validators={"pairs": validate_preference_rows},
         description="a transformers sequence classifier trained as a Bradley–Terry reward model",
-        tiny=lambda: {**_tiny_text(), "model": {"name_or_path": "zoo://text-tiny/base", "max_length": 24}},
+        tiny=lambda: {
+            **_tiny_text(),
+            "model": {"kind": "reward_model", "name_or_path": "zoo://text-tiny/base", "max_length": 24},
+        },
         preflight=text_preflight,
     )
 )

@@ -49,8 +49,9 @@ class KTOAlgorithm(AlgorithmBase):
     def loss(self, examples: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.config
         logratios = self._logratios(examples)
+        # completion i+1 under prompt i, with everything else of example i (a VLM prompt keeps its image)
         mismatched = [
-            {"prompt_ids": e["prompt_ids"], "response_ids": examples[(i + 1) % len(examples)]["response_ids"]}
+            {**e, "response_ids": examples[(i + 1) % len(examples)]["response_ids"]}
             for i, e in enumerate(examples)
         ]
         with torch.no_grad():

@@ -294,7 +294,11 @@ def _diffusion_pg(policy: Any, inputs: Any, config: DiffusionPGConfig) -> Diffus
 
 
 def _data_needs(config: DiffusionPGConfig) -> dict[str, str]:
-    return {"real_targets": "diffusion_loss_on: data"} if config.uses_data else {}
+    if config.uses_data:
+        return {"real_targets": "diffusion_loss_on: data"}
+    if config.diffusion_loss_coef and config.diffusion_loss_on == "samples":
+        return {"forward_timesteps": "diffusion_loss_on: samples"}
+    return {}
 
 
 for _name, _defaults, _tiny, _about in (
@@ -302,8 +306,8 @@ for _name, _defaults, _tiny, _about in (
     ("dpok", {}, {"kl_coef": 0.1}, "DPOK: DDPO + KL to the base model's step distributions (kl_coef)"),
     (
         "dlpo",
-        {},
         {"diffusion_loss_coef": 1.0},
+        {},
         "DLPO: DDPO + the diffusion model's denoising loss (diffusion_loss_coef, on data or samples)",
     ),
     (
@@ -345,6 +349,7 @@ register_algorithm(
         data=("prompts",),
         description="DiffusionNFT: online RL on the forward process (positive/negative implicit policies, no log-probs, CFG-free)",
         online=True,
+        tiny={"samples_per_prompt": 2},
     )
 )
 

@@ -147,6 +147,9 @@ class OnlineDPOConfig:
             raise ValueError(f"pair_rule must be one of {', '.join(PAIR_RULES)}; got {self.pair_rule!r}")
         if self.length_penalty < 0:
             raise ValueError(f"length_penalty must be ≥ 0, got {self.length_penalty}")
+        to_dataclass(
+            PreferenceConfig, self.preference, "algorithm.preference"
+        )  # its keys, before any model loads
 
 
 class OnlineDPO(AlgorithmBase):

@@ -4,7 +4,7 @@ image rewards. Builders import their heavy modules lazily, so text users never i
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,7 +175,13 @@ register_model_kind(
             "targets": validate_image_target_rows,
         },
         capabilities=frozenset(
-            {"image_pairs", "real_targets", "differentiable_decode", "gradient_checkpointing"}
+            {
+                "image_pairs",
+                "real_targets",
+                "differentiable_decode",
+                "gradient_checkpointing",
+                "forward_timesteps",
+            }
         ),
         outputs="image",
         description="Stable Diffusion 1.x/2.x layout (UNet + CLIP text encoder + VAE); LoRA in diffusers format",
@@ -247,10 +253,26 @@ def _tiny_flow() -> dict[str, Any]:
             "guidance_scale": 3.0,
             "max_sequence_length": 0,
         },
-        "data": {"prompts": f"{w}/train_prompts.jsonl"},
+        "data": {"prompts": f"{w}/train_prompts.jsonl", "pairs": "zoo://image-tiny/train_pairs.jsonl"},
         "eval": {"prompts": f"{w}/eval_prompts.jsonl", "rewards": [classifier], "seeds": 1, "n_samples": 2},
         "reward": classifier,
     }
+
+
+def _tiny_untrained(kind: str) -> Callable[[], dict[str, Any]]:
+    """An untrained tiny pipeline of `kind` (zoo://pipelines-tiny) on image-tiny's prompts, pairs and scorers."""
+
+    def tiny() -> dict[str, Any]:
+        recipe = _tiny_image()
+        name = kind.removeprefix("diffusion_")
+        recipe["model"] = {**recipe["model"], "kind": kind, "name_or_path": f"zoo://pipelines-tiny/{name}"}
+        if (
+            kind == "diffusion_flux"
+        ):  # FLUX's default side is 1024 px; the tiny pipeline draws image-tiny's 16 px
+            recipe["model"].update(resolution=16, max_sequence_length=8)
+        return recipe
+
+    return tiny
 
 
 _IMAGE_VALIDATORS = {"prompts": validate_prompt_rows, "pairs": validate_image_pair_rows}
@@ -265,9 +287,10 @@ register_model_kind(
         build=build_sdxl,
         evaluation=diffusion_evaluation,
         validators=_IMAGE_VALIDATORS,
-        capabilities=_IMAGE_CAPABILITIES,
+        capabilities=_IMAGE_CAPABILITIES | {"forward_timesteps"},
         outputs="image",
         description="Stable Diffusion XL (UNet + two CLIP encoders, pooled embeddings and time ids); DDIM/DDPM",
+        tiny=_tiny_untrained("diffusion_sdxl"),
     )
 )
 register_model_kind(
@@ -295,6 +318,7 @@ register_model_kind(
         capabilities=_IMAGE_CAPABILITIES,
         outputs="image",
         description="FLUX.1 (packed-latent MM-DiT flow matching, guidance embedding; ODE or SDE sampling)",
+        tiny=_tiny_untrained("diffusion_flux"),
     )
 )
 

@@ -374,7 +374,8 @@ def write_real_pairs(
     out: Path, images: torch.Tensor, digits: torch.Tensor, train: torch.Tensor, spec: ImageWorldSpec
 ) -> int:
     """`train_pairs.jsonl` + `pairs/*.png`: a training image of the prompted digit preferred over one of another
-    digit (real images, so offline Diffusion-DPO and reward models have a preference with ground truth)."""
+    digit (real images, so offline Diffusion-DPO and reward models have a preference with ground truth; its scores,
+    1 for the prompted digit and 0 for another, are what score-aware losses such as ODPO read)."""
     from PIL import Image
 
     generator = torch.Generator().manual_seed(spec.seed + 2)
@@ -389,7 +390,15 @@ def write_real_pairs(
             pixels = ((image + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
             names.append(f"pairs/{i:03d}_{tag}.png")
             Image.fromarray(pixels).save(out / names[-1])
-        rows.append({"prompt": prompt, "image_w": names[0], "image_l": names[1]})
+        rows.append(
+            {
+                "prompt": prompt,
+                "image_w": names[0],
+                "image_l": names[1],
+                "score_chosen": 1.0,
+                "score_rejected": 0.0,
+            }
+        )
     write_jsonl(out / "train_pairs.jsonl", rows)
     return len(rows)
 

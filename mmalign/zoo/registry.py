@@ -71,6 +71,12 @@ WORLDS: dict[str, tuple[str, str, str, str]] = {
         "SpeechWorldSpec.tiny",
         "a seconds-fast speech world for tests",
     ),
+    "pipelines-tiny": (
+        "mmalign.zoo.tiny_pipelines",
+        "build_tiny_pipelines",
+        "TinyPipelinesSpec",
+        "untrained seconds-fast SDXL, FLUX and AudioLDM 2 pipelines, for the matrix test of their model kinds",
+    ),
     "vlm": (
         "mmalign.zoo.vlm_world",
         "build_vlm_world",

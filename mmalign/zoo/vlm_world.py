@@ -430,7 +430,8 @@ def build_vlm_world(out_dir: str | Path, spec: VLMWorldSpec | None = None, log=p
     povid, povid_stats = B.povid_rows(
         base, records, train_pil, noise_step=spec.povid_noise_step, seed=spec.seed
     )
-    write_jsonl(out / "train_povid.jsonl", povid)
+    # ground truth for score-aware losses (ODPO): the image's own description 1, a hallucinated one 0
+    write_jsonl(out / "train_povid.jsonl", [{**r, "score_chosen": 1.0, "score_rejected": 0.0} for r in povid])
     rlhfv, rlhfv_stats = B.correction_rows(base, records, train_pil)
     write_jsonl(out / "train_rlhfv.jsonl", rlhfv)
     log(f"[zoo vlm] povid {povid_stats}; rlhf-v {rlhfv_stats}")
