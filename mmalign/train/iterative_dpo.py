@@ -65,6 +65,8 @@ class IterativeDPOConfig(OnlineDPOConfig):
 class IterativeDPO(OnlineDPO):
     """Seed 003's iterative online DPO: all samples of an iteration come from the policy at its start."""
 
+    config: IterativeDPOConfig
+
     def __init__(self, policy: Any, prompts: Sequence[Row], reward: Reward, config: IterativeDPOConfig):
         super().__init__(policy, prompts, reward, config)
         if (

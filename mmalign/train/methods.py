@@ -47,7 +47,7 @@ def _loss_needs(name: str) -> frozenset[str]:
 
 def _config_needs(config: PreferenceConfig) -> dict[str, str]:
     """Capabilities the chosen loss and settings need (`loss` may differ from the name's, e.g. via `loss_type`)."""
-    needs = {capability: f"loss: {config.loss}" for capability in _loss_needs(config.loss)}
+    needs = {capability: f"loss: {config.loss}" for capability in _loss_needs(config.loss_name)}
     if config.length_normalize:
         needs["token_lengths"] = "length_normalize: true"
     if config.rpo_alpha:
@@ -224,7 +224,7 @@ def _sequence_pg(policy: Any, inputs: Any, config: PolicyGradientConfig) -> Sequ
 
 
 # the names and what they imply; a preset's settings are defaults a recipe may override (one config class)
-SEQUENCE_PG_PRESETS = {
+SEQUENCE_PG_PRESETS: dict[str, tuple[dict[str, Any], str]] = {
     "reinforce": ({"advantage": "reinforce"}, "REINFORCE with the batch-mean baseline"),
     "rloo": (
         {"advantage": "rloo"},
@@ -251,7 +251,7 @@ SEQUENCE_PG_PRESETS = {
         "GSPO: the length-normalised sequence importance ratio, clipped per sequence",
     ),
 }
-for _name, (_defaults, _about) in SEQUENCE_PG_PRESETS.items():
+for _name, (_defaults, _description) in SEQUENCE_PG_PRESETS.items():
     register_algorithm(
         AlgorithmSpec(
             _name,
@@ -261,7 +261,7 @@ for _name, (_defaults, _about) in SEQUENCE_PG_PRESETS.items():
             _sequence_pg,
             data=("prompts",),
             defaults=_defaults,
-            description=_about,
+            description=_description,
             online=True,
             tiny={} if _name == "reinforce" else {"samples_per_prompt": 2},
         )
@@ -297,7 +297,7 @@ def _data_needs(config: DiffusionPGConfig) -> dict[str, str]:
     return {"real_targets": "diffusion_loss_on: data"} if config.uses_data else {}
 
 
-for _name, _defaults, _tiny, _about in (
+for _name, _defaults, _tiny, _description in (
     ("ddpo", {}, {}, "DDPO: PPO-clip (or the score function) over denoising steps"),
     ("dpok", {}, {"kl_coef": 0.1}, "DPOK: DDPO + KL to the base model's step distributions (kl_coef)"),
     (
@@ -323,7 +323,7 @@ for _name, _defaults, _tiny, _about in (
             data=("prompts",),
             optional_data=("targets",),
             defaults=_defaults,
-            description=_about,
+            description=_description,
             online=True,
             config_needs=_data_needs,
             tiny=_tiny,
@@ -385,7 +385,7 @@ def _pretrain_needs(config: RewardBackpropConfig) -> dict[str, str]:
     return {"real_targets": "pretrain_loss_coef"} if config.uses_data else {}
 
 
-for _name, _defaults, _about in (
+for _name, _defaults, _description in (
     (
         "alignprop",
         {"truncation": "uniform"},
@@ -418,7 +418,7 @@ for _name, _defaults, _about in (
             optional_data=("targets",),
             needs=frozenset({"differentiable_decode"}),
             defaults=_defaults,
-            description=_about,
+            description=_description,
             online=True,
             config_needs=_pretrain_needs,
             needs_differentiable_reward=True,
