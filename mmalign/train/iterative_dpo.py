@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from mmalign.core.data import Row
+from mmalign.core.policy import SequencePolicy
 from mmalign.core.reward import Reward, score
 from mmalign.core.types import Batch
 from mmalign.train.online import OnlineDPO, OnlineDPOConfig, process_info
@@ -67,7 +68,9 @@ class IterativeDPO(OnlineDPO):
 
     config: IterativeDPOConfig
 
-    def __init__(self, policy: Any, prompts: Sequence[Row], reward: Reward, config: IterativeDPOConfig):
+    def __init__(
+        self, policy: SequencePolicy, prompts: Sequence[Row], reward: Reward, config: IterativeDPOConfig
+    ):
         super().__init__(policy, prompts, reward, config)
         if (
             config.reference == "previous"

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from mmalign.core.policy import DiffusionPolicy, SequencePolicy
 from mmalign.core.registry import AlgorithmSpec, register_algorithm
 from mmalign.objectives.preference import PREFERENCE_LOSSES
 from mmalign.train.diffusion_nft import DiffusionNFT, DiffusionNFTConfig
 from mmalign.train.diffusion_pg import DiffusionPGConfig, DiffusionPolicyGradient
 from mmalign.train.diffusion_preference import PairDenoisingScores
+from mmalign.train.image_terms import CorruptibleImagePolicy
 from mmalign.train.iterative_dpo import IterativeDPO, IterativeDPOConfig
 from mmalign.train.kto import KTOAlgorithm, KTOConfig
 from mmalign.train.mdpo import MDPOAlgorithm, MDPOConfig
@@ -63,11 +65,13 @@ def _about(loss: str) -> str:
     return doc[0] if doc else loss
 
 
-def _preference(policy: Any, inputs: Any, config: PreferenceConfig) -> PreferenceAlgorithm:
+def _preference(policy: SequencePolicy, inputs: Any, config: PreferenceConfig) -> PreferenceAlgorithm:
     return PreferenceAlgorithm(policy, inputs.rows["pairs"], config)
 
 
-def _diffusion_preference(policy: Any, inputs: Any, config: PreferenceConfig) -> PreferenceAlgorithm:
+def _diffusion_preference(
+    policy: DiffusionPolicy, inputs: Any, config: PreferenceConfig
+) -> PreferenceAlgorithm:
     return PreferenceAlgorithm(PairDenoisingScores(policy), inputs.rows["pairs"], config)
 
 
@@ -115,11 +119,11 @@ register_algorithm(
 )
 
 
-def _povid(policy: Any, inputs: Any, config: POVIDConfig) -> POVIDAlgorithm:
+def _povid(policy: CorruptibleImagePolicy, inputs: Any, config: POVIDConfig) -> POVIDAlgorithm:
     return POVIDAlgorithm(policy, inputs.rows["pairs"], config)
 
 
-def _dense_dpo(policy: Any, inputs: Any, config: DenseDPOConfig) -> DenseDPOAlgorithm:
+def _dense_dpo(policy: CorruptibleImagePolicy, inputs: Any, config: DenseDPOConfig) -> DenseDPOAlgorithm:
     return DenseDPOAlgorithm(policy, inputs.rows["corrections"], config)
 
 
@@ -163,11 +167,13 @@ for _name in ("rlhfv", "dense_dpo"):
 
 
 # ------------------------------------------------------------------------------------------- online
-def _online_dpo(policy: Any, inputs: Any, config: OnlineDPOConfig) -> OnlineDPO:
+def _online_dpo(policy: SequencePolicy, inputs: Any, config: OnlineDPOConfig) -> OnlineDPO:
     return OnlineDPO(policy, inputs.rows["prompts"], inputs.reward, config)
 
 
-def _online_diffusion_dpo(policy: Any, inputs: Any, config: OnlineDPOConfig) -> OnlineDiffusionDPO:
+def _online_diffusion_dpo(
+    policy: DiffusionPolicy, inputs: Any, config: OnlineDPOConfig
+) -> OnlineDiffusionDPO:
     return OnlineDiffusionDPO(policy, inputs.rows["prompts"], inputs.reward, config)
 
 
@@ -200,7 +206,7 @@ for _name in ("online_dpo", "online_diffusion_dpo"):
     )
 
 
-def _iterative_dpo(policy: Any, inputs: Any, config: IterativeDPOConfig) -> IterativeDPO:
+def _iterative_dpo(policy: SequencePolicy, inputs: Any, config: IterativeDPOConfig) -> IterativeDPO:
     return IterativeDPO(policy, inputs.rows["prompts"], inputs.reward, config)
 
 
@@ -219,7 +225,7 @@ register_algorithm(
 )
 
 
-def _sequence_pg(policy: Any, inputs: Any, config: PolicyGradientConfig) -> SequencePolicyGradient:
+def _sequence_pg(policy: SequencePolicy, inputs: Any, config: PolicyGradientConfig) -> SequencePolicyGradient:
     return SequencePolicyGradient(policy, inputs.rows["prompts"], inputs.reward, config)
 
 
@@ -268,7 +274,7 @@ for _name, (_defaults, _description) in SEQUENCE_PG_PRESETS.items():
     )
 
 
-def _ppo(policy: Any, inputs: Any, config: PPOConfig) -> PPO:
+def _ppo(policy: SequencePolicy, inputs: Any, config: PPOConfig) -> PPO:
     return PPO(policy, inputs.rows["prompts"], inputs.reward, config)
 
 
@@ -287,7 +293,7 @@ register_algorithm(
 )
 
 
-def _diffusion_pg(policy: Any, inputs: Any, config: DiffusionPGConfig) -> DiffusionPolicyGradient:
+def _diffusion_pg(policy: DiffusionPolicy, inputs: Any, config: DiffusionPGConfig) -> DiffusionPolicyGradient:
     return DiffusionPolicyGradient(
         policy, inputs.rows["prompts"], inputs.reward, config, targets=inputs.rows.get("targets", [])
     )
@@ -331,7 +337,7 @@ for _name, _defaults, _tiny, _description in (
     )
 
 
-def _diffusion_nft(policy: Any, inputs: Any, config: DiffusionNFTConfig) -> DiffusionNFT:
+def _diffusion_nft(policy: DiffusionPolicy, inputs: Any, config: DiffusionNFTConfig) -> DiffusionNFT:
     return DiffusionNFT(policy, inputs.rows["prompts"], inputs.reward, config)
 
 
@@ -375,7 +381,7 @@ register_algorithm(
 
 
 # ---------------------------------------------------------------------------------------- reward backprop
-def _reward_backprop(policy: Any, inputs: Any, config: RewardBackpropConfig) -> RewardBackprop:
+def _reward_backprop(policy: DiffusionPolicy, inputs: Any, config: RewardBackpropConfig) -> RewardBackprop:
     return RewardBackprop(
         policy, inputs.rows["prompts"], inputs.reward, config, targets=inputs.rows.get("targets", [])
     )

@@ -25,7 +25,7 @@ import torch
 
 from mmalign.core.config import RecipeError, to_dataclass
 from mmalign.core.data import Row
-from mmalign.core.policy import SequencePolicy
+from mmalign.core.policy import Policy, SequencePolicy
 from mmalign.core.reward import Reward, score
 from mmalign.core.types import Batch
 from mmalign.objectives import policy_gradient as PG
@@ -92,7 +92,7 @@ def model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
     return {name[len(INPUTS) :]: v for name, v in batch.fields.items() if name.startswith(INPUTS)}
 
 
-def policy_device(policy: Any) -> torch.device:
+def policy_device(policy: Policy) -> torch.device:
     return next(policy.module.parameters()).device
 
 
