@@ -28,8 +28,9 @@ demo-text: setup  ## build the offline text world (first time only) and align it
 test: setup  ## every test, the method × model matrix and the few slow end-to-end ones, on 2 workers (what CI runs)
 	$(BIN)/python -m pytest -q -n 2
 
-lint: setup
+lint: setup  ## style, layering (import-linter) and static types (mypy on core, objectives, train)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/lint-imports && $(BIN)/mypy
 
 zoo: setup
 	$(BIN)/mmalign zoo build text

@@ -50,7 +50,8 @@ class TextCodec:
     def _chat_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
         if self.tokenizer.chat_template is None:
             raise ValueError("conversational data needs a tokenizer with a chat template")
-        ids = self.tokenizer.apply_chat_template(
+        # typed as the union over every option; with tokenize=True: token ids, or an encoding holding them
+        ids: Any = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, tokenize=True
         )
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
@@ -165,7 +166,8 @@ class TextCodec:
         score_lengths = [0] * (2 * n)
         document = 0
         for r, row in enumerate(rows):
-            row_ids, row_positions, row_documents, row_branches = [], [], [], []
+            row_ids: list[int] = []
+            row_positions, row_documents, row_branches = [], [], []
             for tokens, token_positions, branches, responses in row:
                 offset = r * width + len(row_ids)
                 for s, sources, response in responses:

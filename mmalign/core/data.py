@@ -248,7 +248,7 @@ def require_image(row: Row, field: str) -> Any:
     elif isinstance(value, Mapping):
         got = "a mapping with neither non-empty 'bytes' nor a 'path'"
     else:
-        empty = {str: "an empty string", bytes: "empty bytes"}
+        empty: dict[type, str] = {str: "an empty string", bytes: "empty bytes"}
         got = empty.get(type(value)) or _type_name(value)
     raise row.error(
         field, f"expected an image file path (or image bytes, a {{'bytes', 'path'}} mapping), got {got}"

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -24,6 +24,14 @@ from mmalign.core.params import LoraSpec, TrainableModule, check_lora_targets
 from mmalign.core.sampler import ForwardProcess, Sampler
 from mmalign.core.sampling import sample_trajectory
 from mmalign.core.types import Conditioning, Trajectory
+
+if TYPE_CHECKING:
+    from diffusers.loaders.peft import PeftAdapterMixin
+    from diffusers.models.modeling_utils import ModelMixin
+
+    class Denoiser(ModelMixin, PeftAdapterMixin):
+        """What every denoiser is (UNets, DiT transformers, the mel denoiser): a diffusers model with adapters."""
+
 
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 SAMPLERS = ("ddim", "ddpm")
@@ -82,13 +90,15 @@ class DenoisingPolicy(TrainableModule, ABC):
         guidance_scale: float = 5.0,
     ):
         self.lora = lora
+        # a diffusers model with peft adapters (what the adapters build); typed as torch's for callers
+        network = cast("Denoiser", denoiser)
         if lora is not None:
             from peft import LoraConfig
 
             targets = self.lora_targets if lora.target_modules == "all-linear" else lora.target_modules
-            check_lora_targets(denoiser, targets)
-            denoiser.requires_grad_(False)
-            denoiser.add_adapter(
+            check_lora_targets(network, targets)
+            network.requires_grad_(False)
+            network.add_adapter(
                 LoraConfig(
                     r=lora.r,
                     lora_alpha=lora.alpha,
@@ -99,9 +109,9 @@ class DenoisingPolicy(TrainableModule, ABC):
             )
             self._reference_model: torch.nn.Module | None = None
         else:
-            self._reference_model = copy.deepcopy(denoiser).requires_grad_(False).eval()
-        self.module = denoiser
-        self.model: torch.nn.Module = denoiser
+            self._reference_model = copy.deepcopy(network).requires_grad_(False).eval()
+        self.module: Denoiser = network
+        self.model: torch.nn.Module = network
         self.sampler, self.forward_process = sampler, forward_process
         self.guidance_scale = guidance_scale
         self.sample_shape = tuple(sample_shape)

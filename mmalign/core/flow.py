@@ -38,7 +38,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+
+# the defining module, not the `diffusers` namespace, whose type-checking imports resolve to a dummy class
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from mmalign.core.sampler import StepOutput
@@ -125,20 +127,23 @@ class FlowMatchSampler:
         self.sde_type, self.noise_level, self.sde_window = sde_type, float(noise_level), window
         sigmas, mu = self._pipeline_grid_arguments(scheduler.config)
         scheduler.set_timesteps(num_steps, device="cpu", sigmas=sigmas, mu=mu)
-        self._timesteps = scheduler.timesteps.float()
+        # diffusers infers `timesteps` as the ndarray set_timesteps computes first; it stores a tensor
+        self._timesteps = scheduler.timesteps.float()  # type: ignore[attr-defined]
         self.sigmas = scheduler.sigmas.float()  # [num_steps + 1], ending at 0
 
-    def _pipeline_grid_arguments(self, config: Any) -> tuple[np.ndarray | None, float | None]:
+    def _pipeline_grid_arguments(self, config: Any) -> tuple[list[float] | None, float | None]:
         """The `sigmas` and `mu` the pipeline of `layout` passes to `scheduler.set_timesteps`."""
         needs_mu = self.layout == "flux" or config.use_dynamic_shifting
-        if needs_mu and self.image_seq_len is None:
-            raise ValueError(
-                f"image_seq_len is needed: the {self.layout} grid of this scheduler shifts by it"
-            )
-        mu = calculate_shift(self.image_seq_len, config) if needs_mu else None
+        mu: float | None = None
+        if needs_mu:
+            if self.image_seq_len is None:
+                raise ValueError(
+                    f"image_seq_len is needed: the {self.layout} grid of this scheduler shifts by it"
+                )
+            mu = calculate_shift(self.image_seq_len, config)
         if self.layout == "sd3" or getattr(config, "use_flow_sigmas", False):
             return None, mu
-        return np.linspace(1.0, 1 / self.num_steps, self.num_steps), mu
+        return np.linspace(1.0, 1 / self.num_steps, self.num_steps).tolist(), mu
 
     def with_window(self, sde_window: tuple[int, int]) -> FlowMatchSampler:
         """The same sampler with SDE steps only in [start, end): one rollout's window (Flow-GRPO-Fast, MixGRPO)."""
@@ -249,7 +254,7 @@ class FlowMatchForwardProcess:
         if not logit_std > 0:
             raise ValueError(f"logit_std must be > 0, got {logit_std}")
         scheduler = _scheduler(scheduler_config)
-        self.num_train_timesteps = scheduler.config.num_train_timesteps
+        self.num_train_timesteps = scheduler.config["num_train_timesteps"]
         self.train_sigmas = scheduler.sigmas.float()  # [num_train_timesteps], noisiest first
         self.timestep_sampling, self.logit_mean, self.logit_std = timestep_sampling, logit_mean, logit_std
 

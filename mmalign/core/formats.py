@@ -71,6 +71,7 @@ def implicit_prompt(rows: list[Row]) -> Rows:
                 "prompt", "is present, but implicit-prompt rows hold no prompt (use format native)"
             )
         chosen, rejected = row.data.get("chosen"), row.data.get("rejected")
+        prompt: str | list[Any]
         if isinstance(chosen, str) and isinstance(rejected, str):
             prompt, chosen, rejected = _split_strings(row, chosen, rejected)
         elif isinstance(chosen, list) and isinstance(rejected, list):

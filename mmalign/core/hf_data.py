@@ -98,8 +98,10 @@ class DataSpec:
         if values.get("format") is None:
             values.pop("format", None)
         elif values["format"] not in ("auto", *formats.FORMATS):
-            known = ", ".join(["auto", *formats.FORMATS])
-            raise DataError(label, None, None, f"unknown `format` {values['format']!r}; known: {known}")
+            known_formats = ", ".join(["auto", *formats.FORMATS])
+            raise DataError(
+                label, None, None, f"unknown `format` {values['format']!r}; known: {known_formats}"
+            )
         return cls(**values)
 
 
@@ -167,7 +169,7 @@ def read_source(spec: DataSpec) -> list[Row]:
 
 def _only(spec: DataSpec, what: str, allowed: tuple[str, ...]) -> None:
     """Reject `datasets` options that do not apply to this kind of source, naming them."""
-    options = {
+    options: dict[str, Any] = {
         "split": spec.split,
         "revision": spec.revision,
         "name": spec.name,

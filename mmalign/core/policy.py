@@ -25,7 +25,10 @@ class Policy(Protocol):
     with `attach`, and forward passes that must synchronise gradients go through the attached wrapper.
     """
 
-    module: torch.nn.Module
+    @property
+    def module(self) -> torch.nn.Module:
+        """The trained network (read-only here, so an adapter may hold a more specific network type)."""
+        ...
 
     def trainable_parameters(self) -> Iterator[torch.nn.Parameter]: ...
 
@@ -53,6 +56,7 @@ class SequencePolicy(Policy, Protocol):
     """A policy whose outputs are token sequences: text LLMs and vision-language models."""
 
     vocab_size: int
+    tokenizer: Any  # its eos id ends a response (online algorithms tell finished from truncated ones)
 
     def prompt_of(self, row: Row) -> Any:
         """What `generate` takes for a prompt row (a string or conversation; for a VLM, the encoded image + text)."""
@@ -94,8 +98,6 @@ class SequencePolicy(Policy, Protocol):
 class ImageSequencePolicy(SequencePolicy, Protocol):
     """A sequence policy that reads an image with every prompt (POVID, RLHF-V): rows are encoded per field."""
 
-    tokenizer: Any
-
     def encode_row_prompt(self, row: Row, image_field: str | None = None) -> dict[str, Any]: ...
 
     def encode_response(self, row: Row, prompt_ids: list[int], field: str) -> list[int]: ...
@@ -128,6 +130,10 @@ class DiffusionPolicy(Policy, Protocol):
 
     def encode_prompts(self, prompts: Sequence[Any]) -> Conditioning:
         """Conditioning tensors of prompts (batch-first, keyed by the denoiser's inputs)."""
+        ...
+
+    def unconditional(self, n: int) -> Conditioning:
+        """The unconditional (empty-prompt) branch's conditioning for a batch of n."""
         ...
 
     def predict(

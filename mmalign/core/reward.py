@@ -57,7 +57,8 @@ class WeightedSum:
         self.differentiable = all(r.differentiable for r in self.rewards)
 
     def __call__(self, prompts: Sequence[Any], outputs: Any) -> torch.Tensor:
-        return sum(w * score(r, prompts, outputs) for r, w in zip(self.rewards, self.weights, strict=True))
+        terms = [w * score(r, prompts, outputs) for r, w in zip(self.rewards, self.weights, strict=True)]
+        return sum(terms[1:], terms[0])
 
 
 class Clipped:

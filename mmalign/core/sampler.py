@@ -59,6 +59,15 @@ class Sampler(Protocol):
 
 
 @runtime_checkable
+class WindowedSampler(Sampler, Protocol):
+    """A sampler whose SDE steps can be confined to a window of its grid (flow matching: Flow-GRPO-Fast, MixGRPO)."""
+
+    def with_window(self, sde_window: tuple[int, int]) -> Sampler:
+        """The same sampler with SDE steps only in [start, end)."""
+        ...
+
+
+@runtime_checkable
 class ForwardProcess(Protocol):
     """How a clean output is noised at timestep t, and what the denoiser should predict there (training losses).
 

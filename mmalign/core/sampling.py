@@ -185,7 +185,8 @@ def sample_with_gradients(
     last = sampler.num_steps - 1
     for _ in range(window.repeats - 1):
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-        start = window.renoise(x.detach(), noise)  # type: ignore[misc]  (checked: repeats > 1 needs renoise)
+        assert window.renoise is not None  # window.check: repeats > 1 needs renoise
+        start = window.renoise(x.detach(), noise)
         out = sampler.step(
             call(start, timesteps[last]), last, start, _step_noise(sampler, last, start, generator)
         )

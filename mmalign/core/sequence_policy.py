@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -19,6 +19,13 @@ from mmalign.core.codec import Prompt, TextCodec
 from mmalign.core.data import Row
 from mmalign.core.params import LoraSpec, TrainableModule, check_lora_targets
 from mmalign.core.types import SequenceLogProbs
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import GenerationMixin
+
+    class GenerativeModel(PreTrainedModel, GenerationMixin):
+        """What every sequence policy's network is: a transformers model that generates (a causal LM, a VLM)."""
 
 
 class LanguageModelPolicy(TrainableModule):
@@ -56,22 +63,25 @@ class LanguageModelPolicy(TrainableModule):
                 target_modules=lora.target_modules,
                 task_type="CAUSAL_LM",
             )
-            model = get_peft_model(model, config)
-            self._reference_model = None
+            network: GenerativeModel | PeftModel = get_peft_model(model, config)
+            self._reference_model: torch.nn.Module | None = None
         else:
+            network = cast("GenerativeModel", model)  # typed as transformers' base class for callers
             self._reference_model = copy.deepcopy(model).eval().requires_grad_(False)
         if disable_dropout:
-            _disable_dropout(model)
+            _disable_dropout(network)
             if self._reference_model is not None:
                 _disable_dropout(self._reference_model)
-        self.module = model  # the unwrapped network; `self.model` may become a DDP wrapper around it
-        self.model: torch.nn.Module = model
+        # the unwrapped network (peft's wrapper under LoRA); `self.model` may become a DDP wrapper around it
+        self.module: GenerativeModel | PeftModel = network
+        self.model: torch.nn.Module = network
         self._use_reference = False
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute activations in the backward pass (transformers' non-reentrant checkpointing; same gradients)."""
         options = {"use_reentrant": False}
-        base = self.module.get_base_model() if hasattr(self.module, "get_base_model") else self.module
+        get_base_model = getattr(self.module, "get_base_model", None)  # peft's wrapper holds the model
+        base = get_base_model() if get_base_model is not None else self.module
         if hasattr(
             base, "activation_checkpointing_enable"
         ):  # transformers' name since 5.x; the old one warns
@@ -87,8 +97,8 @@ class LanguageModelPolicy(TrainableModule):
     @contextmanager
     def reference(self) -> Iterator[None]:
         """Forward passes inside this context use the frozen reference model."""
-        if self.lora is not None:
-            with self.module.disable_adapter():
+        if self.lora is not None:  # __init__ wrapped the model with peft
+            with cast("PeftModel", self.module).disable_adapter():
                 yield
         else:
             if self._reference_model is None:
@@ -153,7 +163,7 @@ class LanguageModelPolicy(TrainableModule):
             return self._packed_logprobs(batch, entropies=entropies)
         device = next(self.module.parameters()).device
         input_ids = batch["input_ids"].to(device)
-        model = self._reference_model if self._use_reference else self.model
+        model = self._scoring_model()
         out = model(**self._model_inputs(batch, device), use_cache=False, output_hidden_states=hidden_states)
         logits = out.logits[:, :-1]
         logits = logits.float()
@@ -190,8 +200,9 @@ class LanguageModelPolicy(TrainableModule):
                 f"attn_implementation 'sdpa' or 'eager'; this model uses {implementation!r}"
             )
         device = next(self.module.parameters()).device
-        dtype = self.module.get_input_embeddings().weight.dtype
-        model = self._reference_model if self._use_reference else self.model
+        # torch types a module's attributes as Tensor | Module; an embedding's weight is a tensor
+        dtype: torch.dtype = self.module.get_input_embeddings().weight.dtype  # type: ignore[assignment]
+        model = self._scoring_model()
         mask = packed_attention_mask(batch["document_ids"].to(device), batch["branch_ids"].to(device), dtype)
         logits = model(
             input_ids=batch["input_ids"].to(device),
@@ -211,6 +222,14 @@ class LanguageModelPolicy(TrainableModule):
             probs = torch.softmax(logits, dim=-1)
             ent = (log_norm - (probs * logits).sum(-1)) * mask
         return SequenceLogProbs(token_logps * mask, mask, ent)
+
+    def _scoring_model(self) -> torch.nn.Module:
+        """The network forward passes use: the frozen reference copy inside `reference()`, else the trained one."""
+        if not self._use_reference:
+            return self.model
+        if self._reference_model is None:
+            raise RuntimeError("the reference model was released (reference log-probs were precomputed)")
+        return self._reference_model
 
     def _model_inputs(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
         """The network's inputs for a collated batch (adapters with more inputs, e.g. images, extend this)."""
@@ -262,10 +281,12 @@ class LanguageModelPolicy(TrainableModule):
             attention[i, width - len(e) :] = 1
         if generator_seed is not None:
             torch.manual_seed(generator_seed)
-        out = self.module.generate(
+        extra: dict[str, Any] = {k: v.to(device) for k, v in extra_inputs.items()}
+        # transformers types GenerationMixin.generate's `self` with a protocol of private attributes (for `ty`)
+        out = self.module.generate(  # type: ignore[misc]
             input_ids=ids.to(device),
             attention_mask=attention.to(device),
-            **{k: v.to(device) for k, v in extra_inputs.items()},
+            **extra,
             max_new_tokens=max_new_tokens or self.max_new_tokens,
             do_sample=not greedy,
             temperature=None if greedy else self.temperature,

@@ -30,10 +30,11 @@ class SequenceLogProbs:
     def split(self, n: int) -> tuple[SequenceLogProbs, SequenceLogProbs]:
         """Split a concatenated (first n, rest) batch, e.g. chosen then rejected."""
 
-        def cut(t: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-            return (None, None) if t is None else (t[:n], t[n:])
+        def cut(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return t[:n], t[n:]
 
-        (a_lp, b_lp), (a_m, b_m), (a_e, b_e) = cut(self.token_logps), cut(self.mask), cut(self.entropies)
+        (a_lp, b_lp), (a_m, b_m) = cut(self.token_logps), cut(self.mask)
+        a_e, b_e = (None, None) if self.entropies is None else cut(self.entropies)
         return SequenceLogProbs(a_lp, a_m, a_e), SequenceLogProbs(b_lp, b_m, b_e)
 
 
@@ -59,7 +60,7 @@ class Trajectory:
     logprobs: torch.Tensor
     stochastic: torch.Tensor
     conditioning: Conditioning = field(default_factory=dict)
-    final: torch.Tensor | None = None
+    final: torch.Tensor = field(kw_only=True)  # the sampled outputs' latents, always set
     means: torch.Tensor | None = None
 
 

@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ _LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 _F_DIVERGENCES = ("reverse_kl", "forward_kl", "js", "alpha")
 _ODPO_TRANSFORMS = ("identity", "log1p")
 _LOG_HALF = -math.log(2.0)
+_T = TypeVar("_T")
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -880,8 +881,15 @@ def _need(ok: bool, where: str, name: str, rule: str, value: Any) -> None:
         raise ValueError(f"{where}{name} must be {rule}, got {value!r}")
 
 
-def _finite(value: Any) -> bool:
+def _finite(value: object) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _given(value: _T | None, name: str) -> _T:
+    """``value`` of a parameter or score a loss reads, which the trainer fills (check_loss_params, defaults)."""
+    if value is None:
+        raise ValueError(f"{name} is required by this loss and was not given")
+    return value
 
 
 def _check_smoothing(p: LossParams, where: str) -> None:
@@ -976,7 +984,7 @@ def check_loss_params(name: str, params: LossParams, where: str = "") -> None:
 
 def _dpo(s: PairScores, p: LossParams, _: Any) -> LossOutput:
     lc, lr = s.logratios(p.length_normalize)
-    return dpo_loss(lc, lr, p.beta, label_smoothing=p.label_smoothing), {}
+    return dpo_loss(lc, lr, p.beta, label_smoothing=_given(p.label_smoothing, "label_smoothing")), {}
 
 
 def _ipo(s: PairScores, p: LossParams, _: Any) -> LossOutput:
@@ -988,7 +996,8 @@ def _hinge(s: PairScores, p: LossParams, _: Any) -> LossOutput:
 
 
 def _robust(s: PairScores, p: LossParams, _: Any) -> LossOutput:
-    return robust_dpo_loss(*s.logratios(p.length_normalize), p.beta, p.label_smoothing), {}
+    smoothing = _given(p.label_smoothing, "label_smoothing")
+    return robust_dpo_loss(*s.logratios(p.length_normalize), p.beta, smoothing), {}
 
 
 def _bco_pair(s: PairScores, p: LossParams, shift: BCORewardShift) -> LossOutput:
@@ -1015,7 +1024,8 @@ def _apo_down(s: PairScores, p: LossParams, _: Any) -> LossOutput:
 
 
 def _exo_pair(s: PairScores, p: LossParams, _: Any) -> LossOutput:
-    return exo_pair_loss(*s.logratios(p.length_normalize), p.beta, p.label_smoothing), {}
+    smoothing = _given(p.label_smoothing, "label_smoothing")
+    return exo_pair_loss(*s.logratios(p.length_normalize), p.beta, smoothing), {}
 
 
 def _aot(s: PairScores, p: LossParams, _: Any) -> LossOutput:
@@ -1023,35 +1033,38 @@ def _aot(s: PairScores, p: LossParams, _: Any) -> LossOutput:
     losses = aot_loss(
         _per_token(s.chosen_logps, s.chosen_lengths, n),
         _per_token(s.rejected_logps, s.rejected_lengths, n),
-        _per_token(s.ref_chosen_logps, s.chosen_lengths, n),
-        _per_token(s.ref_rejected_logps, s.rejected_lengths, n),
+        _per_token(_given(s.ref_chosen_logps, "ref_chosen_logps"), s.chosen_lengths, n),
+        _per_token(_given(s.ref_rejected_logps, "ref_rejected_logps"), s.rejected_lengths, n),
         p.beta,
-        p.label_smoothing,
+        _given(p.label_smoothing, "label_smoothing"),
     )
     return losses, {}
 
 
 def _aot_unpaired(s: PairScores, p: LossParams, _: Any) -> LossOutput:
-    return aot_unpaired_loss(*s.logratios(p.length_normalize), p.beta, p.label_smoothing), {}
+    smoothing = _given(p.label_smoothing, "label_smoothing")
+    return aot_unpaired_loss(*s.logratios(p.length_normalize), p.beta, smoothing), {}
 
 
 def _discopop(s: PairScores, p: LossParams, _: Any) -> LossOutput:
-    return discopop_loss(*s.logratios(p.length_normalize), p.beta, p.tau), {}
+    return discopop_loss(*s.logratios(p.length_normalize), p.beta, _given(p.tau, "tau")), {}
 
 
 def _rdpo(s: PairScores, p: LossParams, _: Any) -> LossOutput:
-    offset = length_offset(s.chosen_lengths, s.rejected_lengths, p.alpha)
+    offset = length_offset(s.chosen_lengths, s.rejected_lengths, _given(p.alpha, "alpha"))
     return dpo_loss(*s.logratios(p.length_normalize), p.beta, offset=offset), {}
 
 
 def _odpo(s: PairScores, p: LossParams, _: Any) -> LossOutput:
-    offset = odpo_offset(s.score_diff, torch.zeros_like(s.score_diff), p.alpha, transform=p.offset_transform)
+    score_diff = _given(s.score_diff, "score_diff")
+    alpha = _given(p.alpha, "alpha")
+    offset = odpo_offset(score_diff, torch.zeros_like(score_diff), alpha, transform=p.offset_transform)
     return dpo_loss(*s.logratios(p.length_normalize), p.beta, offset=offset), {}
 
 
 def _fdpo(s: PairScores, p: LossParams, _: Any) -> LossOutput:
     lc, lr = s.logratios(p.length_normalize)
-    return fdpo_loss(lc, lr, p.beta, divergence=p.divergence, alpha=p.alpha), {}
+    return fdpo_loss(lc, lr, p.beta, divergence=p.divergence, alpha=_given(p.alpha, "alpha")), {}
 
 
 def _dpop(s: PairScores, p: LossParams, _: Any) -> LossOutput:
@@ -1088,8 +1101,8 @@ def _rainbow(s: PairScores, p: LossParams, _: Any) -> LossOutput:
     losses = composed_preference_loss(
         s.chosen_logps,
         s.rejected_logps,
-        s.ref_chosen_logps,
-        s.ref_rejected_logps,
+        _given(s.ref_chosen_logps, "ref_chosen_logps"),
+        _given(s.ref_rejected_logps, "ref_rejected_logps"),
         s.chosen_lengths,
         s.rejected_lengths,
         beta=p.beta,
@@ -1098,7 +1111,7 @@ def _rainbow(s: PairScores, p: LossParams, _: Any) -> LossOutput:
         ref_mix_alpha=p.ref_mix_alpha,
         gamma=p.gamma,
         dispersion=s.dispersion() if p.mallows else None,
-        label_smoothing=p.label_smoothing,
+        label_smoothing=_given(p.label_smoothing, "label_smoothing"),
     )
     return losses, {}
 
@@ -1132,7 +1145,7 @@ PREFERENCE_LOSSES: Mapping[str, PreferenceLoss] = MappingProxyType(
             _beta_dpo,
             ("alpha",),
             check=_check_alpha_positive,
-            state=lambda p: BetaDPOController(p.beta, p.alpha),
+            state=lambda p: BetaDPOController(p.beta, _given(p.alpha, "alpha")),
         ),
         "mallows": PreferenceLoss(_mallows, needs_entropies=True),
         "orpo": PreferenceLoss(_orpo, ("lam",), check=_check_lam, needs_reference=False, needs_lengths=True),

@@ -92,14 +92,14 @@ def load_state(path: Path, name: str) -> Any:
 
 def rng_state() -> dict[str, Any]:
     """Every RNG a run draws from, so a resumed run continues the same random stream."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=False)  # MT19937's key and position, as the legacy tuple holds them
     return {
         "python": random.getstate(),
         "numpy": {
-            "key": np_state[1],
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "gauss": float(np_state[4]),
+            "key": np_state["state"]["key"],
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
         },
         "torch": torch.get_rng_state(),
     }
@@ -241,7 +241,7 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     for name in sorted(state):
         value = state[name].detach().cpu().contiguous()
         h.update(f"{name}|{value.dtype}|{tuple(value.shape)}\n".encode())
-        h.update(value.reshape(-1).view(torch.uint8).numpy())
+        h.update(value.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 

@@ -211,12 +211,15 @@ class DiffusionNFT(AlgorithmBase):
     # ------------------------------------------------------------------------------------------ loss
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-sample loss: the sum of `loss_terms`."""
-        total, sums = None, {}
+        total: torch.Tensor | None = None
+        sums: dict[str, torch.Tensor] = {}
         for term in self.loss_terms(batch):
             losses, metrics = term()
             total = losses if total is None else total + losses
             for name, value in metrics.items():
                 sums[name] = sums.get(name, 0) + value
+        if total is None:
+            raise RuntimeError(f"{type(self).__name__} built no loss terms")
         return total, sums
 
     def loss_terms(self, batch: Batch) -> list[LossTerm]:

@@ -39,6 +39,7 @@ from mmalign.core.data import Row
 from mmalign.core.diffusion_policy import concat_conditioning
 from mmalign.core.policy import DiffusionPolicy
 from mmalign.core.reward import Reward, score
+from mmalign.core.sampler import WindowedSampler
 from mmalign.core.types import Batch, Conditioning
 from mmalign.objectives import policy_gradient as PG
 from mmalign.objectives.advantages import (
@@ -247,7 +248,7 @@ class DiffusionPolicyGradient(AlgorithmBase):
         cfg, sampler = self.config, self.policy.sampler
         if not cfg.sde_window_size:
             return None
-        if not hasattr(sampler, "with_window") or getattr(sampler, "sde_type", "ode") == "ode":
+        if not isinstance(sampler, WindowedSampler) or getattr(sampler, "sde_type", "ode") == "ode":
             raise ValueError(
                 "sde_window_size moves an SDE window over the steps: it needs a flow-matching model sampling with "
                 "an SDE (model.sde_type flow_grpo or dance_grpo)"
@@ -284,9 +285,11 @@ class DiffusionPolicyGradient(AlgorithmBase):
 
     def _sampler(self, window: torch.Tensor | None) -> Any:
         """The sampler a rollout was drawn with: the policy's, or its copy with the rollout's SDE window."""
+        sampler = self.policy.sampler
         if window is None:
-            return self.policy.sampler
-        return self.policy.sampler.with_window((int(window[0]), int(window[1])))
+            return sampler
+        assert isinstance(sampler, WindowedSampler)  # _window_range checked it before training
+        return sampler.with_window((int(window[0]), int(window[1])))
 
     def _initial_noise(self, n: int) -> torch.Tensor | None:
         """One initial noise per prompt, repeated over its samples (`same_latent`); None: the sampler draws."""
@@ -370,12 +373,15 @@ class DiffusionPolicyGradient(AlgorithmBase):
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-sample loss: the sum of `loss_terms`."""
-        total, sums = None, {}
+        total: torch.Tensor | None = None
+        sums: dict[str, torch.Tensor] = {}
         for term in self._terms(batch):
             losses, metrics = term()
             total = losses if total is None else total + losses
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v
+        if total is None:
+            raise RuntimeError(f"{type(self).__name__} built no loss terms")
         return total, sums
 
     def loss_terms(self, batch: Batch) -> list[LossTerm]:

@@ -60,7 +60,7 @@ class ImageTermsConfig:
 class ImageTerms:
     """Adds ℓ_CoPO and ℓ_AnchPO to an algorithm's per-sample losses, with β the algorithm's chosen-side scale."""
 
-    def __init__(self, policy: Any, config: ImageTermsConfig, beta: float):
+    def __init__(self, policy: CorruptibleImagePolicy, config: ImageTermsConfig, beta: float):
         self.policy, self.config, self.beta = policy, config, beta
         self.conditional = config.conditional_weight > 0
         self.anchor = config.anchor_weight > 0

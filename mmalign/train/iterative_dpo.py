@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from mmalign.core.data import Row
+from mmalign.core.policy import SequencePolicy
 from mmalign.core.reward import Reward, score
 from mmalign.core.types import Batch
 from mmalign.train.online import OnlineDPO, OnlineDPOConfig, process_info
@@ -65,7 +66,11 @@ class IterativeDPOConfig(OnlineDPOConfig):
 class IterativeDPO(OnlineDPO):
     """Seed 003's iterative online DPO: all samples of an iteration come from the policy at its start."""
 
-    def __init__(self, policy: Any, prompts: Sequence[Row], reward: Reward, config: IterativeDPOConfig):
+    config: IterativeDPOConfig
+
+    def __init__(
+        self, policy: SequencePolicy, prompts: Sequence[Row], reward: Reward, config: IterativeDPOConfig
+    ):
         super().__init__(policy, prompts, reward, config)
         if (
             config.reference == "previous"

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from mmalign.core.data import Row
+from mmalign.core.policy import SequencePolicy
 from mmalign.objectives.preference import kto_kl_estimate, kto_loss
 from mmalign.objectives.sequence import sequence_logps
 from mmalign.train.algorithm import AlgorithmBase
@@ -31,7 +32,7 @@ class KTOAlgorithm(AlgorithmBase):
 
     online = False
 
-    def __init__(self, policy: Any, rows: Sequence[Row], config: KTOConfig):
+    def __init__(self, policy: SequencePolicy, rows: Sequence[Row], config: KTOConfig):
         self.policy, self.config = policy, config
         self.train_examples = []
         for row in rows:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from mmalign.core.policy import DiffusionPolicy, SequencePolicy
 from mmalign.core.registry import AlgorithmSpec, register_algorithm
 from mmalign.objectives.preference import PREFERENCE_LOSSES
 from mmalign.train.diffusion_nft import DiffusionNFT, DiffusionNFTConfig
 from mmalign.train.diffusion_pg import DiffusionPGConfig, DiffusionPolicyGradient
 from mmalign.train.diffusion_preference import PairDenoisingScores
+from mmalign.train.image_terms import CorruptibleImagePolicy
 from mmalign.train.iterative_dpo import IterativeDPO, IterativeDPOConfig
 from mmalign.train.kto import KTOAlgorithm, KTOConfig
 from mmalign.train.mdpo import MDPOAlgorithm, MDPOConfig
@@ -47,7 +49,7 @@ def _loss_needs(name: str) -> frozenset[str]:
 
 def _config_needs(config: PreferenceConfig) -> dict[str, str]:
     """Capabilities the chosen loss and settings need (`loss` may differ from the name's, e.g. via `loss_type`)."""
-    needs = {capability: f"loss: {config.loss}" for capability in _loss_needs(config.loss)}
+    needs = {capability: f"loss: {config.loss}" for capability in _loss_needs(config.loss_name)}
     if config.length_normalize:
         needs["token_lengths"] = "length_normalize: true"
     if config.rpo_alpha:
@@ -63,11 +65,13 @@ def _about(loss: str) -> str:
     return doc[0] if doc else loss
 
 
-def _preference(policy: Any, inputs: Any, config: PreferenceConfig) -> PreferenceAlgorithm:
+def _preference(policy: SequencePolicy, inputs: Any, config: PreferenceConfig) -> PreferenceAlgorithm:
     return PreferenceAlgorithm(policy, inputs.rows["pairs"], config)
 
 
-def _diffusion_preference(policy: Any, inputs: Any, config: PreferenceConfig) -> PreferenceAlgorithm:
+def _diffusion_preference(
+    policy: DiffusionPolicy, inputs: Any, config: PreferenceConfig
+) -> PreferenceAlgorithm:
     return PreferenceAlgorithm(PairDenoisingScores(policy), inputs.rows["pairs"], config)
 
 
@@ -115,11 +119,11 @@ register_algorithm(
 )
 
 
-def _povid(policy: Any, inputs: Any, config: POVIDConfig) -> POVIDAlgorithm:
+def _povid(policy: CorruptibleImagePolicy, inputs: Any, config: POVIDConfig) -> POVIDAlgorithm:
     return POVIDAlgorithm(policy, inputs.rows["pairs"], config)
 
 
-def _dense_dpo(policy: Any, inputs: Any, config: DenseDPOConfig) -> DenseDPOAlgorithm:
+def _dense_dpo(policy: CorruptibleImagePolicy, inputs: Any, config: DenseDPOConfig) -> DenseDPOAlgorithm:
     return DenseDPOAlgorithm(policy, inputs.rows["corrections"], config)
 
 
@@ -163,11 +167,13 @@ for _name in ("rlhfv", "dense_dpo"):
 
 
 # ------------------------------------------------------------------------------------------- online
-def _online_dpo(policy: Any, inputs: Any, config: OnlineDPOConfig) -> OnlineDPO:
+def _online_dpo(policy: SequencePolicy, inputs: Any, config: OnlineDPOConfig) -> OnlineDPO:
     return OnlineDPO(policy, inputs.rows["prompts"], inputs.reward, config)
 
 
-def _online_diffusion_dpo(policy: Any, inputs: Any, config: OnlineDPOConfig) -> OnlineDiffusionDPO:
+def _online_diffusion_dpo(
+    policy: DiffusionPolicy, inputs: Any, config: OnlineDPOConfig
+) -> OnlineDiffusionDPO:
     return OnlineDiffusionDPO(policy, inputs.rows["prompts"], inputs.reward, config)
 
 
@@ -200,7 +206,7 @@ for _name in ("online_dpo", "online_diffusion_dpo"):
     )
 
 
-def _iterative_dpo(policy: Any, inputs: Any, config: IterativeDPOConfig) -> IterativeDPO:
+def _iterative_dpo(policy: SequencePolicy, inputs: Any, config: IterativeDPOConfig) -> IterativeDPO:
     return IterativeDPO(policy, inputs.rows["prompts"], inputs.reward, config)
 
 
@@ -219,12 +225,12 @@ register_algorithm(
 )
 
 
-def _sequence_pg(policy: Any, inputs: Any, config: PolicyGradientConfig) -> SequencePolicyGradient:
+def _sequence_pg(policy: SequencePolicy, inputs: Any, config: PolicyGradientConfig) -> SequencePolicyGradient:
     return SequencePolicyGradient(policy, inputs.rows["prompts"], inputs.reward, config)
 
 
 # the names and what they imply; a preset's settings are defaults a recipe may override (one config class)
-SEQUENCE_PG_PRESETS = {
+SEQUENCE_PG_PRESETS: dict[str, tuple[dict[str, Any], str]] = {
     "reinforce": ({"advantage": "reinforce"}, "REINFORCE with the batch-mean baseline"),
     "rloo": (
         {"advantage": "rloo"},
@@ -251,7 +257,7 @@ SEQUENCE_PG_PRESETS = {
         "GSPO: the length-normalised sequence importance ratio, clipped per sequence",
     ),
 }
-for _name, (_defaults, _about) in SEQUENCE_PG_PRESETS.items():
+for _name, (_defaults, _description) in SEQUENCE_PG_PRESETS.items():
     register_algorithm(
         AlgorithmSpec(
             _name,
@@ -261,14 +267,14 @@ for _name, (_defaults, _about) in SEQUENCE_PG_PRESETS.items():
             _sequence_pg,
             data=("prompts",),
             defaults=_defaults,
-            description=_about,
+            description=_description,
             online=True,
             tiny={} if _name == "reinforce" else {"samples_per_prompt": 2},
         )
     )
 
 
-def _ppo(policy: Any, inputs: Any, config: PPOConfig) -> PPO:
+def _ppo(policy: SequencePolicy, inputs: Any, config: PPOConfig) -> PPO:
     return PPO(policy, inputs.rows["prompts"], inputs.reward, config)
 
 
@@ -287,7 +293,7 @@ register_algorithm(
 )
 
 
-def _diffusion_pg(policy: Any, inputs: Any, config: DiffusionPGConfig) -> DiffusionPolicyGradient:
+def _diffusion_pg(policy: DiffusionPolicy, inputs: Any, config: DiffusionPGConfig) -> DiffusionPolicyGradient:
     return DiffusionPolicyGradient(
         policy, inputs.rows["prompts"], inputs.reward, config, targets=inputs.rows.get("targets", [])
     )
@@ -301,7 +307,7 @@ def _data_needs(config: DiffusionPGConfig) -> dict[str, str]:
     return {}
 
 
-for _name, _defaults, _tiny, _about in (
+for _name, _defaults, _tiny, _description in (
     ("ddpo", {}, {}, "DDPO: PPO-clip (or the score function) over denoising steps"),
     ("dpok", {}, {"kl_coef": 0.1}, "DPOK: DDPO + KL to the base model's step distributions (kl_coef)"),
     (
@@ -327,7 +333,7 @@ for _name, _defaults, _tiny, _about in (
             data=("prompts",),
             optional_data=("targets",),
             defaults=_defaults,
-            description=_about,
+            description=_description,
             online=True,
             config_needs=_data_needs,
             tiny=_tiny,
@@ -335,7 +341,7 @@ for _name, _defaults, _tiny, _about in (
     )
 
 
-def _diffusion_nft(policy: Any, inputs: Any, config: DiffusionNFTConfig) -> DiffusionNFT:
+def _diffusion_nft(policy: DiffusionPolicy, inputs: Any, config: DiffusionNFTConfig) -> DiffusionNFT:
     return DiffusionNFT(policy, inputs.rows["prompts"], inputs.reward, config)
 
 
@@ -380,7 +386,7 @@ register_algorithm(
 
 
 # ---------------------------------------------------------------------------------------- reward backprop
-def _reward_backprop(policy: Any, inputs: Any, config: RewardBackpropConfig) -> RewardBackprop:
+def _reward_backprop(policy: DiffusionPolicy, inputs: Any, config: RewardBackpropConfig) -> RewardBackprop:
     return RewardBackprop(
         policy, inputs.rows["prompts"], inputs.reward, config, targets=inputs.rows.get("targets", [])
     )
@@ -390,7 +396,7 @@ def _pretrain_needs(config: RewardBackpropConfig) -> dict[str, str]:
     return {"real_targets": "pretrain_loss_coef"} if config.uses_data else {}
 
 
-for _name, _defaults, _about in (
+for _name, _defaults, _description in (
     (
         "alignprop",
         {"truncation": "uniform"},
@@ -423,7 +429,7 @@ for _name, _defaults, _about in (
             optional_data=("targets",),
             needs=frozenset({"differentiable_decode"}),
             defaults=_defaults,
-            description=_about,
+            description=_description,
             online=True,
             config_needs=_pretrain_needs,
             needs_differentiable_reward=True,

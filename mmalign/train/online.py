@@ -25,7 +25,7 @@ import torch
 
 from mmalign.core.config import RecipeError, to_dataclass
 from mmalign.core.data import Row
-from mmalign.core.policy import SequencePolicy
+from mmalign.core.policy import Policy, SequencePolicy
 from mmalign.core.reward import Reward, score
 from mmalign.core.types import Batch
 from mmalign.objectives import policy_gradient as PG
@@ -92,11 +92,21 @@ def model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
     return {name[len(INPUTS) :]: v for name, v in batch.fields.items() if name.startswith(INPUTS)}
 
 
-def policy_device(policy: Any) -> torch.device:
+def policy_device(policy: Policy) -> torch.device:
     return next(policy.module.parameters()).device
 
 
 # ----------------------------------------------------------------------------------------------- pairs
+def _first_max(group: list[float]) -> int:
+    """Index of a group's highest reward, the first of equal maxima."""
+    return max(range(len(group)), key=lambda j: (group[j], -j))
+
+
+def _last_min(group: list[float]) -> int:
+    """Index of a group's lowest reward, the last of equal minima."""
+    return min(range(len(group)), key=lambda j: (group[j], -j))
+
+
 def select_pairs(
     rewards: torch.Tensor, rule: str = "max_min", generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,9 +125,9 @@ def select_pairs(
         raise ValueError(f"rewards must be [prompts, k ≥ 2], got shape {tuple(rewards.shape)}")
     p, k = rewards.shape
     groups = rewards.tolist()
-    best = torch.tensor([max(range(k), key=lambda j, g=g: (g[j], -j)) for g in groups])
+    best = torch.tensor([_first_max(g) for g in groups])
     if rule == "max_min":
-        worst = torch.tensor([min(range(k), key=lambda j, g=g: (g[j], -j)) for g in groups])
+        worst = torch.tensor([_last_min(g) for g in groups])
         return best, worst
     if rule == "max_random":
         offset = torch.randint(1, k, (p,), generator=generator)
@@ -176,12 +186,12 @@ class OnlineDPO(AlgorithmBase):
         self.policy, self.prompts, self.reward, self.config = policy, list(prompts), reward, config
         self.samples_per_prompt = config.samples_per_prompt
         preference = to_dataclass(PreferenceConfig, config.preference, "algorithm.preference")
-        if not PREFERENCE_LOSSES[preference.loss].per_pair:
+        if not PREFERENCE_LOSSES[preference.loss_name].per_pair:
             raise RecipeError(
                 f"algorithm.preference.loss {preference.loss!r} sorts the batch, so its losses are not per pair "
                 "and cannot take the weight 0 of tied pairs"
             )
-        if PREFERENCE_LOSSES[preference.loss].needs_score_diff:
+        if PREFERENCE_LOSSES[preference.loss_name].needs_score_diff:
             raise RecipeError(
                 f"algorithm.preference.loss {preference.loss!r} reads scores stored on offline rows; online pairs "
                 "have none"
@@ -439,20 +449,26 @@ class SequencePolicyGradient(AlgorithmBase):
         self, policy: SequencePolicy, prompts: Sequence[Row], reward: Reward, config: PolicyGradientConfig
     ):
         self.policy, self.prompts, self.reward, self.config = policy, list(prompts), reward, config
-        self.samples_per_prompt = config.samples_per_prompt
+        if config.samples_per_prompt is None:
+            raise ValueError("samples_per_prompt is unset (PolicyGradientConfig.__post_init__ sets it)")
+        self.samples_per_prompt: int = config.samples_per_prompt
         self.estimator = make_advantage_estimator(config.advantage)
-        self.max_new_tokens = getattr(policy, "max_new_tokens", None)
+        self.max_new_tokens: int | None = getattr(policy, "max_new_tokens", None)
         needs_length = config.loss_type == "dr_grpo" or config.soft_punish_cache is not None
         if needs_length and not self.max_new_tokens:
             raise ValueError("loss_type dr_grpo and soft_punish_cache need the policy's max_new_tokens")
-        if config.soft_punish_cache is not None and config.soft_punish_cache > self.max_new_tokens:
+        if (
+            config.soft_punish_cache is not None
+            and self.max_new_tokens is not None  # checked just above
+            and config.soft_punish_cache > self.max_new_tokens
+        ):
             raise ValueError(
                 f"soft_punish_cache ({config.soft_punish_cache}) must be ≤ model.max_new_tokens ({self.max_new_tokens})"
             )
 
     @torch.no_grad()
     def rollout(self, rows: Sequence[Row]) -> tuple[Batch, dict[str, float]]:
-        cfg, policy, g = self.config, self.policy, self.config.samples_per_prompt
+        cfg, policy, g = self.config, self.policy, self.samples_per_prompt
         prompts = [policy.prompt_of(r) for r in rows]
         outputs = policy.generate(prompts, num_samples=g)
         reward_prompts = [policy.reward_prompt(r) for r in rows for _ in range(g)]
@@ -461,6 +477,7 @@ class SequencePolicyGradient(AlgorithmBase):
         eos = policy.tokenizer.eos_token_id
         truncated = torch.tensor([not o["response_ids"] or o["response_ids"][-1] != eos for o in outputs])
         if cfg.soft_punish_cache is not None:
+            assert self.max_new_tokens is not None  # __init__: soft_punish_cache needs it
             rewards = rewards + soft_overlong_punishment(lengths, self.max_new_tokens, cfg.soft_punish_cache)
 
         inputs = policy.collate_completions(completion_examples(prompts, outputs, g))

@@ -20,7 +20,7 @@ from mmalign.core.data import Row
 from mmalign.objectives import preference as P
 from mmalign.objectives.sequence import sequence_logps
 from mmalign.train.algorithm import AlgorithmBase
-from mmalign.train.image_terms import ImageTerms, ImageTermsConfig
+from mmalign.train.image_terms import CorruptibleImagePolicy, ImageTerms, ImageTermsConfig
 
 NOISY_CONTEXTS = ("clean", "noisy")
 
@@ -71,7 +71,7 @@ class POVIDAlgorithm(AlgorithmBase):
 
     online = False
 
-    def __init__(self, policy: Any, rows: Sequence[Row], config: POVIDConfig):
+    def __init__(self, policy: CorruptibleImagePolicy, rows: Sequence[Row], config: POVIDConfig):
         self.policy, self.config = policy, config
         self.terms = ImageTerms(policy, config, config.alpha)
         self.use_noisy = config.beta2 > 0
@@ -174,7 +174,7 @@ class DenseDPOAlgorithm(AlgorithmBase):
 
     online = False
 
-    def __init__(self, policy: Any, rows: Sequence[Row], config: DenseDPOConfig):
+    def __init__(self, policy: CorruptibleImagePolicy, rows: Sequence[Row], config: DenseDPOConfig):
         if config.gamma < 0:
             raise ValueError(f"algorithm.gamma must be >= 0, got {config.gamma}")
         self.policy, self.config = policy, config

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 from mmalign.core.data import Row
 from mmalign.core.reward import Reward, score
@@ -97,8 +98,14 @@ def attach_value_function(policy: Any, value_model: str | None) -> None:
         raise ValueError("the policy already has a value head (was ppo built twice on one policy?)")
     names = [VALUE_HEAD]
     if value_model is not None:
-        network = type(_base_model(module)).from_pretrained(value_model)
-        network.to(policy_device(policy)).requires_grad_(True)
+        base_class = type(_base_model(module))
+        if not issubclass(base_class, PreTrainedModel):
+            raise ValueError(
+                f"algorithm.value_model loads a transformers model; the policy's network is a {base_class.__name__}"
+            )
+        network = base_class.from_pretrained(value_model)
+        # transformers wraps `to` with functools.wraps(torch.nn.Module.to), which types it as unbound
+        network.to(policy_device(policy)).requires_grad_(True)  # type: ignore[arg-type]
         module.add_module(VALUE_MODEL, network)
         names.append(VALUE_MODEL)
         width = network.get_output_embeddings().weight.shape[1]
@@ -112,12 +119,14 @@ def attach_value_function(policy: Any, value_model: str | None) -> None:
     if base is module:  # full fine-tuning saves the module's state dict: leave the value function out
         ignored = set(getattr(module, "_keys_to_ignore_on_save", None) or ())
         ignored |= {n for n in module.state_dict() if n.split(".")[0] in names}
-        module._keys_to_ignore_on_save = ignored
+        # torch types Module attributes as Tensor | Module; transformers reads this set when saving
+        module._keys_to_ignore_on_save = ignored  # type: ignore[assignment]
 
 
 def _base_model(module: torch.nn.Module) -> torch.nn.Module:
     """The transformers model under a peft wrapper (the module itself without one)."""
-    return module.get_base_model() if hasattr(module, "get_base_model") else module
+    get_base_model = getattr(module, "get_base_model", None)
+    return get_base_model() if get_base_model is not None else module
 
 
 class PPO(AlgorithmBase):
@@ -141,6 +150,8 @@ class PPO(AlgorithmBase):
                 **self.policy._model_inputs(inputs, device), use_cache=False, output_hidden_states=True
             )
             hidden = out.hidden_states[-1][:, :-1]
+        if hidden is None:
+            raise ValueError("the value head reads the policy's hidden states; none were computed")
         return getattr(module, VALUE_HEAD)(hidden.float()).squeeze(-1)
 
     def _forward(self, inputs: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:

@@ -121,7 +121,7 @@ class PreferenceConfig:
 
     def __post_init__(self) -> None:
         self._take_trl_names()
-        entry = P.PREFERENCE_LOSSES.get(self.loss)
+        entry = P.PREFERENCE_LOSSES.get(self.loss_name)
         if entry is None:
             known = ", ".join(P.PREFERENCE_LOSSES)
             raise ValueError(f"algorithm.loss must be one of {known}; got {self.loss!r}")
@@ -131,7 +131,7 @@ class PreferenceConfig:
                 raise ValueError(f"algorithm.{key} is not read by loss {self.loss!r}; got {value!r}")
             if value is None and key in entry.defaults:
                 setattr(self, key, entry.defaults[key])
-        P.check_loss_params(self.loss, self, where="algorithm.")
+        P.check_loss_params(self.loss_name, self, where="algorithm.")
         if self.rpo_alpha is not None:
             if not (math.isfinite(self.rpo_alpha) and self.rpo_alpha >= 0):
                 raise ValueError(f"algorithm.rpo_alpha must be >= 0, got {self.rpo_alpha}")
@@ -172,6 +172,13 @@ class PreferenceConfig:
             self.loss = loss
             self.length_normalize = self.length_normalize or normalized
         self.loss = self.loss or "dpo"
+
+    @property
+    def loss_name(self) -> str:
+        """`loss` as __post_init__ resolves it (from trl's names, else "dpo"): always set on a built config."""
+        if self.loss is None:
+            raise ValueError("algorithm.loss is unset (PreferenceConfig.__post_init__ sets it)")
+        return self.loss
 
     def _take_trl_loss_list(self) -> None:
         """trl's `loss_type: [<loss>, sft]` with `loss_weights: [1, α]` is `<loss>` with `rpo_alpha: α`."""
@@ -215,7 +222,7 @@ class PreferenceAlgorithm(AlgorithmBase):
 
     def __init__(self, policy: Any, rows: Sequence[Row], config: PreferenceConfig):
         self.policy, self.config = policy, config
-        self.entry = P.PREFERENCE_LOSSES[config.loss]
+        self.entry = P.PREFERENCE_LOSSES[config.loss_name]
         self.packed = config.share_prompt or config.padding_free
         if self.packed and not hasattr(policy, "collate_pairs_packed"):
             key = "share_prompt" if config.share_prompt else "padding_free"
@@ -285,8 +292,8 @@ class PreferenceAlgorithm(AlgorithmBase):
     def loss(self, examples: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ref = None
         if self.needs_reference and self._ref_cache is not None:
-            ref = torch.tensor([self._ref_cache[e["index"]] for e in examples])
-            ref = (ref[:, 0], ref[:, 1])
+            cached = torch.tensor([self._ref_cache[e["index"]] for e in examples])
+            ref = (cached[:, 0], cached[:, 1])
         score_diff = [e["score_diff"] for e in examples] if self.entry.needs_score_diff else None
         return self.batch_loss(self._collate(examples), len(examples), ref, score_diff)
 

@@ -59,6 +59,7 @@ def plot_curves(run_dir: Path, out: Path, summary: dict[str, Any] | None = None)
     rows = read_metrics(run_dir)
     train = sorted({k for r in rows for k in r if k.startswith("train/") and _plottable(r[k])})
     held_out = held_out_series(rows, summary)
+    panels: list[tuple[str, str | None, list[tuple[int, float]]]]
     panels = [(f"held-out: {k}", None, pts) for k, pts in held_out.items()]
     panels += [(k, k, [(r["step"], r[k]) for r in rows if _plottable(r.get(k))]) for k in train]
     if not panels:

@@ -259,11 +259,14 @@ class RewardBackprop(AlgorithmBase):
     # ----------------------------------------------------------------------------------------------- loss
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-sample loss: the sum of `loss_terms`."""
-        total, metrics = None, {}
+        total: torch.Tensor | None = None
+        metrics: dict[str, torch.Tensor] = {}
         for term in self.loss_terms(batch):
             losses, more = term()
             total = losses if total is None else total + losses
             metrics.update(more)
+        if total is None:
+            raise RuntimeError(f"{type(self).__name__} built no loss terms")
         return total, metrics
 
     def loss_terms(self, batch: Batch) -> list[LossTerm]:
@@ -307,7 +310,8 @@ class RewardBackprop(AlgorithmBase):
 
     def _kl(self, steps: Sequence[Any], cond: Conditioning) -> torch.Tensor:
         """Σ over the gradient steps of the KL between the policy's and the reference's step Gaussians."""
-        policy, total = self.policy, None
+        policy = self.policy
+        total: torch.Tensor | None = None
         for step in steps:
             t = policy.sampler.timesteps(step.sample.device)[step.index]
             with torch.no_grad(), policy.reference():
@@ -315,6 +319,8 @@ class RewardBackprop(AlgorithmBase):
             std = step.output.std if bool((torch.as_tensor(step.output.std) > 0).all()) else 1.0
             kl = gaussian_kl(step.output.mean, ref.mean, std)
             total = kl if total is None else total + kl
+        if total is None:
+            raise ValueError("the KL needs at least one gradient step")
         return total
 
     def _guard_gradient(self, outputs: torch.Tensor) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from mmalign.core.data import Row
+from mmalign.core.policy import SequencePolicy
 from mmalign.objectives.supervised import bradley_terry_loss, nll_loss
 from mmalign.train.algorithm import AlgorithmBase
 
@@ -24,7 +25,7 @@ class SFTAlgorithm(AlgorithmBase):
 
     online = False
 
-    def __init__(self, policy: Any, rows: Sequence[Row], config: SFTConfig):
+    def __init__(self, policy: SequencePolicy, rows: Sequence[Row], config: SFTConfig):
         self.policy, self.config = policy, config
         self.train_examples = [policy.encode_completion(r, config.field) for r in rows]
 

@@ -29,7 +29,14 @@ from transformers import get_scheduler
 from mmalign.core.errors import MmalignError
 from mmalign.core.policy import Policy
 from mmalign.train import checkpoint as ckpt
-from mmalign.train.algorithm import Algorithm, Evaluator, LossTerm, Report
+from mmalign.train.algorithm import (
+    Algorithm,
+    Evaluator,
+    LossTerm,
+    OfflineAlgorithm,
+    OnlineAlgorithm,
+    Report,
+)
 from mmalign.train.logging import MetricsLogger
 from mmalign.train.run_dir import atomic_dir, prepare_run_dir, read_before, write_json_atomic
 
@@ -200,7 +207,7 @@ class Trainer:
     ):
         if config.num_train_epochs is not None:
             online = algorithm.online
-            n = len(algorithm.prompts) if online else len(algorithm.train_examples)
+            n = len(_online(algorithm).prompts) if online else len(_offline(algorithm).train_examples)
             config = config.for_data(
                 n, online=online, samples_per_prompt=getattr(algorithm, "samples_per_prompt", 1)
             )
@@ -298,8 +305,9 @@ class Trainer:
             if cfg.resume
             else (None, [])
         )
-        for note in skipped:
-            logger.event(f"{note}; resuming from {last.name} instead")
+        if last is not None:  # checkpoints are skipped only on the way to a valid one
+            for note in skipped:
+                logger.event(f"{note}; resuming from {last.name} instead")
         before = self._before_metrics(logger)  # of the starting weights, so before any checkpoint is restored
         logger.held_out(0, before)
         if last is not None:
@@ -328,7 +336,7 @@ class Trainer:
                     metrics.update(rollout_metrics)
                 micro_batches = self._split_local(rollout)
             else:
-                examples = self.algorithm.train_examples
+                examples = _offline(self.algorithm).train_examples
                 idx = self._global_indices(len(examples), step, cfg.batch_size)
                 micro_batches = [
                     self._local([examples[i] for i in idx[m * self.micro_batch : (m + 1) * self.micro_batch]])
@@ -378,7 +386,7 @@ class Trainer:
 
     def _rollout(self, index: int) -> tuple[list[Any], dict[str, float]]:
         """Sample this process's share of the rollout's prompts and let the algorithm score them."""
-        alg, cfg = self.algorithm, self.config
+        alg, cfg = _online(self.algorithm), self.config
         n_prompts = cfg.rollout_prompts or cfg.batch_size // alg.samples_per_prompt
         if n_prompts % self.accelerator.num_processes:
             raise ValueError(f"rollout prompts ({n_prompts}) must divide by the number of processes")
@@ -460,7 +468,8 @@ class Trainer:
     def _before_metrics(self, logger: MetricsLogger) -> dict[str, float]:
         """Metrics of the starting model, kept across resumes while its weights and evaluation set are the same."""
         path, acc = self.run_dir / "before.json", self.accelerator
-        fingerprint, stored = {}, [None]
+        fingerprint: dict[str, str] = {}
+        stored: list[tuple[dict[str, float] | None, str | None] | None] = [None]
         if acc.is_main_process:
             fingerprint = {"weights": ckpt.state_digest(self.policy.module.state_dict()), **self.fingerprint}
             stored = [read_before(path, fingerprint)]
@@ -534,6 +543,22 @@ class Trainer:
         scheduler.load_state_dict({**scheduler.state_dict(), **ckpt.load_state(path, "scheduler")})
         self.algorithm.load_state_dict(ckpt.load_state(path, "algorithm"))
         return int(trainer["step"]), float(trainer["elapsed"])
+
+
+def _online(algorithm: Algorithm) -> OnlineAlgorithm:
+    """An algorithm that says it is online, as one: it must have prompts, samples_per_prompt and rollout."""
+    if not isinstance(algorithm, OnlineAlgorithm):
+        raise TypeError(
+            f"{type(algorithm).__name__} is online but lacks prompts, samples_per_prompt or rollout"
+        )
+    return algorithm
+
+
+def _offline(algorithm: Algorithm) -> OfflineAlgorithm:
+    """An algorithm that says it is offline, as one: it must have train_examples."""
+    if not isinstance(algorithm, OfflineAlgorithm):
+        raise TypeError(f"{type(algorithm).__name__} is offline but has no train_examples")
+    return algorithm
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
