@@ -30,7 +30,7 @@ from mmalign.vision.flux_policy import FluxPolicy
 from mmalign.vision.sd3_policy import SD3Policy
 from mmalign.vision.sdxl_policy import SDXLPolicy
 
-PROMPTS = ["a handwritten seven", "the digit one", "a drawn 3", "the number 5"]
+PROMPTS = ["a handwritten seven", "the digit one", "a drawing of the number", "the number 5"]
 ROWS = rows_from_records([{"prompt": p} for p in PROMPTS])
 
 
