@@ -24,7 +24,7 @@ from mmalign.train.trainer import TrainConfig, Trainer
 from mmalign.vision.diffusion_policy import DiffusionImagePolicy
 from mmalign.vision.rewards import JpegCompressibility
 
-PROMPTS = ["a handwritten seven", "the digit one", "a drawing of the number", "the number 5"]
+PROMPTS = ["a handwritten seven", "the digit one", "a drawing of a 3", "the number 5"]
 ROWS = rows_from_records([{"prompt": p} for p in PROMPTS])
 
 
