@@ -259,17 +259,15 @@ def _tiny_flow() -> dict[str, Any]:
     }
 
 
-def _tiny_untrained(kind: str) -> Callable[[], dict[str, Any]]:
-    """An untrained tiny pipeline of `kind` (zoo://pipelines-tiny) on image-tiny's prompts, pairs and scorers."""
+def _tiny_untrained(kind: str, **model: Any) -> Callable[[], dict[str, Any]]:
+    """An untrained tiny pipeline of `kind` (zoo://pipelines-tiny) on image-tiny's prompts, pairs and scorers, with
+    `model` settings added to the recipe's `model:` section."""
 
     def tiny() -> dict[str, Any]:
         recipe = _tiny_image()
         name = kind.removeprefix("diffusion_")
-        recipe["model"] = {**recipe["model"], "kind": kind, "name_or_path": f"zoo://pipelines-tiny/{name}"}
-        if (
-            kind == "diffusion_flux"
-        ):  # FLUX's default side is 1024 px; the tiny pipeline draws image-tiny's 16 px
-            recipe["model"].update(resolution=16, max_sequence_length=8)
+        path = f"zoo://pipelines-tiny/{name}"
+        recipe["model"] = {**recipe["model"], "kind": kind, "name_or_path": path, **model}
         return recipe
 
     return tiny
@@ -318,7 +316,11 @@ register_model_kind(
         capabilities=_IMAGE_CAPABILITIES,
         outputs="image",
         description="FLUX.1 (packed-latent MM-DiT flow matching, guidance embedding; ODE or SDE sampling)",
-        tiny=_tiny_untrained("diffusion_flux"),
+        tiny=_tiny_untrained(
+            "diffusion_flux",
+            resolution=16,
+            max_sequence_length=8,  # FLUX draws 1024 px by default; image-tiny is 16 px
+        ),
     )
 )
 
