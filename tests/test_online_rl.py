@@ -485,3 +485,22 @@ def test_a_rollout_without_prompts_is_refused_before_loading(tiny_world):
         RecipeError, match=r"train.batch_size \(4\) is smaller than algorithm.samples_per_prompt \(8\)"
     ):
         plan(recipe)
+
+
+def test_reinforce_baseline_is_the_mean_over_every_process(tiny_world, monkeypatch):
+    """N processes = 1 process: rank 0 of 2 subtracts the mean reward of both ranks' samples, not its own."""
+    import mmalign.train.online as online
+
+    run = build_run(_recipe({"name": "reinforce"}))
+    algorithm = run.algorithm
+    other_rank = torch.full((4,), 0.75)  # rewards the other process drew
+    monkeypatch.setattr(online, "process_info", lambda: (0, 2))
+    monkeypatch.setattr(
+        online,
+        "gather_all",
+        lambda v: torch.cat([v, other_rank.to(v.dtype) if v.dtype.is_floating_point else v]),
+    )
+    batch, _, rewards = _rollout(algorithm, 4, FirstDigit())
+    everyone = torch.cat([rewards, other_rank])
+    assert torch.allclose(batch["advantages"].float(), rewards - everyone.mean(), atol=1e-6)
+    assert not torch.allclose(rewards - everyone.mean(), rewards - rewards.mean())
