@@ -41,7 +41,8 @@ def _tiny(recipe: dict, tmp_path: Path, full_eval: bool = False) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name", ["dlpo_digits", "dlpo_no_diffusion_loss", "ddpo_digits", "diffusion_dpo_online"]
+    "name",
+    ["dlpo_digits", "dlpo_no_diffusion_loss", "ddpo_digits", "diffusion_dpo_online", "diffusion_dpo_offline"],
 )
 def test_speech_recipe_trains_and_reports(speech_tiny, tmp_path, name):
     from mmalign.run import build_run

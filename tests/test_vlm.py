@@ -232,6 +232,27 @@ def test_generate_is_greedy_and_deterministic(tiny_dir):
     assert a[0]["prompt_ids"].count(policy.image_token_id) == IMAGE_TOKENS
 
 
+def test_generate_never_samples_the_image_placeholder(tiny_dir):
+    """A response holding <image> has no features to fill it: scoring it fails inside LLaVA's forward."""
+    policy = _policy(tiny_dir, max_new_tokens=6)
+    head = policy.module.get_output_embeddings()
+    favour = head.register_forward_hook(
+        lambda m, i, out: out.index_add(
+            -1, torch.tensor([policy.image_token_id]), torch.full((*out.shape[:-1], 1), 100.0)
+        )
+    )
+    image = Image.open(tiny_dir / "images" / "0.png").convert("RGB")
+    prompt = {"prompt": "describe the digit.", "image": image}
+    try:
+        out = policy.generate([prompt] * 2, greedy=True) + policy.generate([prompt], num_samples=3)
+    finally:
+        favour.remove()
+    assert all(policy.image_token_id not in o["response_ids"] and o["response_ids"] for o in out)
+    pixels = policy.pixel_values([image])[0]
+    batch = policy.collate_completions([{**o, "pixel_values": pixels} for o in out])
+    assert torch.isfinite(policy.sequence_logprobs(batch).token_logps).all()  # the responses can be scored
+
+
 # ------------------------------------------------------------------------------------------- algorithms
 def test_noisy_response_is_scored_under_the_clean_image(tiny_dir):
     policy = _policy(tiny_dir)

@@ -10,7 +10,7 @@ import pytest
 
 from mmalign.core.config import load_recipe
 from mmalign.core.data import DataError, read_rows
-from mmalign.run import build_run
+from mmalign.run import build_run, validate
 from mmalign.train.trainer import Trainer
 from mmalign.vision import vlm_digits as D
 
@@ -58,6 +58,29 @@ def test_vlm_recipes_train_and_report_hallucination(vlm_tiny, tmp_path, recipe):
     for key in ("chair_s", "chair_i", "digit_accuracy", "pope_accuracy", "response_tokens", "distinct_1"):
         assert key in summary["before"] and key in summary["after"]
     assert (tmp_path / "report.md").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["online_dpo", "grpo"])
+def test_vlm_online_recipes_sample_score_and_train(vlm_tiny, tmp_path, recipe):
+    overrides = [
+        *_tiny(recipe)[:-1],
+        "data.prompts=zoo://vlm-tiny/train_describe.jsonl",
+        "algorithm.samples_per_prompt=2",
+    ]
+    config = load_recipe(ROOT / "vision" / f"vlm_{recipe}.yaml", overrides)
+    checked = validate(config)
+    assert checked["algorithm"]["name"] == recipe and checked["rewards"][-1] == "vlm_statements"
+    policy, algorithm, train_cfg, evaluator, report = build_run(config)
+    summary = Trainer(policy, algorithm, train_cfg, tmp_path, evaluator=evaluator, report=report).train()
+    assert summary["steps"] == 2
+    for key in ("chair_s", "chair_i", "pope_accuracy"):
+        assert key in summary["before"] and key in summary["after"]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rewards = [
+        r["rollout/reward"] for r in rows if "rollout/reward" in r
+    ]  # one per rollout (grpo: 2 steps each)
+    assert rewards and all(-1 <= r <= 1 for r in rewards)
 
 
 def test_llava15_recipe_path_on_a_local_tiny_llava(vlm_tiny, tmp_path):

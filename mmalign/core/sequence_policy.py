@@ -267,8 +267,10 @@ class LanguageModelPolicy(TrainableModule):
         greedy: bool,
         max_new_tokens: int | None,
         generator_seed: int | None,
+        suppress_token_ids: Sequence[int] = (),
     ) -> list[dict[str, Any]]:
-        """Left-pad prompt ids, decode, and cut each response after eos; `extra_inputs` go to the model as is."""
+        """Left-pad prompt ids, decode, and cut each response after eos; `extra_inputs` go to the model as is and
+        `suppress_token_ids` are never sampled (e.g. a VLM's image placeholder, which a response must not hold)."""
         was_training = self.module.training
         self.module.eval()
         width = max(map(len, encoded))
@@ -294,6 +296,7 @@ class LanguageModelPolicy(TrainableModule):
             top_p=None if greedy else 1.0,
             pad_token_id=pad,
             eos_token_id=self.tokenizer.eos_token_id,
+            suppress_tokens=list(suppress_token_ids) or None,
         )
         self.module.train(was_training)
         results = []

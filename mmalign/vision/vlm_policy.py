@@ -228,4 +228,6 @@ class VisionLanguagePolicy(LanguageModelPolicy):
             greedy=greedy,
             max_new_tokens=max_new_tokens,
             generator_seed=generator_seed,
+            # an <image> placeholder in a response has no image features: scoring it would fail (and mean nothing)
+            suppress_token_ids=[self.image_token_id],
         )
