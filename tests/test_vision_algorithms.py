@@ -151,10 +151,11 @@ def test_online_diffusion_dpo_learns_its_own_preferences(pipeline_dir, tmp_path)
 
 
 def test_best_and_worst_of_k_by_hand():
-    from mmalign.train.online import OnlineDPOConfig, best_and_worst
+    from mmalign.train.online import OnlineDPOConfig, select_pairs
 
     rewards = torch.tensor([[0.1, 0.9, 0.5, 0.2], [0.3, 0.3, 0.3, 0.3], [0.5, 0.5, 0.2, 0.2]])
-    assert best_and_worst(rewards) == [(1, 0, 1.0), (0, 3, 0.0), (0, 3, 1.0)]
+    chosen, rejected = select_pairs(rewards)  # the first of equal maxima over the last of equal minima
+    assert chosen.tolist() == [1, 0, 0] and rejected.tolist() == [0, 3, 3]
     with pytest.raises(ValueError, match="samples_per_prompt"):
         OnlineDPOConfig(samples_per_prompt=1)
 
