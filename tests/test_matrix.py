@@ -75,7 +75,8 @@ def test_cell_trains_through_the_recipe_path(name, kind, mmalign_home, tmp_path)
 
     if MODEL_KINDS[kind].tiny is None:
         pytest.fail(f"model kind {kind} registers no tiny recipe, so its cells cannot run here")
-    run = build_run(_recipe(name, kind))
+    recipe = _recipe(name, kind)
+    run = build_run(recipe)
     summary = Trainer(
         run.policy, run.algorithm, run.train, tmp_path / "run", evaluator=run.evaluator, report=run.report
     ).train()
@@ -85,4 +86,6 @@ def test_cell_trains_through_the_recipe_path(name, kind, mmalign_home, tmp_path)
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
     if run.evaluator is not None:
         assert summary["before"] and set(summary["before"]) == set(summary["after"])
+        for judge in recipe["eval"].get("judges", []):  # a judge the recipe names is reported, never dropped
+            assert f"{judge['name']}_agreement" in summary["after"], (judge, sorted(summary["after"]))
     assert (tmp_path / "run" / "final").exists() and (tmp_path / "run" / "report.md").exists()

@@ -234,10 +234,13 @@ def flow_evaluation(context: Any) -> tuple[Any, Any]:
     evaluator = DiffusionEvaluator(
         context.prompts,
         context.rewards,
+        judges=context.judges,
+        trained_on=getattr(context.algorithm_reward, "name", None),
         seeds=cfg.seeds,
         batch_size=cfg.batch_size,
         grid_prompts=cfg.n_samples,
         kl=cfg.kl and stochastic,
+        grid_seeds=min(cfg.seeds, 3),
     )
     return EvalSamplerEvaluation(evaluator), ImageSamples()
 
@@ -254,7 +257,13 @@ def _tiny_flow() -> dict[str, Any]:
             "max_sequence_length": 0,
         },
         "data": {"prompts": f"{w}/train_prompts.jsonl", "pairs": "zoo://image-tiny/train_pairs.jsonl"},
-        "eval": {"prompts": f"{w}/eval_prompts.jsonl", "rewards": [classifier], "seeds": 1, "n_samples": 2},
+        "eval": {
+            "prompts": f"{w}/eval_prompts.jsonl",
+            "rewards": [classifier],
+            "judges": [{"name": "digit_judge", "path": "zoo://image-tiny/judge"}],
+            "seeds": 1,
+            "n_samples": 2,
+        },
         "reward": classifier,
     }
 
