@@ -8,6 +8,7 @@ reward. Weights are stored as safetensors next to a JSON config; nothing is unpi
 
 from __future__ import annotations
 
+import abc
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -24,7 +25,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-class Classifier(nn.Module):
+class Classifier(nn.Module, abc.ABC):
     """What every saved classifier offers: logits, log p(label), predictions, penultimate features, save/load.
 
     A subclass sets `architecture` (the name its `config.json` records; the original `ConvClassifier` records none
@@ -35,9 +36,9 @@ class Classifier(nn.Module):
     architecture: ClassVar[str]
     config_class: ClassVar[type]
 
+    @abc.abstractmethod
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:
         """Penultimate-layer features `[batch, dim]` (an embedding for Fréchet distances between output sets)."""
-        raise NotImplementedError
 
     def log_prob(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """log p(label | input) per input: the differentiable prompt–output agreement reward."""
@@ -327,3 +328,18 @@ class PromptedClassReward:
     def features(self, outputs: torch.Tensor) -> torch.Tensor:
         """Penultimate-layer features (an embedding for Fréchet distances between output sets)."""
         return self.classifier.embed(outputs.float())
+
+
+def judge_builder(name: str, example: str) -> Callable[[dict[str, Any], Any], PromptedClassReward]:
+    """The reward builder of an independent judge classifier registered as `name` (`path:` its directory, e.g.
+    `example`): one for every world whose judge is a saved classifier."""
+
+    def build(options: dict[str, Any], context: Any) -> PromptedClassReward:
+        from mmalign.core.config import RecipeError
+        from mmalign.core.paths import resolve
+
+        if "path" not in options:
+            raise RecipeError(f"reward {name!r} needs `path:` (a judge classifier directory, e.g. {example})")
+        return PromptedClassReward.from_pretrained(resolve(options.pop("path")), **{"name": name, **options})
+
+    return build

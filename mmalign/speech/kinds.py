@@ -13,6 +13,7 @@ from mmalign.core.errors import ModelError
 from mmalign.core.model_files import check_pipeline_dir, check_transformers_dir, local_model_dir
 from mmalign.core.paths import resolve
 from mmalign.core.registry import ModelKind, RewardSpec, register_model_kind, register_reward
+from mmalign.evaluation.classifier import judge_builder
 
 
 @dataclass
@@ -279,18 +280,6 @@ def _intelligibility(options: dict[str, Any], context: Any) -> Any:
     return Intelligibility.from_pretrained(resolve(options.pop("path")), **options)
 
 
-def _speech_judge(options: dict[str, Any], context: Any) -> Any:
-    from mmalign.evaluation.classifier import PromptedClassReward
-
-    if "path" not in options:
-        raise RecipeError(
-            "reward 'speech_judge' needs `path:` (a judge recogniser directory, e.g. zoo://speech/judge)"
-        )
-    return PromptedClassReward.from_pretrained(
-        resolve(options.pop("path")), **{"name": "speech_judge", **options}
-    )
-
-
 def _tonality(options: dict[str, Any], context: Any) -> Any:
     from mmalign.speech.rewards import Tonality
 
@@ -322,7 +311,7 @@ register_reward(
 register_reward(
     RewardSpec(
         "speech_judge",
-        _speech_judge,
+        judge_builder("speech_judge", "zoo://speech/judge"),
         "mel",
         True,
         "p(prompted digit | mel) under an independent recogniser (another architecture, seed and voices; eval.judges)",

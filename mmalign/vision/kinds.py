@@ -16,6 +16,7 @@ from mmalign.core.model_files import check_pipeline_dir, check_transformers_dir,
 from mmalign.core.paths import resolve
 from mmalign.core.registry import ModelKind, RewardSpec, register_model_kind, register_reward
 from mmalign.core.tokenizer_checks import check_prompt_length, check_vocabulary, load_tokenizer, text_items
+from mmalign.evaluation.classifier import judge_builder
 from mmalign.vision.flux_policy import FluxModelConfig
 from mmalign.vision.sd3_policy import SD3ModelConfig
 from mmalign.vision.sdxl_policy import SDXLModelConfig
@@ -93,10 +94,9 @@ def _image_size(directory: Path) -> int | None:
         return None
 
 
-def build_stable_diffusion(cfg: DiffusionModelConfig, lora: Any) -> Any:
-    from mmalign.vision.diffusion_policy import DiffusionImagePolicy
-
-    return DiffusionImagePolicy.from_pretrained(
+def _ddpm_family(policy_class: Any, cfg: DiffusionModelConfig, lora: Any) -> Any:
+    """A UNet pipeline policy with the DDPM-family sampler settings of `cfg` (SD 1.x/2.x and SDXL)."""
+    return policy_class.from_pretrained(
         _path(cfg),
         lora=lora,
         dtype=cfg.dtype,
@@ -105,6 +105,12 @@ def build_stable_diffusion(cfg: DiffusionModelConfig, lora: Any) -> Any:
         eta=cfg.eta,
         guidance_scale=cfg.guidance_scale,
     )
+
+
+def build_stable_diffusion(cfg: DiffusionModelConfig, lora: Any) -> Any:
+    from mmalign.vision.diffusion_policy import DiffusionImagePolicy
+
+    return _ddpm_family(DiffusionImagePolicy, cfg, lora)
 
 
 def diffusion_evaluation(context: Any) -> tuple[Any, Any]:
@@ -195,15 +201,7 @@ register_model_kind(
 def build_sdxl(cfg: Any, lora: Any) -> Any:
     from mmalign.vision.sdxl_policy import SDXLPolicy
 
-    return SDXLPolicy.from_pretrained(
-        _path(cfg),
-        lora=lora,
-        dtype=cfg.dtype,
-        sampler=cfg.sampler,
-        num_steps=cfg.num_steps,
-        eta=cfg.eta,
-        guidance_scale=cfg.guidance_scale,
-    )
+    return _ddpm_family(SDXLPolicy, cfg, lora)
 
 
 def build_sd3(cfg: Any, lora: Any) -> Any:
@@ -525,18 +523,6 @@ def _classifier_reward(options: dict[str, Any], context: Any) -> Any:
     return DigitAgreement.from_pretrained(resolve(options.pop("path")), **options)
 
 
-def _judge_reward(options: dict[str, Any], context: Any) -> Any:
-    from mmalign.evaluation.classifier import PromptedClassReward
-
-    if "path" not in options:
-        raise RecipeError(
-            "reward 'digit_judge' needs `path:` (a judge classifier directory, e.g. zoo://image/judge)"
-        )
-    return PromptedClassReward.from_pretrained(
-        resolve(options.pop("path")), **{"name": "digit_judge", **options}
-    )
-
-
 def _jpeg(larger: bool) -> Any:
     def build(options: dict[str, Any], context: Any) -> Any:
         from mmalign.vision import rewards
@@ -612,7 +598,7 @@ register_reward(
 register_reward(
     RewardSpec(
         "digit_judge",
-        _judge_reward,
+        judge_builder("digit_judge", "zoo://image/judge"),
         "image",
         True,
         "p(prompted digit | image) under an independent judge (another architecture, seed and data split; eval.judges)",
