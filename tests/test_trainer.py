@@ -117,12 +117,18 @@ def test_cli_writes_the_run_directory_contract(tiny_recipe, tmp_path, capsys):
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(tiny_recipe))
     out = tmp_path / "run"
-    assert main(["train", str(recipe_file), "--output-dir", str(out), "--set", "train.max_steps=4"]) == 0
+    overrides = ["--set", "train.max_steps=4", "--set", "train.eval_every=2"]
+    assert main(["train", str(recipe_file), "--output-dir", str(out), *overrides]) == 0
     for name in ("recipe.yaml", "metrics.jsonl", "summary.json", "report.md", "curves.png", "final"):
         assert (out / name).exists(), name
     assert yaml.safe_load((out / "recipe.yaml").read_text())["train"]["max_steps"] == 4
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["wall_time_s"] > 0
+    # the held-out evaluations (before and after) are counted apart from training
+    assert 0 < summary["train_time_s"] < summary["wall_time_s"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    (midway,) = [row for row in rows if "eval/preference_accuracy" in row]
+    assert midway["step"] == 2 and 0 < midway["time/train_s"] < summary["train_time_s"]
     assert (
         set(summary["before"]) == set(summary["after"]) >= {"preference_accuracy", "answer_match", "n_pairs"}
     )

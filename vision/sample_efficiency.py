@@ -1,7 +1,7 @@
 """Held-out agreement against reward-scored samples, for runs of any diffusion method (DDPO vs reward backprop).
 
     python vision/sample_efficiency.py runs/ddpo runs/alignprop runs/draft-k ... -o sample_efficiency.png \
-        [--metric eval/digit_classifier_agreement]
+        [--metric eval/digit_judge_agreement]
 
 Each run directory gives its resolved `recipe.yaml`, `before.json` (step 0) and the `eval/<metric>` rows of its
 `metrics.jsonl` (recipes with `train.eval_every`) and `summary.json` (the end). The x axis counts the samples the
@@ -30,7 +30,7 @@ def samples_per_step(recipe: dict) -> float:
 
 
 def curve(run: Path, metric: str) -> tuple[str, list[tuple[float, float]], float]:
-    """(label, [(samples, metric)], wall seconds) of one run directory."""
+    """(label, [(samples, metric)], training seconds without held-out evaluation) of one run directory."""
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     per_step = samples_per_step(recipe)
     key = metric.removeprefix("eval/")
@@ -41,14 +41,14 @@ def curve(run: Path, metric: str) -> tuple[str, list[tuple[float, float]], float
             points.append((row["step"] * per_step, row[metric]))
     summary = json.loads((run / "summary.json").read_text())
     points.append((summary["steps"] * per_step, summary["after"][key]))
-    return run.name, sorted(set(points)), summary["wall_time_s"]
+    return run.name, sorted(set(points)), summary.get("train_time_s", summary["wall_time_s"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("-o", "--out", type=Path, default=Path("sample_efficiency.png"))
-    parser.add_argument("--metric", default="eval/digit_classifier_agreement")
+    parser.add_argument("--metric", default="eval/digit_judge_agreement")
     args = parser.parse_args()
     import matplotlib
 
@@ -56,7 +56,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    print(f"| run | reward-scored samples → {args.metric} | wall s |\n| --- | --- | ---: |")
+    print(f"| run | reward-scored samples → {args.metric} | train s |\n| --- | --- | ---: |")
     for run in args.runs:
         label, points, wall = curve(run, args.metric)
         ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)

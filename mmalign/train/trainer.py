@@ -234,6 +234,8 @@ class Trainer:
             )
         self.micro_batch = config.batch_size // config.grad_accum
         self.local_batch = self.micro_batch // world
+        # held-out evaluation's share of the wall time, so that training time can be told apart
+        self._eval_seconds = 0.0
 
     # ------------------------------------------------------------------------------------------- data
     def _epoch_order(self, n: int, epoch: int) -> list[int]:
@@ -272,6 +274,7 @@ class Trainer:
     def _train(self) -> dict[str, Any]:
         cfg, acc = self.config, self.accelerator
         start_time = time.time()
+        self._eval_seconds = 0.0
         set_seed(cfg.seed)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         params = list(self.policy.trainable_parameters())
@@ -311,7 +314,8 @@ class Trainer:
         before = self._before_metrics(logger)  # of the starting weights, so before any checkpoint is restored
         logger.held_out(0, before)
         if last is not None:
-            step, elapsed_before = self._restore(last, optimizer, scheduler)
+            step, elapsed_before, eval_before = self._restore(last, optimizer, scheduler)
+            self._eval_seconds += eval_before
             acc.print(f"resumed from {last} at step {step}")
         logger.resume_at(step)
         self.algorithm.setup()
@@ -349,16 +353,20 @@ class Trainer:
                 logger.log(step, metrics)
                 bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps and self.evaluator:
-                logger.log(step, {f"eval/{k}": v for k, v in self._evaluate().items()})
+                held_out = {f"eval/{k}": v for k, v in self._evaluate().items()}
+                train_s = elapsed_before + time.time() - start_time - self._eval_seconds
+                logger.log(step, {**held_out, "time/train_s": round(train_s, 2)})
             boundary = not online or step % cfg.ppo_epochs == 0
             if boundary and ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps):
                 self._save(step, optimizer, scheduler, elapsed_before + time.time() - start_time)
         bar.close()
 
         after = self._evaluate() if self.evaluator else {}
+        wall = elapsed_before + time.time() - start_time
         summary = {
             "steps": step,
-            "wall_time_s": round(elapsed_before + time.time() - start_time, 2),
+            "wall_time_s": round(wall, 2),
+            "train_time_s": round(wall - self._eval_seconds, 2),  # without held-out evaluation
             "before": before,
             "after": after,
         }
@@ -460,8 +468,10 @@ class Trainer:
             return {}
         was = self.policy.module.training
         self.policy.module.eval()
+        start = time.time()
         with torch.no_grad():
             result = self.evaluator.evaluate(self.policy)
+        self._eval_seconds += time.time() - start
         self.policy.module.train(was)
         return result
 
@@ -514,6 +524,7 @@ class Trainer:
             "trainer": {
                 "step": step,
                 "elapsed": elapsed,
+                "eval_elapsed": self._eval_seconds,
                 "world_size": acc.num_processes,
                 "config": asdict(self.config),
             },
@@ -529,7 +540,8 @@ class Trainer:
             ckpt.prune_checkpoints(self.run_dir, self.config.keep_checkpoints)
         acc.wait_for_everyone()
 
-    def _restore(self, path: Path, optimizer, scheduler) -> tuple[int, float]:
+    def _restore(self, path: Path, optimizer, scheduler) -> tuple[int, float, float]:
+        """Load a checkpoint; returns its step, wall seconds and the evaluation's share of them."""
         trainer = ckpt.load_state(path, "trainer")
         if trainer["world_size"] != self.accelerator.num_processes:
             raise TrainingError(
@@ -542,7 +554,7 @@ class Trainer:
         optimizer.load_state_dict(ckpt.load_state(path, "optimizer"))
         scheduler.load_state_dict({**scheduler.state_dict(), **ckpt.load_state(path, "scheduler")})
         self.algorithm.load_state_dict(ckpt.load_state(path, "algorithm"))
-        return int(trainer["step"]), float(trainer["elapsed"])
+        return int(trainer["step"]), float(trainer["elapsed"]), float(trainer.get("eval_elapsed", 0.0))
 
 
 def _online(algorithm: Algorithm) -> OnlineAlgorithm:
