@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+import mmalign.zoo.registry  # noqa: F401  (registers the zoo:// scheme that `resolve` reads)
 from mmalign.core.data import read_rows, write_jsonl
 from mmalign.core.paths import resolve
 from mmalign.objectives.diffusion import denoising_error
