@@ -76,7 +76,8 @@ class StepClock:
             self.calls[-1][key] = self.calls[-1].get(key, 0) + 1
 
     def _opt(self, optimizer, args, kwargs):
-        if self.stopped:
+        # steps before start() are not training's (e.g. a config-time probe of another optimizer)
+        if self.stopped or not self.stamps:
             return
         self.stamps.append((time.perf_counter(), time.process_time()))
         self.calls.append({})

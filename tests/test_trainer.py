@@ -224,3 +224,21 @@ def test_cli_refuses_to_resume_a_run_directory_of_another_recipe(tiny_recipe, tm
     assert main(["train", str(tmp_path / "spelled.yaml"), "-o", str(out), "--set", "train.max_steps=3"]) == 0
     assert main(["train", str(recipe_file), "-o", str(out), "--set", "train.lr=0.5"]) == 2
     assert yaml.safe_load((out / "recipe.yaml").read_text())["train"]["max_steps"] == 3
+
+
+def test_checking_a_scheduler_name_steps_no_optimizer(monkeypatch):
+    """Config validation must not fire global optimizer-step hooks (profilers and benchmarks count steps with them)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from mmalign.train import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "_SCHEDULERS", {})
+    fired = []
+    handle = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: fired.append(optimizer))
+    try:
+        trainer_module.check_scheduler("constant")
+        with pytest.raises(ValueError, match="must be one of"):
+            trainer_module.check_scheduler("reduce_lr_on_plateau")
+    finally:
+        handle.remove()
+    assert fired == []

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -176,8 +177,10 @@ def check_scheduler(name: str) -> None:
             try:
                 optimizer = torch.optim.SGD([probe], lr=1.0)
                 scheduler = get_scheduler(kind.value, optimizer, num_warmup_steps=1, num_training_steps=2)
-                optimizer.step()
-                scheduler.step()
+                # no optimizer.step(): it would fire global optimizer hooks (profilers, benchmarks) at config time
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
+                    scheduler.step()
                 _SCHEDULERS[kind.value] = None
             except (
                 ValueError,
