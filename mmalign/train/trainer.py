@@ -314,6 +314,10 @@ class Trainer:
             step, elapsed_before = self._restore(last, optimizer, scheduler)
             acc.print(f"resumed from {last} at step {step}")
         logger.resume_at(step)
+        if hasattr(
+            self.algorithm, "updates_per_rollout"
+        ):  # lets it skip work when one step uses each rollout
+            self.algorithm.updates_per_rollout = cfg.ppo_epochs
         self.algorithm.setup()
         if last is not None:
             ckpt.set_rng_state(ckpt.load_state(last, f"rng-rank{acc.process_index}"))
