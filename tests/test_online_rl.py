@@ -199,6 +199,36 @@ def test_micro_batches_average_to_the_whole_rollout(tiny_world):
     assert torch.stack(parts).mean().item() == pytest.approx(whole.item(), rel=1e-5, abs=1e-7)
 
 
+@pytest.mark.parametrize("name", ["grpo", "gspo"])
+def test_one_update_per_rollout_skips_the_old_forward_with_the_same_loss_and_gradients(tiny_world, name):
+    """With one optimizer step per rollout the rollout holds no old log-probs (no forward) and the loss equals the
+    one against old log-probs from a separate forward, gradients included."""
+    run = build_run(_recipe({"name": name, "samples_per_prompt": 4}))
+    algorithm = run.algorithm
+    results = []
+    for updates in (None, 1):
+        algorithm.updates_per_rollout = updates
+        batch, _, _ = _rollout(algorithm, 4, FirstDigit())
+        assert ("old_logps" in batch) == (updates is None)
+        algorithm.policy.module.zero_grad()
+        losses, _ = algorithm.loss(batch)
+        losses.mean().backward()
+        grads = [p.grad.clone() for p in algorithm.policy.trainable_parameters()]
+        results.append((losses.detach(), grads, batch["mask"]))
+    (loss_a, grads_a, mask_a), (loss_b, grads_b, mask_b) = results
+    assert torch.equal(mask_a, mask_b)
+    assert torch.allclose(loss_a, loss_b, atol=1e-6)
+    assert any(g.abs().max() > 0 for g in grads_a)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_the_trainer_tells_the_algorithm_its_updates_per_rollout(tiny_world, tmp_path):
+    run = build_run(_recipe({"name": "grpo", "samples_per_prompt": 4}, max_steps=2, ppo_epochs=2))
+    Trainer(run.policy, run.algorithm, run.train, tmp_path).train()
+    assert run.algorithm.updates_per_rollout == 2
+
+
 def test_dynamic_sampling_weights_by_hand():
     keep = torch.tensor([True, True, False, False, True, True])
     assert dynamic_sampling_weights(keep).tolist() == [1.5, 1.5, 0, 0, 1.5, 1.5]

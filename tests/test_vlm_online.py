@@ -30,6 +30,27 @@ def test_statement_reward_pays_only_true_single_statements(text, want):
     assert got.tolist() == pytest.approx([want / 3])
 
 
+@pytest.mark.parametrize(
+    "question, answer, want",
+    [
+        ("is it a 7?", "yes", 1),
+        ("is it a 7?", "no", -1),
+        ("is it a 3?", "no.", 1),  # the same normalisation as POPE accuracy
+        ("is it a 3?", "yes", -1),
+        ("is the ink faint?", "no", 1),
+        ("is it framed?", "Yes!", 1),
+        ("is it unframed?", "digit 7.", -1),  # anything but the right yes/no
+    ],
+)
+def test_statement_reward_scores_a_probe_prompt_as_a_yes_no_answer(question, answer, want):
+    rows = [
+        dict(TRUTH, image="x.png", prompt=question),
+        dict(TRUTH, image="x.png", prompt="describe the digit."),
+    ]
+    got = StatementReward()(rows, [{"text": answer}, {"text": "digit 7. bold ink. framed."}])
+    assert got.tolist() == [want, 1.0]
+
+
 def test_statement_reward_names_missing_or_bad_ground_truth():
     reward = StatementReward()
     with pytest.raises(ValueError, match="ground truth"):

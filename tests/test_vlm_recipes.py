@@ -46,13 +46,16 @@ def _tiny(recipe: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["dpo", "povid", "rlhfv"])
-def test_vlm_recipes_train_and_report_hallucination(vlm_tiny, tmp_path, recipe):
+@pytest.mark.parametrize(
+    ("recipe", "data"),
+    [("dpo", "dpo"), ("povid", "povid"), ("rlhfv", "rlhfv"), ("iterative_dpo_offline", "dpo")],
+)
+def test_vlm_recipes_train_and_report_hallucination(vlm_tiny, tmp_path, recipe, data):
     world = json.loads((vlm_tiny / "world.json").read_text())
     assert world["image_tokens"] == 16 and 0 <= world["base_held_out"]["chair_s"] <= 1
-    rows = read_rows(vlm_tiny / f"train_{recipe}.jsonl")
+    rows = read_rows(vlm_tiny / f"train_{data}.jsonl")
     assert rows and all((vlm_tiny / r.data["image"]).exists() for r in rows)
-    config = load_recipe(ROOT / "vision" / f"vlm_{recipe}.yaml", _tiny(recipe))
+    config = load_recipe(ROOT / "vision" / f"vlm_{recipe}.yaml", _tiny(data))
     policy, algorithm, train_cfg, evaluator, report = build_run(config)
     summary = Trainer(policy, algorithm, train_cfg, tmp_path, evaluator=evaluator, report=report).train()
     for key in ("chair_s", "chair_i", "digit_accuracy", "pope_accuracy", "response_tokens", "distinct_1"):
@@ -61,13 +64,15 @@ def test_vlm_recipes_train_and_report_hallucination(vlm_tiny, tmp_path, recipe):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["online_dpo", "grpo"])
+@pytest.mark.parametrize("recipe", ["online_dpo", "grpo", "iterative_dpo"])
 def test_vlm_online_recipes_sample_score_and_train(vlm_tiny, tmp_path, recipe):
     overrides = [
         *_tiny(recipe)[:-1],
         "data.prompts=zoo://vlm-tiny/train_describe.jsonl",
         "algorithm.samples_per_prompt=2",
     ]
+    if recipe == "iterative_dpo":  # one rollout of 4 prompts, 2 steps over its pairs (ppo_epochs 2)
+        overrides += ["train.rollout_prompts=4", "algorithm.prompts_per_iteration=4"]
     config = load_recipe(ROOT / "vision" / f"vlm_{recipe}.yaml", overrides)
     checked = validate(config)
     assert checked["algorithm"]["name"] == recipe and checked["rewards"][-1] == "vlm_statements"

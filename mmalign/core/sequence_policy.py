@@ -254,7 +254,8 @@ class LanguageModelPolicy(TrainableModule):
         Samples of one prompt are contiguous. Sampling draws from torch's global RNG, which the trainer seeds
         and checkpoints, so runs are reproducible.
         """
-        encoded = [self.codec.encode_prompt(p) for p in prompts for _ in range(num_samples)]
+        once = [self.codec.encode_prompt(p) for p in prompts]  # each prompt tokenised once, not per sample
+        encoded = [list(ids) for ids in once for _ in range(num_samples)]
         return self._generate_from_ids(
             encoded, {}, greedy=greedy, max_new_tokens=max_new_tokens, generator_seed=generator_seed
         )

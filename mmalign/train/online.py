@@ -441,9 +441,14 @@ class SequencePolicyGradient(AlgorithmBase):
     re-weighted (N / N_kept, or for loss_type dapo a token normaliser over the kept tokens) so the loss is the
     mean over the kept groups, as if the filtered ones had never been drawn; `rollout/kept_fraction` logs the
     share kept. A rollout where every group ties trains on nothing (loss 0).
+
+    When one optimizer step trains on each rollout (`updates_per_rollout` 1, which the trainer sets from
+    `train.ppo_epochs`), the old log-probs are the current ones, so the rollout skips their forward pass and the
+    loss takes them from its own forward, detached (ratio exactly 1; trl does the same when num_iterations = 1).
     """
 
     online = True
+    updates_per_rollout: int | None = None  # optimizer steps per rollout, set by the trainer; None: unknown
 
     def __init__(
         self, policy: SequencePolicy, prompts: Sequence[Row], reward: Reward, config: PolicyGradientConfig
@@ -481,8 +486,12 @@ class SequencePolicyGradient(AlgorithmBase):
             rewards = rewards + soft_overlong_punishment(lengths, self.max_new_tokens, cfg.soft_punish_cache)
 
         inputs = policy.collate_completions(completion_examples(prompts, outputs, g))
-        old = policy.sequence_logprobs(inputs)
-        mask = old.mask.cpu()
+        old_logps = None
+        if self.updates_per_rollout == 1 and "response_mask" in inputs:
+            mask = inputs["response_mask"][:, 1:].float()  # what sequence_logprobs masks with
+        else:
+            old = policy.sequence_logprobs(inputs)
+            mask, old_logps = old.mask.cpu(), old.token_logps.cpu()
         if cfg.mask_truncated_completions:
             mask = mask * (~truncated).unsqueeze(-1).to(mask.dtype)
         n = len(outputs)
@@ -506,7 +515,7 @@ class SequencePolicyGradient(AlgorithmBase):
         fields: dict[str, Any] = {
             **input_fields(inputs),
             "mask": mask,
-            "old_logps": old.token_logps.cpu(),
+            **({} if old_logps is None else {"old_logps": old_logps}),
             "advantages": this_process(advantages, n),
             "weight": this_process(weights, n),
             "tokens_per_sample": torch.full((n,), max(tokens_per_sample, 1e-8)),
@@ -530,7 +539,7 @@ class SequencePolicyGradient(AlgorithmBase):
         mask = batch["mask"]
         token_losses, metrics = PG.clipped_surrogate(
             lp.token_logps,
-            batch["old_logps"],
+            batch["old_logps"] if "old_logps" in batch else lp.token_logps.detach(),
             batch["advantages"],
             mask,
             epsilon=cfg.epsilon,

@@ -321,6 +321,10 @@ class Trainer:
             self._eval_seconds += eval_before
             acc.print(f"resumed from {last} at step {step}")
         logger.resume_at(step)
+        if hasattr(
+            self.algorithm, "updates_per_rollout"
+        ):  # lets it skip work when one step uses each rollout
+            self.algorithm.updates_per_rollout = cfg.ppo_epochs
         self.algorithm.setup()
         if last is not None:
             ckpt.set_rng_state(ckpt.load_state(last, f"rng-rank{acc.process_index}"))

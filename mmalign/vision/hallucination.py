@@ -73,6 +73,9 @@ class StatementReward:
     every further statement about a field already stated (repeating a true fact or hedging between two values
     cannot pay). The clip at −1 (as bad as three false facts) keeps one runaway garbled sample from dominating
     a group's normalised advantages.
+
+    A row whose prompt is one of the world's yes/no probes ("is it a 3?") is scored as an answer instead: 1 for
+    the right yes/no, −1 for the wrong one or anything else, so probes can be mixed into the prompts (POPE).
     """
 
     differentiable = False
@@ -109,13 +112,20 @@ class StatementReward:
                 right.add(s.field)
         return max(-1.0, (len(right) - penalties) / len(D.FIELDS))
 
+    @staticmethod
+    def answer_score(text: str, truth: Mapping[str, Any], claim: tuple[str, object]) -> float:
+        """The reward of one answer to a yes/no probe about (field, value): 1 if right, else −1."""
+        field, value = claim
+        expected = "yes" if truth[field] == value else "no"
+        return 1.0 if text.strip().lower().rstrip(".!") == expected else -1.0
+
     def __call__(self, prompts: Sequence[Mapping[str, Any]], outputs: Sequence[Any]) -> torch.Tensor:
-        return torch.tensor(
-            [
-                self.score(out["text"] if isinstance(out, Mapping) else str(out), self._truth(row))
-                for row, out in zip(prompts, outputs, strict=True)
-            ]
-        )
+        scores = []
+        for row, out in zip(prompts, outputs, strict=True):
+            text, truth = out["text"] if isinstance(out, Mapping) else str(out), self._truth(row)
+            claim = D.probe_claim(str(row.get("prompt", "")))
+            scores.append(self.score(text, truth) if claim is None else self.answer_score(text, truth, claim))
+        return torch.tensor(scores)
 
 
 def statement_changes(
