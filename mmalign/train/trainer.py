@@ -321,9 +321,8 @@ class Trainer:
             self._eval_seconds += eval_before
             acc.print(f"resumed from {last} at step {step}")
         logger.resume_at(step)
-        if hasattr(
-            self.algorithm, "updates_per_rollout"
-        ):  # lets it skip work when one step uses each rollout
+        # how many optimizer steps use each rollout: with one, an algorithm may skip work (the old log-prob forward)
+        if hasattr(self.algorithm, "updates_per_rollout"):
             self.algorithm.updates_per_rollout = cfg.ppo_epochs
         self.algorithm.setup()
         if last is not None:
