@@ -242,3 +242,14 @@ def test_checking_a_scheduler_name_steps_no_optimizer(monkeypatch):
     finally:
         handle.remove()
     assert fired == []
+
+
+def test_an_online_algorithm_missing_protocol_members_is_named(tmp_path):
+    from mmalign.train.trainer import TrainConfig, Trainer
+
+    class NoRollout:  # says it is online, has prompts, but cannot sample
+        online = True
+        prompts = ({"prompt": "x"},)
+
+    with pytest.raises(TypeError, match=r"NoRollout is online but lacks .*samples_per_prompt.*rollout"):
+        Trainer(None, NoRollout(), TrainConfig(num_train_epochs=1), tmp_path)  # type: ignore[arg-type]

@@ -22,9 +22,12 @@ class Algorithm(Protocol):
     whose sum it is, which the trainer backwards one at a time so only one term's graph is alive (memory ∝ one
     term). Offline algorithms expose `train_examples`; online ones `prompts`, `samples_per_prompt` and `rollout`,
     which samples, scores and returns one batch (anything sliceable: a list of examples or a `Batch`).
+    The trainer sets `updates_per_rollout` (`train.ppo_epochs`) before `setup`: with one optimizer step per
+    rollout an algorithm may skip work, such as the old log-prob forward.
     """
 
     online: bool
+    updates_per_rollout: int | None
 
     def setup(self) -> None:
         """Work done once before the first step (e.g. precomputing reference log-probs)."""
@@ -43,6 +46,7 @@ class AlgorithmBase:
     """Defaults for algorithms: nothing to set up, one loss term, no state to checkpoint."""
 
     online: bool = False
+    updates_per_rollout: int | None = None  # set by the trainer; None: unknown
 
     def setup(self) -> None:
         """Nothing to precompute."""

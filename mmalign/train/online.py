@@ -448,7 +448,6 @@ class SequencePolicyGradient(AlgorithmBase):
     """
 
     online = True
-    updates_per_rollout: int | None = None  # optimizer steps per rollout, set by the trainer; None: unknown
 
     def __init__(
         self, policy: SequencePolicy, prompts: Sequence[Row], reward: Reward, config: PolicyGradientConfig

@@ -321,9 +321,7 @@ class Trainer:
             self._eval_seconds += eval_before
             acc.print(f"resumed from {last} at step {step}")
         logger.resume_at(step)
-        # how many optimizer steps use each rollout: with one, an algorithm may skip work (the old log-prob forward)
-        if hasattr(self.algorithm, "updates_per_rollout"):
-            self.algorithm.updates_per_rollout = cfg.ppo_epochs
+        self.algorithm.updates_per_rollout = cfg.ppo_epochs  # the Algorithm protocol: set before setup()
         self.algorithm.setup()
         if last is not None:
             ckpt.set_rng_state(ckpt.load_state(last, f"rng-rank{acc.process_index}"))
@@ -564,19 +562,32 @@ class Trainer:
 
 
 def _online(algorithm: Algorithm) -> OnlineAlgorithm:
-    """An algorithm that says it is online, as one: it must have prompts, samples_per_prompt and rollout."""
+    """An algorithm that says it is online, as one: it must have every member of `OnlineAlgorithm`."""
     if not isinstance(algorithm, OnlineAlgorithm):
         raise TypeError(
-            f"{type(algorithm).__name__} is online but lacks prompts, samples_per_prompt or rollout"
+            f"{type(algorithm).__name__} is online but lacks {_missing(algorithm, OnlineAlgorithm)}"
         )
     return algorithm
 
 
 def _offline(algorithm: Algorithm) -> OfflineAlgorithm:
-    """An algorithm that says it is offline, as one: it must have train_examples."""
+    """An algorithm that says it is offline, as one: it must have every member of `OfflineAlgorithm`."""
     if not isinstance(algorithm, OfflineAlgorithm):
-        raise TypeError(f"{type(algorithm).__name__} is offline but has no train_examples")
+        raise TypeError(
+            f"{type(algorithm).__name__} is offline but lacks {_missing(algorithm, OfflineAlgorithm)}"
+        )
     return algorithm
+
+
+def _missing(algorithm: Algorithm, protocol: type) -> str:
+    """The protocol members an algorithm does not have, for the error that names them."""
+    members = sorted(
+        m for c in protocol.__mro__ for m in getattr(c, "__annotations__", {}) if c is not object
+    )
+    members += sorted(
+        m for c in protocol.__mro__ for m, v in vars(c).items() if callable(v) and not m.startswith("_")
+    )
+    return ", ".join(m for m in dict.fromkeys(members) if not hasattr(algorithm, m)) or "a protocol member"
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
