@@ -69,9 +69,13 @@ def test_the_matrix_covers_the_cells_the_issue_names():
 
 @pytest.mark.matrix
 @pytest.mark.parametrize("name, kind", _cells(), ids=[f"{n}-{k}" for n, k in _cells()])
-def test_cell_trains_through_the_recipe_path(name, kind, mmalign_home, tmp_path):
+def test_cell_trains_through_the_recipe_path(name, kind, mmalign_home, tmp_path, monkeypatch):
     from mmalign.run import build_run
+    from mmalign.train import report
     from mmalign.train.trainer import Trainer
+
+    # drawing curves.png took most of a 2-step cell's time; the report's curves are tested in test_reports.py
+    monkeypatch.setattr(report, "plot_curves", lambda *args, **kwargs: [])
 
     if MODEL_KINDS[kind].tiny is None:
         pytest.fail(f"model kind {kind} registers no tiny recipe, so its cells cannot run here")
