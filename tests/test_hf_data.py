@@ -182,7 +182,7 @@ def test_unavailable_hub_dataset_is_a_named_error_saying_what_was_tried():
         ({"path": "x", "max_rows": 0}, "`max_rows` must be a positive integer"),
         ({"path": "x", "streaming": "yes"}, "`streaming` must be true or false"),
         ({"path": "x", "format": "pickapic"}, "unknown `format` 'pickapic'; known: auto, native"),
-        (3, "expected a path, hub id or mapping, got int"),
+        (3, "expected a path, hub id, mapping or a list of them, got int"),
     ],
 )
 def test_bad_source_specs_are_named(spec, message):
@@ -198,6 +198,29 @@ def test_file_sources_reject_datasets_options_and_missing_paths(tmp_path):
         load_rows({"path": str(path), "split": "train"})
     with pytest.raises(DataError, match="no such file or directory"):
         load_rows(str(tmp_path / "nowhere"))
+
+
+def test_a_list_of_sources_concatenates_their_rows_each_located_in_its_own_source(tmp_path):
+    first, other = tmp_path / "a" / "pairs.jsonl", tmp_path / "b" / "more.jsonl"
+    for path, records in ((first, PAIRS[:2]), (other, PAIRS[2:])):
+        path.parent.mkdir()
+        Image.new("RGB", (4, 4), (0, 0, 9 * len(records))).save(path.parent / "im.png")
+        path.write_text("".join(json.dumps({**r, "image": "im.png"}) + "\n" for r in records))
+    rows = load_rows([str(first), {"path": str(other)}, {"path": str(first), "max_rows": 1}])
+    assert [r.data["prompt"] for r in rows] == ["1+1=", "2+2=", "3+3=", "1+1="]
+    assert [(r.source, r.line) for r in rows] == [
+        (str(first), 1),
+        (str(first), 2),
+        (str(other), 1),
+        (str(first), 1),
+    ]
+    # a relative image path is read next to its own file
+    blues = [load_image(r, "image", Path(r.source).parent).getpixel((0, 0))[2] for r in rows]
+    assert blues == [18, 18, 9, 18]
+    with pytest.raises(DataError, match="an empty list of sources has no rows"):
+        load_rows([])
+    with pytest.raises(DataError, match=r"(?i)no such file or directory"):
+        load_rows([str(first), str(tmp_path / "nowhere.jsonl")])
 
 
 def test_image_columns_are_read_undecoded_and_decoded_with_named_errors(tmp_path):

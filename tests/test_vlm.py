@@ -17,6 +17,7 @@ from mmalign.core.params import LoraSpec
 from mmalign.objectives import preference as P
 from mmalign.objectives.sequence import sequence_logps
 from mmalign.train.povid import DenseDPOAlgorithm, DenseDPOConfig, POVIDAlgorithm, POVIDConfig
+from mmalign.vision import vlm_builders as B
 from mmalign.vision import vlm_digits as D
 from mmalign.vision.hallucination import description_metrics, diversity, pope_metrics
 from mmalign.vision.vlm_builders import diffusion_noise
@@ -281,6 +282,106 @@ def test_noisy_response_is_scored_under_the_clean_image(tiny_dir):
     noisy_ctx.loss(noisy_ctx.train_examples[:1])
     other = policy.encode_row_prompt(rows[0], "noisy_image")["pixel_values"]
     assert torch.equal(seen[-1][2][2], other) and not torch.equal(other, clean[0])
+
+
+def test_povid_on_probe_pairs_without_a_noisy_response_drops_only_the_noisy_term(tiny_dir):
+    """A batch mixing a POVID row with probe pairs (vision/vlm_probe_pairs.py: no `rejected_noisy`): the probe rows'
+    loss is −log σ(α h_w − β₁ h_t) + λ·NLL(chosen), the POVID row's keeps its β₂ term; every log-ratio is scored
+    here one sequence at a time, independently of the algorithm's batching."""
+    policy = _policy(tiny_dir, lora=LoraSpec(r=4, alpha=8))
+    torch.manual_seed(1)
+    with torch.no_grad():  # move the adapter off zero so that every log-ratio is non-zero
+        for p in policy.trainable_parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    records = [
+        {"image": f"images/{i}.png", "facts": dict(TRUTH, digit=i)} for i in range(4)
+    ]  # the images of tiny_dir
+    probe_rows = B.probe_pair_rows(records, fields=("digit",), seed=3)[:2]
+    write_jsonl(tiny_dir / "probe_pairs.jsonl", probe_rows)
+    rows = read_rows(tiny_dir / "pairs.jsonl")[:1] + read_rows(tiny_dir / "probe_pairs.jsonl")
+    rows = validate_vlm_preference_rows(rows, noisy=True)
+    alpha, b1, b2, lam = 0.3, 0.2, 0.5, 0.7
+    algo = POVIDAlgorithm(policy, rows, POVIDConfig(alpha=alpha, beta1=b1, beta2=b2, sft_weight=lam))
+    assert [e["noisy_ids"] is None for e in algo.train_examples] == [False, True, True]
+    with torch.no_grad():
+        losses, metrics = algo.loss(algo.train_examples)
+
+    def logp(e, ids, reference=False):
+        seq = policy.collate([(e["prompt_ids"], ids, e["pixel_values"])])
+        with torch.no_grad():
+            if reference:
+                with policy.reference():
+                    lp = policy.sequence_logprobs(seq)
+            else:
+                lp = policy.sequence_logprobs(seq)
+        n = int(lp.mask.sum())
+        return float((lp.token_logps * lp.mask).sum()), n
+
+    want = []
+    for e in algo.train_examples:
+        h = {}
+        for side in ("chosen", "rejected", "noisy"):
+            if e[f"{side}_ids"] is None:
+                continue
+            (pol, n), (ref, _) = logp(e, e[f"{side}_ids"]), logp(e, e[f"{side}_ids"], reference=True)
+            h[side] = pol - ref
+            if side == "chosen":
+                nll = -pol / n
+        z = alpha * h["chosen"] - b1 * h["rejected"] - b2 * h.get("noisy", 0.0)
+        want.append(math.log1p(math.exp(-z)) + lam * nll)
+        assert abs(h["chosen"]) > 1e-3 and abs(h["rejected"]) > 1e-3
+    assert torch.allclose(losses, torch.tensor(want, dtype=losses.dtype), atol=1e-5)
+    assert metrics["noisy_share"].item() == pytest.approx(1 / 3)
+
+
+def test_probe_pairs_prefer_the_true_answer_about_their_own_image():
+    rng = random.Random(0)
+    records = [
+        {
+            "image": f"images/{i}.png",
+            "facts": {
+                "digit": rng.randrange(10),
+                "ink": rng.choice(D.ATTRIBUTES["ink"]),
+                "frame": rng.choice(D.ATTRIBUTES["frame"]),
+            },
+        }
+        for i in range(200)
+    ]
+    rows = B.probe_pair_rows(records, seed=5)
+    assert len(rows) == 3 * len(records)
+    for k, row in enumerate(rows):
+        facts = records[k // 3]["facts"]
+        field, value = D.probe_claim(row["prompt"])
+        assert field == D.FIELDS[k % 3] and row["image"] == records[k // 3]["image"]
+        truth = "yes" if facts[field] == value else "no"
+        assert (row["chosen"], row["rejected"]) == (truth, {"yes": "no", "no": "yes"}[truth])
+    share = sum(r["chosen"] == "yes" for r in rows) / len(rows)
+    assert 0.4 < share < 0.6  # half of the probes ask about a value the image does not have
+    # a subset of fields keeps the same probes (the same draws), only fewer of them
+    digit_only = B.probe_pair_rows(records, fields=("digit",), seed=5)
+    assert digit_only == rows[0::3]
+    with pytest.raises(ValueError, match="fields"):
+        B.probe_pair_rows(records, fields=("colour",))
+    # digit_negatives n: the true digit ("yes") and n different wrong digits ("no") per image, then ink and frame
+    for n in (1, 9):
+        more = B.probe_pair_rows(records, digit_negatives=n, seed=5)
+        assert len(more) == (n + 3) * len(records)
+        for k, rec in enumerate(records):
+            block = more[k * (n + 3) : (k + 1) * (n + 3)]
+            asked = [D.probe_claim(r["prompt"]) for r in block]
+            truth = rec["facts"]["digit"]
+            assert asked[0] == ("digit", truth) and (block[0]["chosen"], block[0]["rejected"]) == (
+                "yes",
+                "no",
+            )
+            wrong = [value for field, value in asked[1 : n + 1] if field == "digit"]
+            assert len(set(wrong)) == n and truth not in wrong
+            assert all((r["chosen"], r["rejected"]) == ("no", "yes") for r in block[1 : n + 1])
+            assert [field for field, _ in asked[n + 1 :]] == ["ink", "frame"]
+            for r, (field, value) in zip(block[n + 1 :], asked[n + 1 :], strict=True):
+                assert r["chosen"] == ("yes" if rec["facts"][field] == value else "no")
+    with pytest.raises(ValueError, match="digit_negatives"):
+        B.probe_pair_rows(records, digit_negatives=10)
 
 
 def test_dense_dpo_weights_changed_tokens_by_hand(tiny_dir):

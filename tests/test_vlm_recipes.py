@@ -4,6 +4,9 @@ path runs on a tiny LLaVA saved locally (the hub is not reachable here)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,6 +89,65 @@ def test_vlm_online_recipes_sample_score_and_train(vlm_tiny, tmp_path, recipe):
         r["rollout/reward"] for r in rows if "rollout/reward" in r
     ]  # one per rollout (grpo: 2 steps each)
     assert rewards and all(-1 <= r <= 1 for r in rewards)
+
+
+@pytest.mark.slow
+def test_povid_probes_recipe_mixes_the_world_pairs_with_training_image_probe_pairs(vlm_tiny, tmp_path):
+    """vision/vlm_povid_probes.yaml: its data.train lists the world's POVID rows and the probe pairs that
+    vision/vlm_probe_pairs.py writes (about training images only); both kinds reach POVID, the probe rows without a
+    noisy-image response."""
+    out = tmp_path / "probe_pairs.jsonl"
+    script = ROOT / "vision" / "vlm_probe_pairs.py"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, str(script), str(vlm_tiny), str(out), "--digit-negatives", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    pairs = [json.loads(line) for line in out.read_text().splitlines()]
+    train_images = {
+        str((vlm_tiny / r.data["image"]).resolve()) for r in read_rows(vlm_tiny / "train_describe.jsonl")
+    }
+    held_out = {
+        str((vlm_tiny / r.data["image"]).resolve()) for r in read_rows(vlm_tiny / "eval_probes.jsonl")
+    }
+    assert len(pairs) == 4 * len(train_images) and f"{len(pairs)} probe pairs" in done.stdout
+    assert {p["image"] for p in pairs} == train_images and not train_images & held_out
+    recipe = load_recipe(ROOT / "vision" / "vlm_povid_probes.yaml")
+    assert (
+        recipe["data"]["train"][0] == "zoo://vlm/train_povid.jsonl" and recipe["algorithm"]["name"] == "povid"
+    )
+    overrides = [*_tiny("povid")[:-1], f"data.train=[zoo://vlm-tiny/train_povid.jsonl, {out}]"]
+    config = load_recipe(ROOT / "vision" / "vlm_povid_probes.yaml", overrides)
+    n_povid = len(read_rows(vlm_tiny / "train_povid.jsonl"))
+    assert validate(config)["rows"]["pairs"] == n_povid + len(pairs)
+    policy, algorithm, train_cfg, evaluator, report = build_run(config)
+    examples = algorithm.train_examples
+    assert [e["noisy_ids"] is None for e in examples[n_povid:]] == [True] * len(pairs)
+    assert any(e["noisy_ids"] is not None for e in examples[:n_povid])
+    summary = Trainer(
+        policy, algorithm, train_cfg, tmp_path / "run", evaluator=evaluator, report=report
+    ).train()
+    assert summary["steps"] == 2 and "pope_accuracy" in summary["after"]
+    # a held-out image among the training records is refused
+    fake = tmp_path / "world"
+    fake.mkdir()
+    for name in ("eval_describe.jsonl", "eval_probes.jsonl"):
+        (fake / name).write_text((vlm_tiny / name).read_text())
+    held_out_rows = (vlm_tiny / "eval_describe.jsonl").read_text().splitlines(keepends=True)
+    train_rows = (vlm_tiny / "train_describe.jsonl").read_text().splitlines(keepends=True)
+    (fake / "train_describe.jsonl").write_text("".join(train_rows[:3] + held_out_rows[:1]))
+    bad = subprocess.run(
+        [sys.executable, str(script), str(fake), str(tmp_path / "bad.jsonl")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert (
+        bad.returncode != 0 and "held-out images too" in bad.stderr and not (tmp_path / "bad.jsonl").exists()
+    )
 
 
 def test_llava15_recipe_path_on_a_local_tiny_llava(vlm_tiny, tmp_path):

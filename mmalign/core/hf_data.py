@@ -6,7 +6,9 @@ A data source (``data.train``, ``data.prompts``, ``eval.pairs``, ...) is a strin
 * a directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``;
 * a directory of data files (parquet, jsonl, csv, ...), loaded by ``datasets``' packaged builders, whose
   file names give the splits (``train-00000.parquet``, ``test.jsonl``);
-* otherwise a Hugging Face hub dataset id (``org/name``).
+* otherwise a Hugging Face hub dataset id (``org/name``);
+* a list of any of these: their rows concatenated in order (e.g. a world's pairs plus a file of extra pairs),
+  each row still located in its own source (relative image paths resolve against their own file).
 
 The mapping form is ``{path (or dataset_name), split, revision, name, data_files, streaming, format,
 max_rows}``. ``split`` defaults to ``train``; a missing split is an error that lists the splits.
@@ -64,7 +66,9 @@ class DataSpec:
             return cls(os.fspath(spec))
         if not isinstance(spec, Mapping):
             got = type(spec).__name__
-            raise DataError("data source", None, None, f"expected a path, hub id or mapping, got {got}")
+            raise DataError(
+                "data source", None, None, f"expected a path, hub id, mapping or a list of them, got {got}"
+            )
         values = dict(spec)
         if "dataset_name" in values:
             if "path" in values:
@@ -123,14 +127,24 @@ def local_directory(source: str) -> Path | None:
 
 
 def load_rows(
-    spec: str | os.PathLike[str] | Mapping[str, Any] | DataSpec,
+    spec: str | os.PathLike[str] | Mapping[str, Any] | DataSpec | list[Any] | tuple[Any, ...],
     resolve: Callable[[str], str] | None = None,
 ) -> formats.Rows:
     """Read a data source and convert it to mmalign's row shapes with its `format` adapter.
 
-    `resolve` maps the spec's path first (the recipe layer passes the zoo resolver for ``zoo://`` paths).
-    Rows an adapter drops (Pick-a-Pic ties) are counted on the result's ``dropped`` and logged.
+    A list of sources gives their rows concatenated in order. `resolve` maps the spec's path first (the recipe
+    layer passes the zoo resolver for ``zoo://`` paths). Rows an adapter drops (Pick-a-Pic ties) are counted on the result's ``dropped`` and logged.
     """
+    if isinstance(spec, list | tuple):
+        if not spec:
+            raise DataError("data source", None, None, "an empty list of sources has no rows")
+        merged = formats.Rows()
+        for one in spec:
+            part = load_rows(one, resolve)
+            merged.extend(part)
+            for reason, lines in part.dropped.items():
+                merged.dropped.setdefault(reason, []).extend(lines)
+        return merged
     parsed = DataSpec.parse(spec)
     if resolve is not None:
         parsed = dataclasses.replace(parsed, path=resolve(parsed.path))

@@ -143,3 +143,46 @@ def correction_rows(
         "segments_per_row": segments / max(len(rows), 1),
         "n": n,
     }
+
+
+def probe_pair_rows(
+    records: Sequence[dict[str, Any]],
+    *,
+    fields: Sequence[str] = D.FIELDS,
+    digit_negatives: int | None = None,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """POPE-style probe pairs: for each record and each of `fields`, one yes/no probe about its image (the world's
+    `probes`: half of them asking about a value the image does not have), the true answer preferred over the other.
+
+    With `digit_negatives` = n, the digit is probed n + 1 times instead: once about the true digit ("yes") and about
+    n different wrong digits ("no"), drawn at random (n = 9: every digit), followed by the other fields' probes.
+    Rows carry no `rejected_noisy`, so POVID scores only its text term on them. Answers come from
+    the records' facts; which images may be used (training images only) is the caller's business.
+    """
+    unknown = sorted(set(fields) - set(D.FIELDS))
+    if unknown or not fields:
+        raise ValueError(f"fields must be a non-empty subset of {D.FIELDS}, got {list(fields)}")
+    if digit_negatives is not None and not 1 <= digit_negatives <= 9:
+        raise ValueError(f"digit_negatives must be in 1..9 (or None), got {digit_negatives}")
+    rng, rows = random.Random(seed), []
+    opposite = {"yes": "no", "no": "yes"}
+    for rec in records:
+        drawn = list(zip(D.FIELDS, D.probes(rec["facts"], rng), strict=True))
+        if digit_negatives is not None:
+            truth = rec["facts"]["digit"]
+            wrong = rng.sample([d for d in range(10) if d != truth], digit_negatives)
+            digit = [(D.probe_question("digit", truth), "yes")]
+            digit += [(D.probe_question("digit", d), "no") for d in wrong]
+            drawn = [("digit", probe) for probe in digit] + drawn[1:]
+        for field, (question, answer) in drawn:
+            if field in fields:
+                rows.append(
+                    {
+                        "image": rec["image"],
+                        "prompt": question,
+                        "chosen": answer,
+                        "rejected": opposite[answer],
+                    }
+                )
+    return rows

@@ -116,8 +116,13 @@ def probes(facts: Facts, rng: random.Random) -> list[tuple[str, str]]:
             value, answer = truth, "yes"
         else:
             value, answer = other_value(field, truth, rng), "no"
-        out.append((_PROBE[field].format(value), answer))
+        out.append((probe_question(field, value), answer))
     return out
+
+
+def probe_question(field: str, value: object) -> str:
+    """The yes/no probe asking whether `field` has `value` ("is it a 3?", "is the ink faint?")."""
+    return _PROBE[field].format(value)
 
 
 def probe_claim(question: str) -> tuple[str, object] | None:
