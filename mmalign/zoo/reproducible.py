@@ -1,4 +1,4 @@
-"""Bit-identical world builds, whatever the caller's thread count, process or x86-64 CPU.
+"""Bit-identical world builds, whatever the caller's thread count or process, and as far as it can be held, CPU.
 
 Two things change the bits of a trained world besides its code and seeds:
 
@@ -7,11 +7,14 @@ Two things change the bits of a trained world besides its code and seeds:
   torch (and through it MKL and OpenMP) to `BUILD_THREADS` and restores the caller's count afterwards;
 - the CPU's instruction set: ATen's vectorised kernels, MKL and oneDNN pick code paths by what the CPU offers, and
   each path rounds differently (here, holding ATen to its scalar kernels, MKL to its COMPATIBLE path, or oneDNN
-  to SSE4.1 each changed image-tiny's weights; on this AMD CPU MKL's default path differs from its AVX2 one, which
+  to SSE4.1 each changed image-tiny's weights; on an AMD CPU MKL's default path differs from its AVX2 one, which
   changed speech-tiny's weights). `registry.build` therefore runs every builder in a fresh process
   started with `BUILD_ENV`, which holds all three to their AVX2 paths, which an AVX-512 machine can
   be held to too. MKL documents this as conditional
-  numerical reproducibility; CPUs without AVX2 (and non-x86 CPUs) still build other bits.
+  numerical reproducibility; CPUs without AVX2 (and non-x86 CPUs) still build other bits. Across CPU vendors it is
+  not enough everywhere: on an Intel Xeon (AVX-512, held to AVX2) the vlm world's base, at the fingerprint its
+  README tables were measured at on an AMD CPU, answered POPE 0.943 instead of 0.953 (vision/VLM.md), while the
+  flow world's base judge agreement matched (44.2%). Compare worlds by the numbers of the machine they run on.
 
 Every random draw comes from a seeded generator or torch's seeded global generator. `python -m
 mmalign.zoo.reproducible WORLD...` checks it: each world built twice in fresh processes at different
