@@ -18,12 +18,8 @@ from peft import PeftModel
 
 from mmalign.core.data import read_rows
 from mmalign.vision import vlm_digits as D
-from mmalign.vision.hallucination import HallucinationEvaluator
+from mmalign.vision.hallucination import HallucinationEvaluator, yes_no
 from mmalign.vision.vlm_policy import VisionLanguagePolicy
-
-
-def _said(text: str) -> str:
-    return text.strip().lower().rstrip(".!")
 
 
 def flips(questions: list[str], truth: list[str], before: list[str], after: list[str]) -> dict[str, int]:
@@ -35,7 +31,7 @@ def flips(questions: list[str], truth: list[str], before: list[str], after: list
             raise ValueError(f"not a probe of the digits world: {q!r}")
         key = f"{claim[0]}/{t}"
         counts[f"{key}/n"] += 1
-        was, now = _said(b) == t, _said(a) == t
+        was, now = yes_no(b) == t, yes_no(a) == t
         if was != now:
             counts[f"{key}/{'right->wrong' if was else 'wrong->right'}"] += 1
         if not now:

@@ -18,7 +18,7 @@ from peft import PeftModel
 
 from mmalign.core.data import rows_from_records
 from mmalign.vision import vlm_digits as D
-from mmalign.vision.hallucination import HallucinationEvaluator
+from mmalign.vision.hallucination import HallucinationEvaluator, yes_no
 from mmalign.vision.vlm_policy import VisionLanguagePolicy
 
 
@@ -27,7 +27,7 @@ def count(truth: list[str], answers: list[str]) -> dict[str, int]:
     out = {"yes_right": 0, "yes_n": 0, "no_right": 0, "no_n": 0}
     for t, a in zip(truth, answers, strict=True):
         out[f"{t}_n"] += 1
-        out[f"{t}_right"] += int(a.strip().lower().rstrip(".!") == t)
+        out[f"{t}_right"] += int(yes_no(a) == t)
     return out
 
 

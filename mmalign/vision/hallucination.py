@@ -117,7 +117,7 @@ class StatementReward:
         """The reward of one answer to a yes/no probe about (field, value): 1 if right, else −1."""
         field, value = claim
         expected = "yes" if truth[field] == value else "no"
-        return 1.0 if text.strip().lower().rstrip(".!") == expected else -1.0
+        return 1.0 if yes_no(text) == expected else -1.0
 
     def __call__(self, prompts: Sequence[Mapping[str, Any]], outputs: Sequence[Any]) -> torch.Tensor:
         scores = []
@@ -169,9 +169,14 @@ def diversity(token_ids: Sequence[Sequence[int]]) -> dict[str, float]:
     }
 
 
+def yes_no(answer: str) -> str:
+    """What an answer to a yes/no probe says, normalised ("Yes." → "yes"); anything else is returned as it reads."""
+    return answer.strip().lower().rstrip(".!")
+
+
 def pope_metrics(answers: Sequence[str], truth: Sequence[str]) -> dict[str, float]:
     """Accuracy of yes/no answers and the share of "yes" (a response that is neither counts as wrong)."""
-    said = [a.strip().lower().rstrip(".!") for a in answers]
+    said = [yes_no(a) for a in answers]
     return {
         "pope_accuracy": sum(s == t for s, t in zip(said, truth, strict=True)) / len(truth),
         "pope_yes_ratio": sum(s == "yes" for s in said) / len(said),
@@ -186,7 +191,7 @@ def pope_breakdown(
     Keys `pope_accuracy_<field>` and `pope_yes_ratio_<field>`; `pope_unanswered` is the share of answers that are
     neither yes nor no. A question that is not one of the world's probes is a ValueError naming it.
     """
-    said = [a.strip().lower().rstrip(".!") for a in answers]
+    said = [yes_no(a) for a in answers]
     by_field: dict[str, list[tuple[str, str]]] = {f: [] for f in D.FIELDS}
     for question, s, t in zip(questions, said, truth, strict=True):
         claim = D.probe_claim(question)
