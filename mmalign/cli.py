@@ -45,7 +45,8 @@ def _recipe_and_run(target: str, overrides: list[str]) -> tuple[dict, Path | Non
 
 
 def _load_trained(policy, run_dir: Path, recipe: dict) -> None:
-    """Weights of the newest valid checkpoint (an unusable newer one is named on stderr), refused if non-finite."""
+    """Weights of the newest valid checkpoint (its moving average if the run kept one; an unusable newer checkpoint
+    is named on stderr), refused if non-finite."""
     from mmalign.core.params import load_trainable
     from mmalign.train.checkpoint import (
         CheckpointError,
@@ -60,8 +61,11 @@ def _load_trained(policy, run_dir: Path, recipe: dict) -> None:
         raise CheckpointError(f"{run_dir} has no complete checkpoint")
     for note in skipped:
         print(f"mmalign: {note}; using {last.name} instead", file=sys.stderr)
-    weights = load_state(last, "policy")
-    require_finite(weights, f"{last}/policy.safetensors")
+    # a run with train.ema_decay evaluates its moving average: so does `mmalign eval`
+    part = "ema" if (last / "ema.json").exists() else "policy"
+    state = load_state(last, part)
+    weights = state["weights"] if part == "ema" else state
+    require_finite(weights, f"{last}/{part}.safetensors")
     try:
         load_trainable(policy.module, weights)
     except ValueError as err:

@@ -16,7 +16,7 @@ import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from mmalign.train.algorithm import (
     OnlineAlgorithm,
     Report,
 )
+from mmalign.train.ema import WeightAverage
 from mmalign.train.logging import MetricsLogger
 from mmalign.train.run_dir import atomic_dir, prepare_run_dir, read_before, write_json_atomic
 
@@ -58,7 +59,9 @@ class TrainConfig:
     `num_train_epochs` (trl's name), when set, decides `max_steps`: enough optimizer steps for every training
     example (every prompt, for online methods) to be drawn that many times; `warmup_ratio` sets the warm-up to
     that share of the steps (rounded up, as transformers does). `gradient_checkpointing` recomputes activations in
-    the backward pass instead of storing them (less memory, the same gradients).
+    the backward pass instead of storing them (less memory, the same gradients). `ema_decay` > 0 keeps an
+    exponential moving average of the trained weights, updated every `ema_every` optimizer steps (Flow-GRPO's
+    `decay` and `update_step_interval`), and evaluates and saves it in their place (`mmalign.train.ema`).
     """
 
     seed: int = 0
@@ -75,6 +78,8 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
     gradient_checkpointing: bool = False
+    ema_decay: float = 0.0  # 0: evaluate and save the trained weights themselves
+    ema_every: int = 1
     eval_every: int = 0  # 0: only before and after
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
@@ -88,7 +93,15 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "ppo_epochs", "log_every", "keep_checkpoints"):
+        for name in (
+            "max_steps",
+            "batch_size",
+            "grad_accum",
+            "ppo_epochs",
+            "log_every",
+            "keep_checkpoints",
+            "ema_every",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be ≥ 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "save_every", "rollout_prompts"):
@@ -100,6 +113,10 @@ class TrainConfig:
             )
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"train.lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(
+                f"train.ema_decay must be in [0, 1) (0: no moving average), got {self.ema_decay}"
+            )
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"train.weight_decay must be ≥ 0, got {self.weight_decay}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
@@ -239,6 +256,7 @@ class Trainer:
         self.local_batch = self.micro_batch // world
         # held-out evaluation's share of the wall time, so that training time can be told apart
         self._eval_seconds = 0.0
+        self.ema: WeightAverage | None = None
 
     # ------------------------------------------------------------------------------------------- data
     def _epoch_order(self, n: int, epoch: int) -> list[int]:
@@ -301,6 +319,7 @@ class Trainer:
         self.policy.attach(self.model)
         # prepare() placed only the trained module: reference copies, encoders and VAEs follow it
         self.policy.move_frozen_to(acc.device)
+        self.ema = WeightAverage(self.policy.module, cfg.ema_decay, cfg.ema_every) if cfg.ema_decay else None
         logger = MetricsLogger(self.run_dir, acc, cfg.log_with)
 
         step, elapsed_before = 0, 0.0
@@ -352,6 +371,8 @@ class Trainer:
                 ]
             metrics.update(self._optimizer_step(micro_batches, optimizer, scheduler, step))
             step += 1
+            if self.ema is not None:
+                self.ema.update(step)
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 logger.log(step, metrics)
@@ -378,7 +399,7 @@ class Trainer:
         logger.hyperparameters(self.hparams, before, after)
         if acc.is_main_process:
             write_json_atomic(self.run_dir / "summary.json", summary, "summary.json")
-            with atomic_dir(self.run_dir / "final") as tmp:
+            with atomic_dir(self.run_dir / "final") as tmp, self._evaluated_weights():
                 self.policy.save_pretrained(str(tmp))
             if self.report is not None:
                 self.report.write(self.run_dir, summary, self._after_samples())
@@ -473,11 +494,15 @@ class Trainer:
         was = self.policy.module.training
         self.policy.module.eval()
         start = time.time()
-        with torch.no_grad():
+        with torch.no_grad(), self._evaluated_weights():
             result = self.evaluator.evaluate(self.policy)
         self._eval_seconds += time.time() - start
         self.policy.module.train(was)
         return result
+
+    def _evaluated_weights(self) -> AbstractContextManager[None]:
+        """The weights a run evaluates and saves: the moving average with `train.ema_decay`, else the trained ones."""
+        return self.ema.applied() if self.ema is not None else nullcontext()
 
     def _before_metrics(self, logger: MetricsLogger) -> dict[str, float]:
         """Metrics of the starting model, kept across resumes while its weights and evaluation set are the same."""
@@ -505,7 +530,7 @@ class Trainer:
         if self.evaluator is None:
             return []
         self.policy.module.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self._evaluated_weights():
             out = self.evaluator.samples(self.policy)
         self.policy.module.train()
         if self.report is not None and self.accelerator.is_main_process:
@@ -525,6 +550,7 @@ class Trainer:
             "optimizer": optimizer.state_dict(),
             "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
             "algorithm": self.algorithm.state_dict(),
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
             "trainer": {
                 "step": step,
                 "elapsed": elapsed,
@@ -558,6 +584,8 @@ class Trainer:
         optimizer.load_state_dict(ckpt.load_state(path, "optimizer"))
         scheduler.load_state_dict({**scheduler.state_dict(), **ckpt.load_state(path, "scheduler")})
         self.algorithm.load_state_dict(ckpt.load_state(path, "algorithm"))
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt.load_state(path, "ema"))
         return int(trainer["step"]), float(trainer["elapsed"]), float(trainer.get("eval_elapsed", 0.0))
 
 
