@@ -45,7 +45,10 @@ def test_grad_accumulation_equals_bigger_batch(tiny_recipe, tmp_path):
     assert any(not torch.equal(s1[n], v) for n, v in fresh.policy.trainable_state_dict().items())
 
 
-def test_resume_after_crash_matches_uninterrupted_run(tiny_recipe, tmp_path):
+@pytest.mark.parametrize("ema", [False, True], ids=["weights", "weights-and-their-ema"])
+def test_resume_after_crash_matches_uninterrupted_run(tiny_recipe, tmp_path, ema):
+    if ema:  # the moving average (train.ema_decay) resumes too, and the after metrics are its
+        tiny_recipe = apply_overrides(tiny_recipe, ["train.ema_decay=0.9", "train.ema_every=2"])
     full, full_policy, _ = _train(tiny_recipe, tmp_path / "full")
     expected = full.train()
 
@@ -72,6 +75,10 @@ def test_resume_after_crash_matches_uninterrupted_run(tiny_recipe, tmp_path):
     assert summary["after"] == expected["after"]
     a, b = full_policy.trainable_state_dict(), resumed_policy.trainable_state_dict()
     assert all(torch.equal(a[n], b[n]) for n in a)
+    if ema:
+        averages = [ckpt.load_state(ckpt.latest_checkpoint(tmp_path / r), "ema") for r in ("full", "crash")]
+        assert averages[0]["updates"] == averages[1]["updates"] == 3
+        assert all(torch.equal(averages[0]["weights"][n], averages[1]["weights"][n]) for n in a)
 
 
 def test_nan_loss_stops_before_the_update_and_writes_no_checkpoint(tiny_recipe, tmp_path):
