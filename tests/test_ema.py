@@ -13,7 +13,7 @@ from mmalign.core.config import apply_overrides
 from mmalign.run import build_run
 from mmalign.train import checkpoint as ckpt
 from mmalign.train.ema import WeightAverage
-from mmalign.train.trainer import TrainConfig, Trainer
+from mmalign.train.trainer import TrainConfig, Trainer, TrainingError
 
 
 def test_average_follows_the_warmed_up_decay_every_k_steps():
@@ -77,3 +77,12 @@ def test_run_evaluates_and_saves_the_average(tiny_recipe, tmp_path, capsys):
     assert main(["eval", str(tmp_path / "full")]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["preference_accuracy"] == pytest.approx(expected["after"]["preference_accuracy"])
+
+
+def test_resuming_a_run_without_an_average_with_one_is_refused_by_name(tiny_recipe, tmp_path):
+    plain = apply_overrides(tiny_recipe, ["train.max_steps=2"])
+    _train(plain, tmp_path / "run")[0].train()
+    with pytest.raises(TrainingError, match="no moving average"):
+        _train(apply_overrides(plain, ["train.ema_decay=0.9", "train.max_steps=4"]), tmp_path / "run")[
+            0
+        ].train()

@@ -50,7 +50,7 @@ class WeightAverage:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         weights = state["weights"]
-        if list(weights) != self.names:
+        if set(weights) != set(self.names):
             raise ValueError("the checkpoint's EMA weights do not match the trained parameters")
         with torch.no_grad():
             for shadow, name in zip(self._ema.shadow_params, self.names, strict=True):

@@ -585,7 +585,14 @@ class Trainer:
         scheduler.load_state_dict({**scheduler.state_dict(), **ckpt.load_state(path, "scheduler")})
         self.algorithm.load_state_dict(ckpt.load_state(path, "algorithm"))
         if self.ema is not None:
-            self.ema.load_state_dict(ckpt.load_state(path, "ema"))
+            if not (path / "ema.json").exists():
+                raise TrainingError(
+                    f"{path} has no moving average of the weights (it was written without train.ema_decay); "
+                    "resume with the settings it was written with, or start over (train.resume: false)"
+                )
+            average = ckpt.load_state(path, "ema")
+            ckpt.require_finite(average["weights"], f"{path}/ema.safetensors")
+            self.ema.load_state_dict(average)
         return int(trainer["step"]), float(trainer["elapsed"]), float(trainer.get("eval_elapsed", 0.0))
 
 
