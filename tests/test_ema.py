@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from mmalign.core.config import apply_overrides
 from mmalign.run import build_run
@@ -64,6 +65,14 @@ def test_run_evaluates_and_saves_the_average(tiny_recipe, tmp_path, capsys):
     now = policy.trainable_state_dict()
     assert all(torch.equal(now[n], trained[n]) for n in now)
     assert any(not torch.equal(averaged["weights"][n], trained[n]) for n in trained)
+    # final/ holds the average: every averaged tensor is in it, and some trained tensor is not
+    saved = list(load_file(str(next((tmp_path / "full" / "final").glob("*.safetensors")))).values())
+
+    def in_final(t: torch.Tensor) -> bool:
+        return any(s.shape == t.shape and torch.equal(s, t) for s in saved)
+
+    assert all(in_final(t) for t in averaged["weights"].values())
+    assert not all(in_final(t) for t in trained.values())
     # the held-out "after" metrics are those of the average
     policy.load_trainable_state_dict(averaged["weights"])
     with torch.no_grad():
@@ -82,7 +91,7 @@ def test_run_evaluates_and_saves_the_average(tiny_recipe, tmp_path, capsys):
 def test_resuming_a_run_without_an_average_with_one_is_refused_by_name(tiny_recipe, tmp_path):
     plain = apply_overrides(tiny_recipe, ["train.max_steps=2"])
     _train(plain, tmp_path / "run")[0].train()
+    extended = apply_overrides(plain, ["train.ema_decay=0.9", "train.max_steps=4"])
+    trainer = _train(extended, tmp_path / "run")[0]
     with pytest.raises(TrainingError, match="no moving average"):
-        _train(apply_overrides(plain, ["train.ema_decay=0.9", "train.max_steps=4"]), tmp_path / "run")[
-            0
-        ].train()
+        trainer.train()
