@@ -54,6 +54,7 @@ def _load_trained(policy, run_dir: Path, recipe: dict) -> None:
         load_state,
         require_finite,
     )
+    from mmalign.train.ema import saved_average
 
     on_corrupt = (recipe.get("train") or {}).get("on_corrupt_checkpoint", "fallback")
     last, skipped = latest_valid_checkpoint(run_dir, on_corrupt)
@@ -62,10 +63,12 @@ def _load_trained(policy, run_dir: Path, recipe: dict) -> None:
     for note in skipped:
         print(f"mmalign: {note}; using {last.name} instead", file=sys.stderr)
     # a run with train.ema_decay evaluates its moving average: so does `mmalign eval`
-    part = "ema" if (last / "ema.json").exists() else "policy"
-    state = load_state(last, part)
-    weights = state["weights"] if part == "ema" else state
-    require_finite(weights, f"{last}/{part}.safetensors")
+    average = saved_average(last)
+    if average is not None:
+        weights = average["weights"]
+    else:
+        weights = load_state(last, "policy")
+        require_finite(weights, f"{last}/policy.safetensors")
     try:
         load_trainable(policy.module, weights)
     except ValueError as err:

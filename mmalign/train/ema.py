@@ -12,10 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers.training_utils import EMAModel
+
+from mmalign.train import checkpoint as ckpt
+
+PART = "ema"  # the checkpoint part that holds a WeightAverage's state_dict
 
 
 class WeightAverage:
@@ -56,3 +61,12 @@ class WeightAverage:
             for shadow, name in zip(self._ema.shadow_params, self.names, strict=True):
                 shadow.copy_(weights[name])
         self._ema.optimization_step = int(state["updates"])
+
+
+def saved_average(path: Path) -> dict[str, Any] | None:
+    """A checkpoint's moving average (its `state_dict`), refused if non-finite; None if the run kept none."""
+    if not (path / f"{PART}.json").exists():
+        return None
+    average = ckpt.load_state(path, PART)
+    ckpt.require_finite(average["weights"], f"{path}/{PART}.safetensors")
+    return average

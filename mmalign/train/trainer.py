@@ -38,7 +38,8 @@ from mmalign.train.algorithm import (
     OnlineAlgorithm,
     Report,
 )
-from mmalign.train.ema import WeightAverage
+from mmalign.train.ema import PART as EMA_PART
+from mmalign.train.ema import WeightAverage, saved_average
 from mmalign.train.logging import MetricsLogger
 from mmalign.train.run_dir import atomic_dir, prepare_run_dir, read_before, write_json_atomic
 
@@ -550,7 +551,7 @@ class Trainer:
             "optimizer": optimizer.state_dict(),
             "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
             "algorithm": self.algorithm.state_dict(),
-            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
+            **({EMA_PART: self.ema.state_dict()} if self.ema is not None else {}),
             "trainer": {
                 "step": step,
                 "elapsed": elapsed,
@@ -585,13 +586,12 @@ class Trainer:
         scheduler.load_state_dict({**scheduler.state_dict(), **ckpt.load_state(path, "scheduler")})
         self.algorithm.load_state_dict(ckpt.load_state(path, "algorithm"))
         if self.ema is not None:
-            if not (path / "ema.json").exists():
+            average = saved_average(path)
+            if average is None:
                 raise TrainingError(
                     f"{path} has no moving average of the weights (it was written without train.ema_decay); "
                     "resume with the settings it was written with, or start over (train.resume: false)"
                 )
-            average = ckpt.load_state(path, "ema")
-            ckpt.require_finite(average["weights"], f"{path}/ema.safetensors")
             self.ema.load_state_dict(average)
         return int(trainer["step"]), float(trainer["elapsed"]), float(trainer.get("eval_elapsed", 0.0))
 
