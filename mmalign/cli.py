@@ -172,7 +172,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from mmalign.run import build_evaluation
+    from mmalign.run import build_evaluation, model_plan
     from mmalign.train.run_dir import finite_json
 
     recipe, run_dir = _recipe_and_run(args.target, args.set)
@@ -180,6 +180,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     trl_test_split = (recipe.get("data") or {}).get("dataset_test_split")
     if not (any(held_out.get(k) for k in ("pairs", "prompts", "probes")) or trl_test_split):
         raise RecipeError("the recipe has no held-out data to evaluate on (eval.prompts / eval.pairs)")
+    kind, _ = model_plan(recipe)
+    if args.by_prompt and kind.policy_kind != "diffusion":  # every diffusion kind's evaluator has by_prompt
+        raise RecipeError(
+            f"--by-prompt: model.kind {kind.name!r} reports whole-set metrics only; per-prompt rows are "
+            "available for diffusion models (images, flows, speech)"
+        )
     policy, evaluator = build_evaluation(recipe)
     if evaluator is None:
         raise RecipeError("the recipe has no held-out data to evaluate on (eval.prompts / eval.pairs)")
@@ -187,7 +193,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _load_trained(policy, run_dir, recipe)
     policy.module.eval()
     with torch.no_grad():
-        args.emit(finite_json(evaluator.evaluate(policy), "mmalign eval", indent=2))
+        metrics = evaluator.by_prompt(policy) if args.by_prompt else evaluator.evaluate(policy)
+    args.emit(finite_json(metrics, "mmalign eval", indent=2))
     return 0
 
 
@@ -378,6 +385,7 @@ on stdout); 2: invalid (the error on stderr).""",
     "eval": """examples:
   mmalign eval runs/dpo            # the trained model of a run directory
   mmalign eval runs/dpo --base     # its starting model
+  mmalign eval runs/ddpo --by-prompt  # per held-out prompt: which ones the model still gets wrong
   mmalign eval text/dpo.yaml       # a recipe's model as it is""",
     "sample": """examples:
   mmalign sample runs/dpo --prompt "27+48=" --greedy
@@ -465,6 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="a recipe file or a run directory")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--base", action="store_true", help="evaluate the starting model of a run directory")
+    p.add_argument(
+        "--by-prompt",
+        action="store_true",
+        help="one row per held-out prompt (rewards, judges, what a classifier reads) instead of the totals",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = command("sample", "generate from a recipe's model or a trained run directory")

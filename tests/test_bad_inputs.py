@@ -983,6 +983,11 @@ def _eval_without_held_out_data(e: Env, d: Path) -> list[str]:
     return ["eval", _write(d, e.text(eval=None))]
 
 
+@case("cli", RecipeError, "--by-prompt: model.kind 'causal_lm' reports whole-set metrics only")
+def _eval_by_prompt_of_a_text_model(e: Env, d: Path) -> list[str]:
+    return ["eval", _write(d, e.text()), "--by-prompt"]
+
+
 @case("cli", DataError, "'é' is not in the vocabulary")
 def _validate_reports_vocabulary(e: Env, d: Path) -> list[str]:
     rows = [{"prompt": "1+2=", "chosen": "3", "rejected": "é"}]

@@ -106,3 +106,25 @@ def test_flow_nft_recipe_trains_cfg_free_on_ode_samples(flow_tiny, tmp_path):
     _check_common(recipe, run, summary, log, moved)
     assert run.policy.sampler.sde_type == "ode"  # NFT samples its rollouts with the ODE: no log-probs
     assert torch.isfinite(torch.tensor([m["train/loss"] for m in log if "train/loss" in m])).all()
+
+
+def test_eval_by_prompt_traces_the_held_out_totals_to_prompts(flow_tiny, capsys):
+    """`mmalign eval RECIPE --by-prompt` scores the images `mmalign eval` scores: its rows, weighted by their
+    seeds, give the whole-set agreement, and each row's judge readings count its seeds."""
+    from mmalign.cli import main
+
+    argv = ["eval", str(ROOT / "vision" / "flow_grpo.yaml"), *(a for s in TINY for a in ("--set", s))]
+    argv += ["--set", "eval.seeds=3"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    totals = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--by-prompt"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    prompts = [
+        json.loads(line)["prompt"] for line in (flow_tiny / "eval_prompts.jsonl").read_text().splitlines()
+    ]
+    assert [r["prompt"] for r in rows] == prompts and all(r["n"] == 3 for r in rows)
+    for name in ("digit_classifier", "digit_judge"):
+        mean = sum(r[f"{name}_agreement"] for r in rows) / len(rows)
+        assert mean == pytest.approx(totals[f"{name}_agreement"])
+        assert all(sum(r[f"{name}_reads"].values()) == 3 for r in rows)

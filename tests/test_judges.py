@@ -180,6 +180,27 @@ def test_evaluator_reports_judges_and_the_hacking_gap_computed_by_hand():
     assert metrics["win_rate_vs_base"] == pytest.approx((3 + 0.5 * 3) / 6)  # 3 wins, 3 ties
 
 
+class Classed(Coded):
+    """A classifier-like reward that reads class 7 where column `column` is 1 and class 0 elsewhere."""
+
+    def classes(self, images):
+        return 7 * images[:, self.column].long()
+
+
+def test_by_prompt_rows_are_each_prompts_seeds_computed_by_hand():
+    reward, judge = Coded("digit_classifier", 0), Classed("digit_judge", 1)
+    rows = DiffusionEvaluator(PROMPTS, [reward], judges=[judge], seeds=2, kl=False).by_prompt(
+        FakePolicy(TUNED, BASE)
+    )
+    # jobs run seed-major: prompt i's images are rows i and i + 3 of TUNED
+    assert [r["prompt"] for r in rows] == ["one", "two", "three"] and all(r["n"] == 2 for r in rows)
+    assert [r["digit_classifier"] for r in rows] == pytest.approx([0.75, 0.625, 0.75])
+    assert [r["digit_classifier_agreement"] for r in rows] == pytest.approx([1.0, 0.5, 1.0])
+    assert [r["digit_judge_agreement"] for r in rows] == pytest.approx([1.0, 0.0, 0.5])
+    assert [r["digit_judge_reads"] for r in rows] == [{"7": 2}, {"0": 2}, {"0": 1, "7": 1}]
+    assert "digit_classifier_reads" not in rows[0]  # a reward without classes reads none
+
+
 def test_hacking_gap_follows_the_training_reward_or_is_left_out():
     jpeg, classifier, judge = Scored("jpeg", 0), Coded("classifier", 0), Coded("judge", 1)
     policy = FakePolicy(TUNED, BASE)

@@ -320,9 +320,13 @@ class PromptedClassReward:
         ]
 
     @torch.no_grad()
+    def classes(self, outputs: torch.Tensor) -> torch.Tensor:
+        """The class the classifier reads in each output (its argmax)."""
+        return self.classifier.to(outputs.device)(outputs.float()).argmax(-1)
+
+    @torch.no_grad()
     def agreement(self, prompts: Sequence[str], outputs: torch.Tensor) -> torch.Tensor:
-        labels = self.labels(prompts).to(outputs.device)
-        return (self.classifier.to(outputs.device)(outputs.float()).argmax(-1) == labels).float()
+        return (self.classes(outputs) == self.labels(prompts).to(outputs.device)).float()
 
     @torch.no_grad()
     def features(self, outputs: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ the base, and the reward-hacking gap between the training reward and a judge."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -137,6 +138,33 @@ class DiffusionEvaluator:
             metrics["kl_to_base"] = kl.mean().item()
         metrics["n_images"] = len(jobs)
         return metrics
+
+    @torch.no_grad()
+    def by_prompt(self, policy: Any) -> list[dict[str, Any]]:
+        """One row per held-out prompt over its seeds (the images `evaluate` scores): each reward's and judge's
+        mean, its agreement, and for a classifier how often it reads each class, so a whole-set number can be
+        traced to the prompts a model still gets wrong."""
+        jobs = self._jobs()
+        prompts = [p for p, _ in jobs]
+        images, _ = self._images(policy, jobs, kl=False)
+        columns: dict[str, torch.Tensor] = {}
+        reads: dict[str, torch.Tensor] = {}
+        for reward in [*self.rewards, *self.judges]:
+            columns[reward.name] = score(reward, prompts, images).float()
+            if hasattr(reward, "agreement"):
+                columns[f"{reward.name}_agreement"] = reward.agreement(prompts, images).float()
+            if hasattr(reward, "classes"):
+                reads[f"{reward.name}_reads"] = reward.classes(images).cpu()
+        rows = []
+        for prompt in dict.fromkeys(self.prompts):
+            mask = torch.tensor([p == prompt for p in prompts])
+            row: dict[str, Any] = {"prompt": prompt, "n": int(mask.sum())}
+            row.update({name: values[mask].mean().item() for name, values in columns.items()})
+            for name, classes in reads.items():
+                counts = Counter(classes[mask].tolist()).most_common()
+                row[name] = {str(c): n for c, n in counts}
+            rows.append(row)
+        return rows
 
     def samples(self, policy: Any) -> list[dict[str, Any]]:
         """The first prompts with `grid_seeds` fixed seeds each, for the report's before/after image grid."""

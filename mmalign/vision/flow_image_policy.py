@@ -304,3 +304,7 @@ class EvalSamplerEvaluation:
     def samples(self, policy: FlowImagePolicy) -> list[dict[str, Any]]:
         with policy.sampling_with(policy.eval_sampler):
             return self.evaluator.samples(policy)
+
+    def by_prompt(self, policy: FlowImagePolicy) -> list[dict[str, Any]]:
+        with policy.sampling_with(policy.eval_sampler):
+            return self.evaluator.by_prompt(policy)
