@@ -67,7 +67,7 @@ class DiffusionEvaluator:
         self.gap_reward = self._gap_reward(trained_on)
         self.seeds, self.batch_size, self.grid_prompts, self.kl = seeds, batch_size, grid_prompts, kl
         self.grid_seeds = grid_seeds
-        self._base_images: dict[int, torch.Tensor] = {}
+        self._base_scores: dict[int, dict[str, torch.Tensor]] = {}
 
     def _gap_reward(self, trained_on: str | None) -> Reward | None:
         """The reward whose agreement gain the judges are compared with (see the class docstring)."""
@@ -106,34 +106,43 @@ class DiffusionEvaluator:
             total += gaussian_kl(traj.means[:, j], ref.mean, ref.std, reduction="sum").cpu()
         return total
 
+    def _scores(self, prompts: list[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per image: each reward's and judge's value, and `<name>_agreement` for those that have one."""
+        columns: dict[str, torch.Tensor] = {}
+        for reward in [*self.rewards, *self.judges]:
+            columns[reward.name] = score(reward, prompts, images).float()
+            if hasattr(reward, "agreement"):
+                columns[f"{reward.name}_agreement"] = reward.agreement(prompts, images).float()
+        return columns
+
     def evaluate(self, policy: Any) -> dict[str, float]:
         jobs = self._jobs()
         prompts = [p for p, _ in jobs]
         images, kl = self._images(policy, jobs, kl=self.kl)
-        if id(policy) not in self._base_images:  # a policy's reference is frozen: draw its images once
+        if id(policy) not in self._base_scores:  # the reference is frozen: draw and score its images once
             with policy.reference():
-                self._base_images[id(policy)], _ = self._images(policy, jobs, kl=False)
-        base_images = self._base_images[id(policy)]
+                base_images, _ = self._images(policy, jobs, kl=False)
+            self._base_scores[id(policy)] = self._scores(prompts, base_images)
+        ours, base = self._scores(prompts, images), self._base_scores[id(policy)]
         metrics: dict[str, float] = {}
         gains: dict[str, torch.Tensor] = {}
         for reward in [*self.rewards, *self.judges]:
-            values = score(reward, prompts, images).float()
-            metrics[reward.name] = values.mean().item()
-            if hasattr(reward, "agreement"):
-                agree = reward.agreement(prompts, images).float()
-                gains[reward.name] = gain = agree - reward.agreement(prompts, base_images).float()
-                metrics[f"{reward.name}_agreement"] = agree.mean().item()
-                metrics[f"{reward.name}_agreement_gain"] = gain.mean().item()
-                metrics.update(_standard_error(f"{reward.name}_agreement_gain_se", gain))
+            metrics[reward.name] = ours[reward.name].mean().item()
+            column = f"{reward.name}_agreement"
+            if column in ours:
+                gains[reward.name] = gain = ours[column] - base[column]
+                metrics[column] = ours[column].mean().item()
+                metrics[f"{column}_gain"] = gain.mean().item()
+                metrics.update(_standard_error(f"{column}_gain_se", gain))
         if self.gap_reward is not None:
             for judge in self.judges:
                 if judge.name in gains:
                     gap = gains[self.gap_reward.name] - gains[judge.name]
                     metrics[f"{judge.name}_hacking_gap"] = gap.mean().item()
                     metrics.update(_standard_error(f"{judge.name}_hacking_gap_se", gap))
-        first = self.rewards[0]
-        ours, base = score(first, prompts, images).float(), score(first, prompts, base_images).float()
-        metrics["win_rate_vs_base"] = ((ours > base).float() + 0.5 * (ours == base).float()).mean().item()
+        first = self.rewards[0].name
+        wins = (ours[first] > base[first]).float() + 0.5 * (ours[first] == base[first]).float()
+        metrics["win_rate_vs_base"] = wins.mean().item()
         if self.kl:
             metrics["kl_to_base"] = kl.mean().item()
         metrics["n_images"] = len(jobs)
@@ -147,14 +156,12 @@ class DiffusionEvaluator:
         jobs = self._jobs()
         prompts = [p for p, _ in jobs]
         images, _ = self._images(policy, jobs, kl=False)
-        columns: dict[str, torch.Tensor] = {}
-        reads: dict[str, torch.Tensor] = {}
-        for reward in [*self.rewards, *self.judges]:
-            columns[reward.name] = score(reward, prompts, images).float()
-            if hasattr(reward, "agreement"):
-                columns[f"{reward.name}_agreement"] = reward.agreement(prompts, images).float()
-            if hasattr(reward, "classes"):
-                reads[f"{reward.name}_reads"] = reward.classes(images).cpu()
+        columns = self._scores(prompts, images)
+        reads = {
+            f"{reward.name}_reads": reward.classes(images).cpu()
+            for reward in [*self.rewards, *self.judges]
+            if hasattr(reward, "classes")
+        }
         rows = []
         for prompt in dict.fromkeys(self.prompts):
             mask = torch.tensor([p == prompt for p in prompts])
