@@ -168,15 +168,14 @@ def _train(recipe: dict[str, Any], case_dir: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, tiny_world) -> Env:
-    from diffusion_fixtures import tiny_pipeline
-
     from mmalign.cli import main
     from mmalign.evaluation.classifier import ConvClassifier, ConvClassifierConfig
     from mmalign.speech.text import CharEncoder
+    from mmalign.zoo.tiny_pipelines import tiny_sd_pipeline
     from mmalign.zoo.tokenizer import char_tokenizer
 
     e = Env(tmp_path_factory.mktemp("bad-inputs"), tiny_world)
-    tiny_pipeline().save_pretrained(e.sd)
+    tiny_sd_pipeline().save_pretrained(e.sd)
     ConvClassifier(ConvClassifierConfig(image_size=16)).save_pretrained(e.classifier)
     _jsonl(
         e.root / "image_prompts.jsonl", [{"prompt": "a handwritten seven"}, {"prompt": "a handwritten two"}]

@@ -157,9 +157,9 @@ def test_place_without_overwriting_picks_a_new_stem(tmp_path):
 
 
 def test_sample_never_overwrites_earlier_images(tmp_path, capsys):
-    from diffusion_fixtures import tiny_pipeline
+    from mmalign.zoo.tiny_pipelines import tiny_sd_pipeline
 
-    tiny_pipeline().save_pretrained(tmp_path / "sd")
+    tiny_sd_pipeline().save_pretrained(tmp_path / "sd")
     recipe = {"model": {"kind": "diffusion_image", "name_or_path": str(tmp_path / "sd"), "num_steps": 2}}
     file = tmp_path / "recipe.yaml"
     file.write_text(yaml.safe_dump(recipe))

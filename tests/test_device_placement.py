@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusion_fixtures import tiny_pipeline
 
 from mmalign.core.params import LoraSpec
 from mmalign.text.policy import CausalLMPolicy
 from mmalign.vision.diffusion_policy import DiffusionImagePolicy
+from mmalign.zoo.tiny_pipelines import tiny_sd_pipeline
 
 
 def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
@@ -41,7 +41,7 @@ def _check_moved(policy, expected: int) -> None:
 
 @pytest.mark.parametrize("lora", [None, LoraSpec(r=2, alpha=2)], ids=["full", "lora"])
 def test_stable_diffusion_policy_moves_text_encoder_vae_and_reference(tmp_path, lora):
-    tiny_pipeline().save_pretrained(tmp_path)
+    tiny_sd_pipeline().save_pretrained(tmp_path)
     policy = DiffusionImagePolicy.from_pretrained(str(tmp_path), lora=lora, num_steps=2)
     _check_moved(policy, expected=2 if lora else 3)  # VAE, text encoder (and the reference copy)
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusion_fixtures import tiny_pipeline
 from PIL import Image
 
 from mmalign.core.data import DataError, rows_from_records
@@ -17,12 +16,13 @@ from mmalign.core.sampler import DDPMFamilySampler
 from mmalign.train.diffusion_preference import PairDenoisingScores
 from mmalign.train.preference import PreferenceAlgorithm, PreferenceConfig
 from mmalign.vision.diffusion_policy import DiffusionImagePolicy
+from mmalign.zoo.tiny_pipelines import tiny_sd_pipeline
 
 
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-sd")
-    tiny_pipeline().save_pretrained(path)
+    tiny_sd_pipeline().save_pretrained(path)
     return path
 
 

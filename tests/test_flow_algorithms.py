@@ -12,7 +12,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusion_fixtures import tiny_pipeline
 from PIL import Image
 from pipeline_fixtures import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sdxl_pipeline
 
@@ -29,6 +28,7 @@ from mmalign.vision.diffusion_policy import DiffusionImagePolicy
 from mmalign.vision.flux_policy import FluxPolicy
 from mmalign.vision.sd3_policy import SD3Policy
 from mmalign.vision.sdxl_policy import SDXLPolicy
+from mmalign.zoo.tiny_pipelines import tiny_sd_pipeline
 
 PROMPTS = ["a handwritten seven", "the digit one", "a drawing of the number", "the number 5"]
 ROWS = rows_from_records([{"prompt": p} for p in PROMPTS])
@@ -69,7 +69,7 @@ def dirs(tmp_path_factory):
         ("sd3", tiny_sd3_pipeline()),
         ("flux", tiny_flux_pipeline(guidance_embeds=True)),
         ("sdxl", tiny_sdxl_pipeline()),
-        ("sd", tiny_pipeline()),
+        ("sd", tiny_sd_pipeline()),
     ]:
         pipe.save_pretrained(root / name)
     return {name: str(root / name) for name in ("sd3", "flux", "sdxl", "sd")}

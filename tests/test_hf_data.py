@@ -619,13 +619,13 @@ def test_trl_implicit_prompt_conversations_train_dpo(tiny_world, tmp_path):
 
 def test_pick_a_pic_dataset_trains_offline_diffusion_dpo(tmp_path):
     import torch
-    from diffusion_fixtures import tiny_pipeline
 
     from mmalign.run import build_run
     from mmalign.train.trainer import Trainer
+    from mmalign.zoo.tiny_pipelines import tiny_sd_pipeline
 
     pipeline_dir = tmp_path / "tiny-sd"
-    tiny_pipeline().save_pretrained(pipeline_dir)
+    tiny_sd_pipeline().save_pretrained(pipeline_dir)
     rng = np.random.default_rng(0)
     # each fits the tiny text encoder's 24 tokens: a longer prompt is an error now, where it was silently cut (this one
     # was "a drawing of the number 3", which the encoder saw as these words)

@@ -10,7 +10,6 @@ import json
 
 import pytest
 import torch
-from diffusion_fixtures import tiny_pipeline
 
 from mmalign.core.config import RecipeError
 from mmalign.core.data import rows_from_records
@@ -23,6 +22,7 @@ from mmalign.train.reward_backprop import RewardBackprop, RewardBackpropConfig
 from mmalign.train.trainer import TrainConfig, Trainer
 from mmalign.vision.diffusion_policy import DiffusionImagePolicy
 from mmalign.vision.rewards import JpegCompressibility
+from mmalign.zoo.tiny_pipelines import tiny_sd_pipeline
 
 PROMPTS = ["a handwritten seven", "the digit one", "a drawing of a 3", "the number 5"]
 ROWS = rows_from_records([{"prompt": p} for p in PROMPTS])
@@ -52,7 +52,7 @@ class LatentOutputPolicy(DiffusionImagePolicy):
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-sd-rbp")
-    tiny_pipeline().save_pretrained(path)
+    tiny_sd_pipeline().save_pretrained(path)
     return path
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from diffusion_fixtures import tiny_pipeline
 from safetensors.torch import save_file
 
 from mmalign import plugins
@@ -20,6 +19,7 @@ from mmalign.run import RECIPE_KEYS, build_run
 from mmalign.train.reward_backprop import RewardBackpropConfig
 from mmalign.train.trainer import TrainConfig, Trainer
 from mmalign.vision.clip_rewards import AestheticMLP, save_open_clip
+from mmalign.zoo.tiny_pipelines import tiny_sd_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = [
@@ -60,7 +60,7 @@ TINY_CLIP = {
 
 def test_sd15_alignprop_recipe_trains_on_a_tiny_pipeline(tmp_path):
     torch.manual_seed(0)
-    tiny_pipeline().save_pretrained(tmp_path / "sd")
+    tiny_sd_pipeline().save_pretrained(tmp_path / "sd")
     save_open_clip(open_clip.model.CLIP(**TINY_CLIP), TINY_CLIP, tmp_path / "clip")
     save_file(
         {k: v.clone() for k, v in AestheticMLP(16).state_dict().items()}, str(tmp_path / "head.safetensors")

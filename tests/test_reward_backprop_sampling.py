@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
-from diffusion_fixtures import tiny_pipeline
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 from mmalign.core.flow import FlowMatchForwardProcess, FlowMatchSampler
 from mmalign.core.params import LoraSpec
@@ -17,22 +16,13 @@ from mmalign.core.sampler import DDPMFamilySampler, DDPMForwardProcess
 from mmalign.core.sampling import GradientWindow, sample_trajectory, sample_with_gradients
 from mmalign.train.reward_backprop import last_step_renoise
 from mmalign.vision.diffusion_policy import DiffusionImagePolicy
+from mmalign.zoo.tiny_pipelines import sd_ddim_scheduler, tiny_sd_pipeline
 
 SHAPE = (2, 1, 2, 2)
 
 
 def ddim_config() -> dict:
-    return dict(
-        DDIMScheduler(
-            num_train_timesteps=1000,
-            beta_schedule="scaled_linear",
-            beta_start=0.00085,
-            beta_end=0.012,
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        ).config
-    )
+    return dict(sd_ddim_scheduler().config)
 
 
 class ToyDenoiser(torch.nn.Module):
@@ -204,7 +194,7 @@ def test_bad_windows_are_named_errors():
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-sd-backprop")
-    tiny_pipeline().save_pretrained(path)
+    tiny_sd_pipeline().save_pretrained(path)
     return path
 
 

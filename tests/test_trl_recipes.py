@@ -270,16 +270,15 @@ def test_gradient_checkpointing_gives_the_same_sequence_loss_and_gradients(tiny_
 
 
 def test_gradient_checkpointing_gives_the_same_denoising_gradients(monkeypatch):
-    from diffusion_fixtures import tiny_pipeline
-
     from mmalign.vision.diffusion_policy import DiffusionImagePolicy
+    from mmalign.zoo.tiny_pipelines import tiny_sd_pipeline
 
     g = torch.Generator().manual_seed(0)
     x, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     t = torch.tensor([10, 500])
     results = []
     for checkpointing in (False, True):
-        policy = DiffusionImagePolicy(tiny_pipeline(), lora=LoraSpec(r=2, alpha=2), num_steps=2)
+        policy = DiffusionImagePolicy(tiny_sd_pipeline(), lora=LoraSpec(r=2, alpha=2), num_steps=2)
         if checkpointing:
             policy.enable_gradient_checkpointing()
         policy.module.train()

@@ -12,7 +12,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusion_fixtures import tiny_pipeline
 from PIL import Image
 
 from mmalign.core.data import read_rows, rows_from_records
@@ -21,6 +20,7 @@ from mmalign.evaluation.diffusion import DiffusionEvaluator
 from mmalign.train.diffusion_pg import DiffusionPGConfig, DiffusionPolicyGradient
 from mmalign.train.trainer import TrainConfig, Trainer
 from mmalign.vision.diffusion_policy import DiffusionImagePolicy
+from mmalign.zoo.tiny_pipelines import tiny_sd_pipeline
 
 # each fits the tiny text encoder's 24 tokens: a longer prompt is an error now, where it was silently cut (this one
 # was "a drawing of the number 3", which the encoder saw as these words)
@@ -47,7 +47,7 @@ class LatentOutputPolicy(DiffusionImagePolicy):
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-sd-algos")
-    tiny_pipeline().save_pretrained(path)
+    tiny_sd_pipeline().save_pretrained(path)
     return path
 
 

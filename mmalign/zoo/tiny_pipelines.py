@@ -1,12 +1,13 @@
-"""Randomly initialised, seconds-fast SD3, FLUX, SDXL and AudioLDM 2 pipelines built from configs.
+"""Randomly initialised, seconds-fast SD 1.x, SD3, FLUX, SDXL and AudioLDM 2 pipelines built from configs.
 
-Each has the component layout of the real model family (SD3: an MM-DiT with two CLIP text encoders with
-projection and an optional T5; FLUX: a packed-latent MM-DiT with CLIP pooled + T5 sequence conditioning; SDXL: a
-UNet with `text_time` added conditioning fed by two CLIP text encoders; AudioLDM 2 speech: CLAP + a VITS text
-encoder, a bare GPT-2 prior, the two-stream UNet, a 1-channel VAE and a HiFi-GAN), the character tokenizer of the
-digits worlds (byte-level and character tokenizers for AudioLDM 2), 16×16 images and 8×8 latents. The
-`pipelines-tiny` world saves them, untrained, so that the model kinds without a trained tiny world (SDXL, FLUX,
-AudioLDM 2) run the method × model matrix through the same recipe path as a user's checkpoint.
+Each has the component layout of the real model family (SD 1.x: a cross-attention UNet on one CLIP encoder; SD3:
+an MM-DiT with two CLIP text encoders with projection and an optional T5; FLUX: a packed-latent MM-DiT with CLIP
+pooled + T5 sequence conditioning; SDXL: a UNet with `text_time` added conditioning fed by two CLIP text encoders;
+AudioLDM 2 speech: CLAP + a VITS text encoder, a bare GPT-2 prior, the two-stream UNet, a 1-channel VAE and a
+HiFi-GAN), the character tokenizer of the digits worlds (byte-level and character tokenizers for AudioLDM 2), 16×16
+images and 8×8 latents. The `pipelines-tiny` world saves the SDXL, FLUX and AudioLDM 2 ones, untrained, so that
+the model kinds without a trained tiny world run the method × model matrix through the same recipe path as a
+user's checkpoint; the SD 1.x one serves the tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    DDIMScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -49,13 +52,13 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _clip(tokenizer, hidden: int, *, projection: int | None = None):
-    """A two-layer CLIP text encoder (two so the pipelines' penultimate-layer read is a real layer)."""
+def _clip(tokenizer, hidden: int, *, projection: int | None = None, layers: int = 2):
+    """A CLIP text encoder, two layers by default (so the pipelines' penultimate-layer read is a real layer)."""
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         max_position_embeddings=MAX_TOKENS,
         projection_dim=projection or hidden,
@@ -82,7 +85,14 @@ def _t5(tokenizer, d_model: int) -> T5EncoderModel:
     )
 
 
-def _vae(latent_channels: int, *, shift_factor: float | None, flow: bool) -> AutoencoderKL:
+def _vae(
+    latent_channels: int,
+    *,
+    shift_factor: float | None,
+    flow: bool,
+    image_size: int = IMAGE_SIZE,
+    scaling_factor: float = 1.5,
+) -> AutoencoderKL:
     """One downsampling (16×16 → 8×8); SD3/FLUX VAEs have no quant convs and a shift factor, as the real ones."""
     return AutoencoderKL(
         in_channels=3,
@@ -93,11 +103,66 @@ def _vae(latent_channels: int, *, shift_factor: float | None, flow: bool) -> Aut
         up_block_types=("UpDecoderBlock2D",) * 2,
         layers_per_block=1,
         norm_num_groups=4,
-        sample_size=IMAGE_SIZE,
-        scaling_factor=1.5,
+        sample_size=image_size,
+        scaling_factor=scaling_factor,
         shift_factor=shift_factor,
         use_quant_conv=not flow,
         use_post_quant_conv=not flow,
+    )
+
+
+def sd_ddim_scheduler() -> DDIMScheduler:
+    """The DDIM scheduler SD 1.5 and AudioLDM 2 ship (scaled-linear betas, leading steps offset by 1)."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def tiny_sd_pipeline(
+    seed: int = 0,
+    *,
+    width: int = 16,
+    text_width: int = 16,
+    text_layers: int = 1,
+    image_size: int = IMAGE_SIZE,
+    norm_groups: int = 4,
+) -> StableDiffusionPipeline:
+    """SD 1.x layout: a cross-attention UNet of channels (width, 2·width) on one CLIP encoder, SD 1.5's DDIM.
+
+    The defaults are the tests' seconds-fast model (a UNet of 0.2 M parameters on 8×8 latents); the benchmarks widen
+    it so that the UNet dominates a step, as it does for real models.
+    """
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer()
+    text_encoder = _clip(tokenizer, text_width, layers=text_layers)
+    vae = _vae(4, shift_factor=None, flow=False, image_size=image_size, scaling_factor=0.18215)
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(width, 2 * width),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        cross_attention_dim=text_width,
+        attention_head_dim=text_width // 4,
+        norm_num_groups=norm_groups,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=sd_ddim_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -241,7 +306,6 @@ def tiny_audioldm2(tmp: Path):
         AudioLDM2ProjectionModel,
         AudioLDM2UNet2DConditionModel,
         AutoencoderKL,
-        DDIMScheduler,
     )
     from transformers import (
         ClapConfig,
@@ -354,14 +418,6 @@ def tiny_audioldm2(tmp: Path):
             normalize_before=False,
         )
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
     return AudioLDM2Pipeline(
         vae=vae,
         text_encoder=clap,
@@ -372,7 +428,7 @@ def tiny_audioldm2(tmp: Path):
         tokenizer_2=tokenizer_2,
         feature_extractor=ClapFeatureExtractor(feature_size=64, sampling_rate=16000),
         unet=unet,
-        scheduler=scheduler,
+        scheduler=sd_ddim_scheduler(),
         vocoder=vocoder,
     )
 
