@@ -519,12 +519,13 @@ def test_a_rollout_without_prompts_is_refused_before_loading(tiny_world):
 
 def test_reinforce_baseline_is_the_mean_over_every_process(tiny_world, monkeypatch):
     """N processes = 1 process: rank 0 of 2 subtracts the mean reward of both ranks' samples, not its own."""
+    import mmalign.train.distributed as distributed
     import mmalign.train.online as online
 
     run = build_run(_recipe({"name": "reinforce"}))
     algorithm = run.algorithm
     other_rank = torch.full((4,), 0.75)  # rewards the other process drew
-    monkeypatch.setattr(online, "process_info", lambda: (0, 2))
+    monkeypatch.setattr(distributed, "process_info", lambda: (0, 2))
     monkeypatch.setattr(
         online,
         "gather_all",

@@ -13,6 +13,20 @@ from mmalign.core.data import Row
 LossTerm = Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
+def summed_terms(terms: Sequence[LossTerm], owner: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A loss split into terms, summed: the per-sample loss and metrics the trainer accumulates term by term."""
+    total: torch.Tensor | None = None
+    metrics: dict[str, torch.Tensor] = {}
+    for term in terms:
+        losses, more = term()
+        total = losses if total is None else total + losses
+        for name, value in more.items():
+            metrics[name] = metrics.get(name, 0) + value
+    if total is None:
+        raise RuntimeError(f"{owner} built no loss terms")
+    return total, metrics
+
+
 @runtime_checkable
 class Algorithm(Protocol):
     """Glue between an objective family and a policy kind.

@@ -40,7 +40,8 @@ from mmalign.objectives.advantages import (
     make_advantage_estimator,
 )
 from mmalign.objectives.diffusion import nft_loss, nft_optimality
-from mmalign.train.algorithm import AlgorithmBase, LossTerm
+from mmalign.train.algorithm import AlgorithmBase, LossTerm, summed_terms
+from mmalign.train.distributed import this_process
 
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "batch", "rloo")
 
@@ -164,8 +165,7 @@ class DiffusionNFT(AlgorithmBase):
             all_prompts, all_rewards = gather_object(prompts), gather(rewards)
             groups = RewardGroups(k, [str(p) for p in all_prompts])
             advantages = self.advantages(all_rewards.cpu(), groups)
-            rank = self._rank()
-            advantages = advantages[rank * len(prompts) : (rank + 1) * len(prompts)].to(clean.device)
+            advantages = this_process(advantages, len(prompts)).to(clean.device)
             noisy, timesteps, targets, old = self._noised(clean, conditioning)
         self.rollouts += 1
         optimality = nft_optimality(advantages, cfg.max_abs_advantage)
@@ -202,25 +202,10 @@ class DiffusionNFT(AlgorithmBase):
             targets.append(process.target(clean, noise, t))
         return torch.stack(noisy, 1), torch.stack(timesteps, 1), torch.stack(targets, 1), torch.stack(old, 1)
 
-    @staticmethod
-    def _rank() -> int:
-        from accelerate.state import PartialState
-
-        return PartialState().process_index
-
     # ------------------------------------------------------------------------------------------ loss
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-sample loss: the sum of `loss_terms`."""
-        total: torch.Tensor | None = None
-        sums: dict[str, torch.Tensor] = {}
-        for term in self.loss_terms(batch):
-            losses, metrics = term()
-            total = losses if total is None else total + losses
-            for name, value in metrics.items():
-                sums[name] = sums.get(name, 0) + value
-        if total is None:
-            raise RuntimeError(f"{type(self).__name__} built no loss terms")
-        return total, sums
+        return summed_terms(self.loss_terms(batch), type(self).__name__)
 
     def loss_terms(self, batch: Batch) -> list[LossTerm]:
         """One term per recorded forward-process draw, each with its own graph."""

@@ -28,7 +28,7 @@ every sample of a rollout, so each trained step is one sampler step for the whol
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -51,9 +51,8 @@ from mmalign.objectives.advantages import (
     make_advantage_estimator,
 )
 from mmalign.objectives.diffusion import denoising_error, gaussian_kl, gaussian_logprob
-from mmalign.train.algorithm import AlgorithmBase
-
-LossTerm = Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+from mmalign.train.algorithm import AlgorithmBase, LossTerm, summed_terms
+from mmalign.train.distributed import this_process
 
 
 @dataclass
@@ -336,8 +335,9 @@ class DiffusionPolicyGradient(AlgorithmBase):
         all_prompts, all_rewards = gather_object(prompts), gather(rewards)
         groups = RewardGroups(cfg.samples_per_prompt, [str(p) for p in all_prompts])
         advantages = self.advantages(all_rewards.cpu(), groups)
-        rank_slice = slice(self._rank() * len(prompts), (self._rank() + 1) * len(prompts))
-        advantages = clip_advantages(advantages[rank_slice].to(rewards.device), cfg.max_abs_advantage)
+        advantages = clip_advantages(
+            this_process(advantages, len(prompts)).to(rewards.device), cfg.max_abs_advantage
+        )
 
         # One random subset of the stochastic steps per rollout, shared by its samples so that every trained
         # step is a single sampler step for the whole micro-batch.
@@ -365,24 +365,9 @@ class DiffusionPolicyGradient(AlgorithmBase):
         }
         return Batch(**fields), metrics
 
-    @staticmethod
-    def _rank() -> int:
-        from accelerate.state import PartialState
-
-        return PartialState().process_index
-
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-sample loss: the sum of `loss_terms`."""
-        total: torch.Tensor | None = None
-        sums: dict[str, torch.Tensor] = {}
-        for term in self._terms(batch):
-            losses, metrics = term()
-            total = losses if total is None else total + losses
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0) + v
-        if total is None:
-            raise RuntimeError(f"{type(self).__name__} built no loss terms")
-        return total, sums
+        return summed_terms(self._terms(batch), type(self).__name__)
 
     def loss_terms(self, batch: Batch) -> list[LossTerm]:
         """The loss as closures the trainer backwards one at a time, each with its own graph."""

@@ -36,7 +36,8 @@ from mmalign.core.data import Row
 from mmalign.core.policy import SequencePolicy
 from mmalign.core.reward import Reward, score
 from mmalign.core.types import Batch
-from mmalign.train.online import OnlineDPO, OnlineDPOConfig, process_info
+from mmalign.train.distributed import process_info
+from mmalign.train.online import OnlineDPO, OnlineDPOConfig
 
 REFERENCES = ("fixed", "previous")
 

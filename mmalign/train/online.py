@@ -39,6 +39,7 @@ from mmalign.objectives.advantages import (
 from mmalign.objectives.preference import PREFERENCE_LOSSES
 from mmalign.objectives.sequence import sequence_logps
 from mmalign.train.algorithm import AlgorithmBase
+from mmalign.train.distributed import gather_all, this_process
 from mmalign.train.preference import PreferenceAlgorithm, PreferenceConfig
 
 INPUTS = "inputs."  # prefix of the policy's collated model inputs inside a rollout batch
@@ -46,29 +47,6 @@ PAIR_RULES = ("max_min", "max_random", "random")
 
 
 # ------------------------------------------------------------------------------------------ shared pieces
-def process_info() -> tuple[int, int]:
-    """(this process's index, number of processes)."""
-    from accelerate.state import PartialState
-
-    state = PartialState()
-    return state.process_index, state.num_processes
-
-
-def gather_all(values: torch.Tensor) -> torch.Tensor:
-    """Every process's [N, ...] values concatenated in process order (the tensor itself on one process)."""
-    if process_info()[1] == 1:
-        return values
-    from accelerate.utils import gather
-
-    return gather(values)
-
-
-def this_process(values: torch.Tensor, n_local: int) -> torch.Tensor:
-    """This process's rows of a gathered tensor."""
-    rank = process_info()[0]
-    return values[rank * n_local : (rank + 1) * n_local]
-
-
 def completion_examples(
     prompts: Sequence[Any], outputs: Sequence[dict[str, Any]], k: int
 ) -> list[dict[str, Any]]:

@@ -38,15 +38,8 @@ from mmalign.core.reward import Reward, score
 from mmalign.core.types import Batch
 from mmalign.objectives import policy_gradient as PG
 from mmalign.train.algorithm import AlgorithmBase
-from mmalign.train.online import (
-    completion_examples,
-    gather_all,
-    input_fields,
-    model_inputs,
-    policy_device,
-    process_info,
-    this_process,
-)
+from mmalign.train.distributed import gather_all, process_info, this_process
+from mmalign.train.online import completion_examples, input_fields, model_inputs, policy_device
 
 VALUE_HEAD = "value_head"
 VALUE_MODEL = "value_model"

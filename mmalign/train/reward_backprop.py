@@ -52,7 +52,7 @@ from mmalign.core.sampling import GradientWindow, Renoise, sample_with_gradients
 from mmalign.core.types import Batch, Conditioning
 from mmalign.objectives.diffusion import gaussian_kl
 from mmalign.objectives.reward_backprop import REWARD_BACKPROP_LOSSES, make_reward_backprop_loss
-from mmalign.train.algorithm import AlgorithmBase, LossTerm
+from mmalign.train.algorithm import AlgorithmBase, LossTerm, summed_terms
 from mmalign.train.diffusion_pg import data_denoising_loss, draw_real_outputs, read_real_outputs
 
 TRUNCATIONS = ("last", "uniform", "gaussian", "refl")
@@ -259,15 +259,7 @@ class RewardBackprop(AlgorithmBase):
     # ----------------------------------------------------------------------------------------------- loss
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-sample loss: the sum of `loss_terms`."""
-        total: torch.Tensor | None = None
-        metrics: dict[str, torch.Tensor] = {}
-        for term in self.loss_terms(batch):
-            losses, more = term()
-            total = losses if total is None else total + losses
-            metrics.update(more)
-        if total is None:
-            raise RuntimeError(f"{type(self).__name__} built no loss terms")
-        return total, metrics
+        return summed_terms(self.loss_terms(batch), type(self).__name__)
 
     def loss_terms(self, batch: Batch) -> list[LossTerm]:
         """The chain's reward loss (one graph through the sampled window), and ReFL's J_pre on its own graph."""
