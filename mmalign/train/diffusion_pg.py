@@ -366,7 +366,8 @@ class DiffusionPolicyGradient(AlgorithmBase):
         return Batch(**fields), metrics
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per-sample loss: the sum of `loss_terms`."""
+        """Per-sample loss: the sum of `_terms` (not of `loss_terms`, which a subclass may replace by one backward of
+        this loss, as the per-step-backward test does)."""
         return summed_terms(self._terms(batch), type(self).__name__)
 
     def loss_terms(self, batch: Batch) -> list[LossTerm]:

@@ -93,7 +93,8 @@ def _vae(
     image_size: int = IMAGE_SIZE,
     scaling_factor: float = 1.5,
 ) -> AutoencoderKL:
-    """One downsampling (16×16 → 8×8); SD3/FLUX VAEs have no quant convs and a shift factor, as the real ones."""
+    """One downsampling (image_size → image_size / 2); SD3/FLUX VAEs have no quant convs and a shift factor, as the
+    real ones."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
